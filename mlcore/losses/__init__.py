@@ -1,0 +1,91 @@
+"""Loss registry: ``build_loss(cfg, ...)`` maps ``loss.name`` to a module.
+
+``bce`` and ``focal`` are the special cases of ASL (γ+ = γ−, no margin), so they share its code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from torch import nn
+
+from mlcore.config import LossConfig
+from mlcore.losses.asl import AsymmetricLoss
+from mlcore.losses.asymmetry import AsymmetryController
+from mlcore.losses.db import DistributionBalancedLoss
+
+
+def _bce(cfg: LossConfig, **_) -> nn.Module:
+    return AsymmetricLoss(gamma_neg=0.0, gamma_pos=0.0, clip=0.0)
+
+
+def _focal(cfg: LossConfig, **_) -> nn.Module:
+    return AsymmetricLoss(gamma_neg=cfg.gamma, gamma_pos=cfg.gamma, clip=0.0)
+
+
+def _asl(cfg: LossConfig, **_) -> nn.Module:
+    return AsymmetricLoss(gamma_neg=cfg.gamma_neg, gamma_pos=cfg.gamma_pos, clip=cfg.clip)
+
+
+def _db(cfg: LossConfig, *, class_freq=None, train_size=None, **_) -> nn.Module:
+    if class_freq is None or train_size is None:
+        raise ValueError("loss 'db' needs the training set's class frequencies and size")
+    db = cfg.db
+    return DistributionBalancedLoss(
+        np.asarray(class_freq),
+        int(train_size),
+        alpha=db.alpha,
+        beta=db.beta,
+        mu=db.mu,
+        neg_scale=db.neg_scale,
+        init_bias=db.init_bias,
+        focal_gamma=db.focal_gamma,
+        balance_param=db.balance_param,
+        reweight=db.reweight,
+        ntr=db.ntr,
+        focal=db.focal,
+    )
+
+
+LOSSES: dict[str, Callable[..., nn.Module]] = {
+    "bce": _bce,
+    "focal": _focal,
+    "asl": _asl,
+    "db": _db,
+}
+
+
+def build_loss(
+    cfg: LossConfig, *, class_freq: np.ndarray | None = None, train_size: int | None = None
+) -> nn.Module:
+    """The loss module named by ``cfg.name``; ``db`` needs the training class frequencies."""
+    if cfg.name not in LOSSES:
+        raise ValueError(f"unknown loss {cfg.name!r}; choose from {sorted(LOSSES)}")
+    return LOSSES[cfg.name](cfg, class_freq=class_freq, train_size=train_size)
+
+
+def build_asymmetry_controller(cfg: LossConfig, loss: nn.Module) -> AsymmetryController | None:
+    """The adaptive-asymmetry controller for ``loss`` when ``cfg.adaptive.enabled``."""
+    ad = cfg.adaptive
+    if not ad.enabled:
+        return None
+    return AsymmetryController(
+        loss,
+        target_gap=ad.target_gap,
+        step_size=ad.step_size,
+        gamma_neg_bounds=(ad.gamma_neg_min, ad.gamma_neg_max),
+        warmup_steps=ad.warmup_steps,
+        adapt=ad.adapt,
+        margin_bounds=(ad.margin_min, ad.margin_max),
+    )
+
+
+__all__ = [
+    "LOSSES",
+    "AsymmetricLoss",
+    "AsymmetryController",
+    "DistributionBalancedLoss",
+    "build_asymmetry_controller",
+    "build_loss",
+]

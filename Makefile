@@ -1,0 +1,41 @@
+# make demo  - set up .venv and run the embedded default job (generated data, CPU is fine)
+# make test  - set up .venv, lint, and run the whole test suite (what CI runs)
+# make lint  - ruff
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is installed first and separately so that a machine's own build can be kept:
+# `make setup TORCH_SPEC=` skips it (e.g. a CUDA build already in the venv). The default is the
+# pair that works on the project's CPU machines (PyPI's torchvision does not match their torch).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup demo test test-fast lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 needed"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(if $(strip $(TORCH_SPEC)),$(BIN)/python -m pip install -q $(TORCH_SPEC))
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $@
+
+demo: setup
+	$(BIN)/cpsd demo
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .cache runs mlruns mlflow.db

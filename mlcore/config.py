@@ -1,0 +1,306 @@
+"""Config sections of the ML core: data, model, loss, training and the CPSD algorithm.
+
+Each section is a frozen, keyword-only dataclass; every field is documented where it is
+defined and checked in ``__post_init__``. ``workflows.config.Config`` composes these with the
+Ray, Tune and MLflow sections into the one schema every command reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from mlcore.configlib import ConfigError
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SynthConfig:
+    """Generated benchmark data (see ``mlcore.data.synth``)."""
+
+    num_classes: int = 20
+    """Number of object classes (at most 80: 10 shapes x 8 colours)."""
+    num_train: int = 1600
+    """Training images."""
+    num_val: int = 400
+    """Validation images."""
+    num_test_shift: int = 0
+    """Images of the extra ``test_shift`` split whose labels ignore co-occurrence (0: none)."""
+    image_size: int = 64
+    """Side of the square images in pixels."""
+    num_topics: int = 5
+    """Latent scenes of the built-in label model; each makes a group of classes co-occur."""
+    mean_objects: float = 2.5
+    """Mean number of objects per image (at least one)."""
+    labels_from: str | None = None
+    """Optional ``.npz`` with real label statistics: a ``labels`` matrix (sampled per image) or
+    ``class_counts`` + ``pair_counts`` (sampled pairwise); class names from ``class_names``."""
+    seed: int = 0
+    """Seed: the same config gives a byte-identical manifest."""
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.num_classes <= 80, "data.synth.num_classes must be in [1, 80]")
+        _check(self.num_train > 0 and self.num_val > 0, "data.synth needs train and val images")
+        _check(self.num_test_shift >= 0, "data.synth.num_test_shift must be >= 0")
+        _check(16 <= self.image_size <= 512, "data.synth.image_size must be in [16, 512]")
+        _check(self.num_topics >= 1, "data.synth.num_topics must be >= 1")
+        _check(self.mean_objects >= 1, "data.synth.mean_objects must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the images and labels come from and how they are fed to the model."""
+
+    root: str | None = None
+    """Dataset directory holding ``manifest.parquet`` (see ``mlcore.data.manifest``)."""
+    synth: SynthConfig | None = None
+    """Generate the dataset instead (cached under ``cache_dir`` by content hash); with neither
+    ``root`` nor ``synth`` set, the default generated dataset is used."""
+    cache_dir: str = ".cache/cpsd"
+    """Where generated datasets are cached; relative paths are resolved against the cwd."""
+    train_split: str = "train"
+    """Split used for training and label statistics."""
+    val_split: str = "val"
+    """Split used for validation and model selection."""
+    image_size: int = 64
+    """Model input side in pixels (images are resized to a square)."""
+    random_crop: bool = True
+    """Random crop (padding 1/8 of the side) at training time."""
+    hflip: bool = True
+    """Random horizontal flip at training time."""
+    randaugment: bool = False
+    """RandAugment (torchvision, 2 ops, magnitude 9) at training time, as the ASL pipeline."""
+    cutout: float = 0.0
+    """Cutout: side of the erased square as a fraction of the image side (0 disables)."""
+    class_aware_sampling: bool = False
+    """Draw training images with the DB paper's class-aware re-sampling."""
+    num_workers: int = 0
+    """DataLoader worker processes (0 decodes in the training process)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.root is None or self.synth is None,
+            "data: set only one of data.root (a dataset directory) or data.synth",
+        )
+        if self.root is None and self.synth is None:
+            object.__setattr__(self, "synth", SynthConfig())
+        _check(self.image_size >= 16, "data.image_size must be >= 16")
+        _check(0.0 <= self.cutout < 1.0, "data.cutout must be in [0, 1)")
+        _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MLDecoderConfig:
+    """ML-Decoder head settings (paper defaults)."""
+
+    num_groups: int | None = None
+    """Group queries K; None means min(100, num_classes)."""
+    embed_dim: int = 768
+    """Decoder width D."""
+    num_layers: int = 1
+    """Decoder layers (cross-attention + feed-forward, no self-attention)."""
+    ff_dim: int = 2048
+    """Feed-forward hidden width."""
+    num_heads: int = 8
+    """Cross-attention heads."""
+    dropout: float = 0.1
+    """Dropout in the decoder layer."""
+    learnable_queries: bool = False
+    """Train the group queries (the paper keeps them fixed)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Backbone and classification head."""
+
+    backbone: str = "resnet50"
+    """Any timm model name (resnet18/50/101, tresnet_m, convnext_tiny, ...)."""
+    head: Literal["gap", "ml_decoder"] = "gap"
+    """``gap``: global average pooling + linear; ``ml_decoder``: the ML-Decoder head."""
+    pretrained: bool = False
+    """Load timm's pretrained weights (needs the hub or a local cache)."""
+    pretrained_file: str | None = None
+    """Local weights file for the backbone (for machines without internet)."""
+    drop_rate: float = 0.0
+    """Dropout before the classifier (GAP head)."""
+    ml_decoder: MLDecoderConfig = field(default_factory=MLDecoderConfig)
+    """Used when ``head: ml_decoder``."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdaptiveAsymmetryConfig:
+    """ASL §2.7: adapt γ− (or the margin) after each batch towards a target probability gap."""
+
+    enabled: bool = False
+    """Turn the controller on."""
+    target_gap: float = 0.1
+    """Δp_target, the desired p_t⁺ − p_t⁻."""
+    step_size: float | None = None
+    """λ, the controller step per batch (None: the controller's default for ``adapt``)."""
+    adapt: Literal["gamma_neg", "margin"] = "gamma_neg"
+    """Which asymmetry to adapt."""
+    gamma_neg_min: float = 0.0
+    """Lower bound of γ−."""
+    gamma_neg_max: float = 10.0
+    """Upper bound of γ−."""
+    margin_min: float = 0.0
+    """Lower bound of the probability margin."""
+    margin_max: float = 0.5
+    """Upper bound of the probability margin."""
+    warmup_steps: int = 0
+    """Batches before the controller starts adapting."""
+    log_every: int = 10
+    """Report γ−, p_t⁺, p_t⁻ and Δp every this many steps."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DBConfig:
+    """Distribution-Balanced loss (defaults: the authors' COCO-LT configuration)."""
+
+    alpha: float = 0.1
+    """α of the re-balancing map r̂ = α + σ(β(r − μ))."""
+    beta: float = 10.0
+    """β of the re-balancing map."""
+    mu: float = 0.2
+    """μ of the re-balancing map (VOC-LT: 0.3)."""
+    neg_scale: float = 2.0
+    """λ, negative-tolerant regularization scale (VOC-LT: 5)."""
+    init_bias: float = 0.05
+    """κ, scale of the class-prior bias ν = κ·b̂."""
+    focal_gamma: float = 2.0
+    """Focal γ."""
+    balance_param: float = 2.0
+    """Balance factor multiplying the focal term."""
+    reweight: bool = True
+    """Re-balanced weighting (ablation switch)."""
+    ntr: bool = True
+    """Negative-tolerant regularization (ablation switch)."""
+    focal: bool = True
+    """Focal term (ablation switch)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossConfig:
+    """Classification loss. ``focal`` is ASL with γ+ = γ− = ``gamma`` and no margin."""
+
+    name: Literal["bce", "focal", "asl", "db"] = "asl"
+    """Which loss."""
+    gamma_neg: float = 4.0
+    """ASL γ−."""
+    gamma_pos: float = 0.0
+    """ASL γ+."""
+    clip: float = 0.05
+    """ASL probability margin m."""
+    gamma: float = 2.0
+    """Focal-loss γ (``name: focal``)."""
+    adaptive: AdaptiveAsymmetryConfig = field(default_factory=AdaptiveAsymmetryConfig)
+    """Adaptive asymmetry (``name: asl``)."""
+    db: DBConfig = field(default_factory=DBConfig)
+    """Distribution-Balanced loss settings (``name: db``)."""
+    source: str | None = None
+    """Where these settings came from (e.g. a sweep's MLflow run id); recorded, not used."""
+
+    def __post_init__(self) -> None:
+        _check(self.gamma_neg >= 0 and self.gamma_pos >= 0, "loss: gammas must be >= 0")
+        _check(0.0 <= self.clip < 1.0, "loss.clip must be in [0, 1)")
+        _check(
+            not self.adaptive.enabled or self.name == "asl",
+            "loss.adaptive.enabled needs loss.name: asl",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The training loop (``mlcore.train.train``)."""
+
+    epochs: int = 20
+    """Passes over the training data."""
+    batch_size: int = 32
+    """Images per step."""
+    lr: float = 1e-4
+    """Peak learning rate of the OneCycle schedule."""
+    weight_decay: float = 1e-4
+    """Adam weight decay (not applied to biases and norm layers)."""
+    pct_start: float = 0.2
+    """Fraction of the schedule spent warming up (OneCycle)."""
+    ema: bool = True
+    """Keep an EMA of the weights; validation keeps the better of EMA and plain weights."""
+    ema_decay: float = 0.9997
+    """EMA decay (with timm's warm-up, so short runs still move)."""
+    amp: bool = True
+    """bf16 autocast when running on a GPU (ignored on CPU)."""
+    channels_last: bool = True
+    """channels_last memory format on GPU."""
+    grad_clip: float | None = None
+    """Clip the gradient norm to this value (None: no clipping)."""
+    seed: int = 0
+    """Seed for initialisation, shuffling and augmentation."""
+    num_threads: int | None = None
+    """torch CPU threads (None: leave as set by the environment)."""
+    device: str = "auto"
+    """``auto`` (CUDA if present), ``cpu``, ``cuda`` or ``cuda:N``."""
+    eval_batch_size: int | None = None
+    """Validation batch size (None: 2 x batch_size)."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs must be >= 1")
+        _check(self.batch_size >= 1, "train.batch_size must be >= 1")
+        _check(self.lr > 0, "train.lr must be > 0")
+        _check(0 < self.pct_start < 1, "train.pct_start must be in (0, 1)")
+        _check(0 < self.ema_decay < 1, "train.ema_decay must be in (0, 1)")
+        _check(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CPSDConfig:
+    """The CPSD algorithm (paper §3) and its ablation modes (Table 3, Fig. 3)."""
+
+    mode: Literal["baseline", "sd", "cgpd", "dgpd", "cpsd", "random"] = "cpsd"
+    """``baseline``: no teachers; ``sd``: one full-label teacher; ``cgpd``/``dgpd``: k CGP/DGP
+    teachers; ``cpsd``: both (2k teachers); ``random``: k teachers on a random partition."""
+    k: int = 5
+    """Label subsets per partition (the paper's choice: 5)."""
+    tau: float = 3.0
+    """τ-th root smoothing of the co-occurrence probabilities (paper: 3; authors' script: 2)."""
+    partition_seed: int = 0
+    """Seed of the spectral k-means restarts and of the random partition."""
+    teacher_mode: Literal["online", "cached"] = "cached"
+    """``online``: teachers run on every student batch; ``cached``: their logits are computed
+    once per training image (eval transform) and read back by index."""
+    teacher_epochs: int | None = None
+    """Teacher training epochs (None: train.epochs; the paper: 20 for teachers, 80 student)."""
+    cls_weight: float = 0.5
+    """Weight of the student's classification loss (authors' code: 0.5)."""
+    kd_alpha: float = 0.5
+    """α splitting the distillation weight: α/2 on the CGP MSE, (1 − α)/2 on the DGP MSE."""
+
+    def __post_init__(self) -> None:
+        _check(self.k >= 1, "cpsd.k must be >= 1")
+        _check(self.tau > 0, "cpsd.tau must be > 0")
+        _check(0.0 <= self.kd_alpha <= 1.0, "cpsd.kd_alpha must be in [0, 1]")
+        _check(self.cls_weight >= 0, "cpsd.cls_weight must be >= 0")
+        _check(self.teacher_epochs is None or self.teacher_epochs >= 1, "cpsd.teacher_epochs >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+    """The ML sections every command shares (``workflows`` adds Ray, Tune and MLflow)."""
+
+    name: str = "experiment"
+    """Run name (MLflow run / output folder)."""
+    output_dir: str = "runs"
+    """Local output root for checkpoints and reports."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Dataset."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Backbone and head."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Classification loss (teachers and student)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training loop."""
+    cpsd: CPSDConfig = field(default_factory=CPSDConfig)
+    """CPSD algorithm."""

@@ -1,0 +1,300 @@
+"""The canonical on-disk dataset format: one Parquet file per dataset.
+
+A dataset is a directory::
+
+    DIR/
+      manifest.parquet   # one row per image (schema below)
+      images/...         # optional: image files the rows point at
+
+``manifest.parquet`` columns:
+
+============  =================  ==========================================================
+column        arrow type         meaning
+============  =================  ==========================================================
+image_id      string             unique id of the image (file stem, COCO id, VOC id, ...)
+path          string (nullable)  image file, relative to the image root (see below)
+image_bytes   binary (nullable)  the encoded image (PNG/JPEG) when embedded instead of a path
+labels        list<int32>        sorted, unique class indices present in the image
+split         string             "train", "val", "test" or any other split name
+============  =================  ==========================================================
+
+Every row has exactly one of ``path`` / ``image_bytes``. Dataset-level metadata is stored as
+JSON in the Parquet schema metadata under the key ``cpsd``::
+
+    {"format_version": 1, "name": str, "class_names": [str, ...],
+     "image_root": str, "source": {...}}
+
+``image_root`` is absolute, or relative to ``DIR``; the default ``"."`` means paths are relative
+to the dataset directory itself. Importers of datasets that live elsewhere (COCO on a shared
+disk) store the absolute root, so no image is copied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.parquet"
+METADATA_KEY = b"cpsd"
+
+SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("path", pa.string()),
+        pa.field("image_bytes", pa.binary()),
+        pa.field("labels", pa.list_(pa.int32()), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+    ]
+)
+
+
+class ManifestError(ValueError):
+    """A dataset directory or its rows do not follow the format."""
+
+
+@dataclass(frozen=True)
+class ManifestInfo:
+    """Dataset-level metadata stored alongside the rows."""
+
+    class_names: tuple[str, ...]
+    name: str = "dataset"
+    image_root: str = "."
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "format_version": FORMAT_VERSION,
+                "name": self.name,
+                "class_names": list(self.class_names),
+                "image_root": self.image_root,
+                "source": self.source,
+            },
+            sort_keys=True,
+        ).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> ManifestInfo:
+        meta = json.loads(raw)
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ManifestError(
+                f"unsupported manifest format_version {meta.get('format_version')!r} "
+                f"(this version reads {FORMAT_VERSION})"
+            )
+        return cls(
+            class_names=tuple(meta["class_names"]),
+            name=meta.get("name", "dataset"),
+            image_root=meta.get("image_root", "."),
+            source=meta.get("source", {}),
+        )
+
+
+def manifest_path(root: str | os.PathLike) -> Path:
+    return Path(root) / MANIFEST_FILE
+
+
+def build_table(
+    image_ids: Sequence[str],
+    labels: Sequence[Sequence[int]],
+    splits: Sequence[str],
+    *,
+    paths: Sequence[str | None] | None = None,
+    image_bytes: Sequence[bytes | None] | None = None,
+) -> pa.Table:
+    """Assemble rows into a table with :data:`SCHEMA` (labels sorted and de-duplicated)."""
+    n = len(image_ids)
+    if len(labels) != n or len(splits) != n:
+        raise ManifestError("image_ids, labels and splits must have the same length")
+    paths = list(paths) if paths is not None else [None] * n
+    image_bytes = list(image_bytes) if image_bytes is not None else [None] * n
+    clean = [sorted({int(c) for c in row}) for row in labels]
+    return pa.table(
+        {
+            "image_id": pa.array(list(image_ids), pa.string()),
+            "path": pa.array(paths, pa.string()),
+            "image_bytes": pa.array(image_bytes, pa.binary()),
+            "labels": pa.array(clean, pa.list_(pa.int32())),
+            "split": pa.array(list(splits), pa.string()),
+        },
+        schema=SCHEMA,
+    )
+
+
+def validate_rows(table: pa.Table, num_classes: int) -> None:
+    """Raise :class:`ManifestError` naming the first offending row.
+
+    Checks: exactly one of path/image_bytes per row, label indices in ``[0, num_classes)``,
+    unique image ids.
+    """
+    has_path = table.column("path").is_valid().to_numpy(zero_copy_only=False)
+    has_bytes = table.column("image_bytes").is_valid().to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero(has_path == has_bytes)
+    ids = table.column("image_id").to_pylist()
+    if bad.size:
+        i = int(bad[0])
+        raise ManifestError(
+            f"row {i} (image_id={ids[i]!r}): needs exactly one of 'path' or 'image_bytes'"
+        )
+    flat = table.column("labels").combine_chunks()
+    values = flat.values.to_numpy(zero_copy_only=False)
+    out = np.flatnonzero((values < 0) | (values >= num_classes))
+    if out.size:
+        offsets = flat.offsets.to_numpy()
+        row = int(np.searchsorted(offsets, out[0], side="right") - 1)
+        raise ManifestError(
+            f"row {row} (image_id={ids[row]!r}): label index {int(values[out[0]])} out of range "
+            f"[0, {num_classes})"
+        )
+    if len(set(ids)) != len(ids):
+        first: dict[str, int] = {}
+        for i, image_id in enumerate(ids):
+            if image_id in first:
+                raise ManifestError(
+                    f"row {i}: duplicate image_id {image_id!r} (first at row {first[image_id]})"
+                )
+            first[image_id] = i
+
+
+def write_manifest(
+    root: str | os.PathLike,
+    table: pa.Table,
+    info: ManifestInfo,
+    *,
+    row_group_size: int | None = None,
+) -> Path:
+    """Validate ``table`` and write it atomically to ``root/manifest.parquet``.
+
+    Row groups hold up to 65,536 rows, fewer when images are embedded, so that a group stays
+    near 64 MB and streaming readers keep bounded memory.
+    """
+    root = Path(root)
+    if row_group_size is None:
+        bytes_per_row = table.nbytes / max(1, table.num_rows)
+        row_group_size = int(min(65_536, max(64, (64 << 20) // max(1, bytes_per_row))))
+    root.mkdir(parents=True, exist_ok=True)
+    table = table.cast(SCHEMA)
+    validate_rows(table, info.num_classes)
+    table = table.replace_schema_metadata({METADATA_KEY: info.to_json()})
+    target = manifest_path(root)
+    fd, tmp = tempfile.mkstemp(dir=root, suffix=".parquet.tmp")
+    os.close(fd)
+    try:
+        # Fixed writer options keep the file byte-identical for identical input.
+        pq.write_table(
+            table, tmp, row_group_size=row_group_size, compression="zstd", write_statistics=False
+        )
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def read_info(root: str | os.PathLike) -> ManifestInfo:
+    """Read only the dataset metadata (cheap: no row data)."""
+    path = manifest_path(root)
+    if not path.is_file():
+        raise ManifestError(f"no {MANIFEST_FILE} in {root}: not a dataset directory")
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException) as err:
+        raise ManifestError(f"{path} is not a readable Parquet file: {err}") from err
+    if METADATA_KEY not in meta:
+        raise ManifestError(f"{path} has no '{METADATA_KEY.decode()}' metadata")
+    try:
+        return ManifestInfo.from_json(meta[METADATA_KEY])
+    except (ValueError, KeyError, TypeError) as err:
+        if isinstance(err, ManifestError):
+            raise
+        raise ManifestError(f"{path}: invalid '{METADATA_KEY.decode()}' metadata: {err}") from err
+
+
+def iter_label_batches(
+    root: str | os.PathLike, split: str | None = "train", batch_rows: int = 65_536
+) -> Iterator[pa.ListArray]:
+    """Stream the ``labels`` column row group by row group, optionally for one split.
+
+    Memory stays bounded by ``batch_rows`` whatever the dataset size.
+    """
+    pf = pq.ParquetFile(manifest_path(root))
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=["labels", "split"]):
+        labels = batch.column("labels")
+        if split is not None:
+            mask = pc.equal(batch.column("split"), split)
+            labels = labels.filter(mask)
+        if len(labels):
+            yield labels
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A dataset loaded in memory (without image bytes unless asked for)."""
+
+    root: Path
+    info: ManifestInfo
+    table: pa.Table
+
+    @classmethod
+    def load(cls, root: str | os.PathLike, *, with_bytes: bool = True) -> Manifest:
+        root = Path(root)
+        info = read_info(root)
+        columns = [f.name for f in SCHEMA if with_bytes or f.name != "image_bytes"]
+        table = pq.read_table(manifest_path(root), columns=columns)
+        return cls(root=root, info=info, table=table)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.info.class_names
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    @property
+    def image_root(self) -> Path:
+        root = Path(self.info.image_root)
+        return root if root.is_absolute() else self.root / root
+
+    def splits(self) -> list[str]:
+        return sorted(set(self.table.column("split").to_pylist()))
+
+    def split_rows(self, split: str) -> np.ndarray:
+        """Row indices (into :attr:`table`) of one split, in file order."""
+        mask = pc.equal(self.table.column("split"), split)
+        return np.flatnonzero(mask.to_numpy(zero_copy_only=False))
+
+    def label_lists(self, rows: np.ndarray | None = None) -> list[list[int]]:
+        labels = self.table.column("labels")
+        if rows is not None:
+            labels = labels.take(pa.array(rows))
+        return labels.to_pylist()
+
+    def multi_hot(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """Dense (num_rows, num_classes) uint8 matrix; for small/medium datasets only."""
+        lists = self.label_lists(rows)
+        out = np.zeros((len(lists), self.num_classes), dtype=np.uint8)
+        for i, row in enumerate(lists):
+            out[i, row] = 1
+        return out
+
+    def positives_per_class(self, split: str = "train") -> np.ndarray:
+        """Number of images of ``split`` containing each class, shape (num_classes,)."""
+        counts = np.zeros(self.num_classes, dtype=np.int64)
+        for labels in iter_label_batches(self.root, split):
+            np.add.at(counts, labels.values.to_numpy(zero_copy_only=False), 1)
+        return counts

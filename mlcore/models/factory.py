@@ -1,0 +1,113 @@
+"""``build_model``: any timm backbone with a multi-label head.
+
+timm is the backbone registry (``timm.create_model``); the heads are ours: ``gap`` is timm's own
+global-average-pool + linear classifier, ``ml_decoder`` replaces it with the ML-Decoder head
+fed by the backbone's unpooled ``forward_features`` (a CNN map (B, C, H, W) or ViT tokens).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from mlcore.config import MLDecoderConfig, ModelConfig
+from mlcore.models.ml_decoder import MLDecoder
+
+
+class BackboneWithHead(nn.Module):
+    """A timm backbone without its classifier, followed by a head on its feature map."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone.forward_features(x))
+
+
+def _create_backbone(name: str, pretrained: bool, pretrained_file: str | None, **kwargs):
+    if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
+        raise ValueError(f"unknown timm backbone {name!r} (see timm.list_models())")
+    if pretrained_file is not None:
+        path = Path(pretrained_file).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"model.pretrained_file does not exist: {path}")
+        # timm's loader maps the file onto the model and drops a mismatching classifier.
+        return timm.create_model(
+            name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs
+        )
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as err:  # hub/network errors come in many types; all mean the same here
+        raise RuntimeError(
+            f"could not load pretrained weights for {name!r} ({type(err).__name__}: {err}). "
+            "Offline machines: download the weights elsewhere and set "
+            "model.pretrained_file=PATH, or set model.pretrained=false."
+        ) from err
+
+
+def build_model(
+    backbone: str,
+    num_classes: int,
+    head: str = "gap",
+    *,
+    pretrained: bool = False,
+    pretrained_file: str | None = None,
+    drop_rate: float = 0.0,
+    ml_decoder: MLDecoderConfig | None = None,
+) -> nn.Module:
+    """A multi-label classifier returning logits (B, num_classes).
+
+    Args:
+        backbone: timm model name.
+        num_classes: Output logits.
+        head: ``gap`` or ``ml_decoder``.
+        pretrained: Use timm's pretrained weights (needs the hub or its cache).
+        pretrained_file: Local weights file; implies pretrained.
+        drop_rate: Dropout before the GAP classifier.
+        ml_decoder: ML-Decoder settings (defaults: the paper's).
+
+    Raises:
+        ValueError: Unknown backbone or head, or num_classes < 1.
+        RuntimeError: Pretrained weights requested but not reachable.
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if head == "gap":
+        return _create_backbone(
+            backbone, pretrained, pretrained_file, num_classes=num_classes, drop_rate=drop_rate
+        )
+    if head == "ml_decoder":
+        cfg = ml_decoder or MLDecoderConfig()
+        body = _create_backbone(backbone, pretrained, pretrained_file, num_classes=0)
+        decoder = MLDecoder(
+            num_classes,
+            body.num_features,
+            num_groups=cfg.num_groups,
+            embed_dim=cfg.embed_dim,
+            num_layers=cfg.num_layers,
+            ff_dim=cfg.ff_dim,
+            num_heads=cfg.num_heads,
+            dropout=cfg.dropout,
+            learnable_queries=cfg.learnable_queries,
+        )
+        return BackboneWithHead(body, decoder)
+    raise ValueError(f"unknown head {head!r}: choose 'gap' or 'ml_decoder'")
+
+
+def build_model_from_config(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    return build_model(
+        cfg.backbone,
+        num_classes,
+        cfg.head,
+        pretrained=cfg.pretrained,
+        pretrained_file=cfg.pretrained_file,
+        drop_rate=cfg.drop_rate,
+        ml_decoder=cfg.ml_decoder,
+    )

@@ -1,0 +1,319 @@
+"""The training loop: one plain function, read top to bottom.
+
+``train`` takes a built model, loaders and an objective, and runs Adam (no weight decay on
+biases and norms) with a OneCycle schedule, an optional EMA of the weights (validation keeps the
+better of EMA and plain weights each epoch, as the ASL/CPSD code does), bf16 autocast and
+channels_last on GPU, optional gradient clipping, and an optional adaptive-asymmetry
+controller. It reports through callbacks, so ``workflows`` can send the numbers to MLflow or
+Ray without this module knowing either.
+
+Every epoch ends with an atomic checkpoint (``last.pt``: everything needed to resume) and, when
+the epoch is the best so far, ``best.pt`` (the selected weights). Resuming from ``last.pt`` gives
+the same final weights as an uninterrupted run on CPU: every epoch re-seeds all RNGs from
+(seed, epoch), so its randomness does not depend on what ran before it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+import torch
+from timm.optim import param_groups_weight_decay
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.utils.data import DataLoader
+
+from mlcore.config import TrainConfig
+from mlcore.metrics import multilabel_report
+
+LAST = "last.pt"
+BEST = "best.pt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the message names the epoch, step and last good checkpoint."""
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # (B, 3, H, W)
+    targets: torch.Tensor  # (B, C) multi-hot float
+    indices: torch.Tensor | None  # (B,) positions in the split, when the dataset returns them
+
+
+class Objective(Protocol):
+    """Maps the model's logits (B, C) and the batch to a scalar loss."""
+
+    def __call__(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor: ...
+
+
+class Supervised:
+    """Objective of a plain ``loss(logits, targets)`` module."""
+
+    def __init__(self, loss: nn.Module):
+        self.loss = loss
+
+    def __call__(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return self.loss(logits, batch.targets)
+
+
+class StepObserver(Protocol):
+    """Updated after every optimiser step (e.g. the adaptive-asymmetry controller)."""
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+MetricsCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class TrainResult:
+    """What a finished run leaves behind."""
+
+    out_dir: Path
+    best_epoch: int
+    best_metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    val_scores: np.ndarray | None = None  # (N_val, C) probabilities of the selected weights
+    val_targets: np.ndarray | None = None
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.out_dir / BEST
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.out_dir / LAST
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 10_007 + epoch
+
+
+def save_atomic(obj: dict[str, Any], path: Path) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def unpack(batch, device: torch.device, channels_last: bool) -> Batch:
+    images, targets, *rest = batch
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    indices = rest[0].to(device) if rest else None
+    return Batch(images, targets.to(device, non_blocking=True).float(), indices)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, loader: DataLoader, device: torch.device, *, amp: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sigmoid scores and targets over a loader, both (N, C) float32 numpy arrays."""
+    model.eval()
+    scores, targets = [], []
+    for raw in loader:
+        batch = unpack(raw, device, channels_last=False)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(batch.images)
+        scores.append(torch.sigmoid(logits.float()).cpu())
+        targets.append(batch.targets.cpu())
+    return torch.cat(scores).numpy(), torch.cat(targets).numpy()
+
+
+def train(
+    model: nn.Module,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    objective: Objective,
+    cfg: TrainConfig,
+    out_dir: str | os.PathLike,
+    *,
+    observer: StepObserver | None = None,
+    observe_every: int = 10,
+    on_epoch: MetricsCallback | None = None,
+    on_step: MetricsCallback | None = None,
+    resume: bool = True,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train ``model`` and keep the best weights by validation mAP.
+
+    Args:
+        model: Returns logits (B, C) for images (B, 3, H, W).
+        train_loader: Yields ``(images, targets)`` or ``(images, targets, indices)``.
+        val_loader: Same, over the validation split (targets over the same C classes).
+        objective: Loss of (logits, batch).
+        cfg: Loop settings.
+        out_dir: Where ``last.pt`` and ``best.pt`` go.
+        observer: Updated with (logits, targets) after each step; its returned numbers are
+            reported every ``observe_every`` steps through ``on_step``.
+        observe_every: Step-metric interval.
+        on_epoch: Called with (epoch, metrics) after every epoch; metrics hold ``train_loss``,
+            ``val_mAP``, ``val_CP`` ... ``val_OF1`` (of the selected weights), ``val_mAP_plain``,
+            ``val_mAP_ema``, ``lr`` and ``epoch_time_s``.
+        on_step: Called with (global_step, metrics) every ``observe_every`` steps.
+        resume: Continue from ``out_dir/last.pt`` when it exists.
+        log: Progress lines.
+
+    Returns:
+        The best epoch, its metrics, the per-epoch history and the selected weights' scores.
+
+    Raises:
+        NonFiniteLossError: The loss became NaN or inf (the last good checkpoint is kept).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    on_gpu = device.type == "cuda"
+    amp = cfg.amp and on_gpu
+    channels_last = cfg.channels_last and on_gpu
+
+    # -- build ---------------------------------------------------------------------------------
+    seed_everything(cfg.seed)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(param_groups_weight_decay(model, cfg.weight_decay), lr=cfg.lr)
+    steps_per_epoch = len(train_loader)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=cfg.lr,
+        total_steps=cfg.epochs * steps_per_epoch,
+        pct_start=cfg.pct_start,
+    )
+    ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None
+
+    start_epoch, history = 0, []
+    best: dict[str, Any] = {"epoch": -1, "metrics": {"val_mAP": -math.inf}}
+    if resume and (out / LAST).is_file():
+        state = load_checkpoint(out / LAST, map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        if observer is not None and state.get("observer") is not None:
+            observer.load_state_dict(state["observer"])
+        start_epoch, history, best = state["epoch"] + 1, state["history"], state["best"]
+        log(f"resumed from {out / LAST} after epoch {state['epoch']}")
+
+    global_step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, cfg.epochs):
+        # -- one epoch ---------------------------------------------------------------------------
+        seed_everything(_epoch_seed(cfg.seed, epoch))
+        sampler = getattr(train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        model.train()
+        started = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        for step, raw in enumerate(train_loader):
+            batch = unpack(raw, device, channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(batch.images)
+            # Losses run in float32 even under autocast: log(1 - p) near p = 1 needs it.
+            logits = logits.float()
+            loss = objective(logits, batch)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"loss is {loss.item()} at epoch {epoch} step {step}; last good checkpoint: "
+                    f"{out / LAST if (out / LAST).is_file() else 'none (first epoch)'}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            global_step += 1
+            if ema is not None:
+                ema.update(model, step=global_step)
+            loss_sum += loss.detach()
+            if observer is not None:
+                stats = observer.update(logits.detach(), batch.targets)
+                if on_step is not None and global_step % observe_every == 0:
+                    on_step(global_step, {"train_loss_step": loss.item(), **stats})
+
+        # -- validate: plain and EMA weights, keep the better -------------------------------------
+        train_loss = (loss_sum / steps_per_epoch).item()
+        scores, targets = predict(model, val_loader, device, amp=amp)
+        report = multilabel_report(scores, targets)
+        metrics = {"val_mAP_plain": report["mAP"]}
+        selected, selected_scores = "plain", scores
+        if ema is not None:
+            ema_scores, _ = predict(ema.module, val_loader, device, amp=amp)
+            ema_report = multilabel_report(ema_scores, targets)
+            metrics["val_mAP_ema"] = ema_report["mAP"]
+            if ema_report["mAP"] > report["mAP"]:
+                report, selected, selected_scores = ema_report, "ema", ema_scores
+        metrics.update({f"val_{k}": v for k, v in report.items()})
+        metrics.update(
+            train_loss=train_loss,
+            lr=scheduler.get_last_lr()[0],
+            epoch_time_s=time.perf_counter() - started,
+        )
+        history.append({"epoch": epoch, **metrics})
+
+        # -- checkpoint --------------------------------------------------------------------------
+        weights = (ema.module if selected == "ema" else model).state_dict()
+        if metrics["val_mAP"] > best["metrics"]["val_mAP"]:
+            best = {"epoch": epoch, "metrics": metrics, "weights": selected}
+            save_atomic({"model": weights, "epoch": epoch, "metrics": metrics}, out / BEST)
+            np.savez(out / "val_scores.npz", scores=selected_scores, targets=targets)
+        save_atomic(
+            {
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "observer": observer.state_dict() if observer is not None else None,
+                "history": history,
+                "best": best,
+            },
+            out / LAST,
+        )
+        log(
+            f"epoch {epoch + 1}/{cfg.epochs}  loss {train_loss:.4f}  val mAP "
+            f"{metrics['val_mAP']:.4f} ({selected})  {metrics['epoch_time_s']:.1f}s"
+        )
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+
+    saved = np.load(out / "val_scores.npz")
+    return TrainResult(
+        out_dir=out,
+        best_epoch=best["epoch"],
+        best_metrics=best["metrics"],
+        history=history,
+        val_scores=saved["scores"],
+        val_targets=saved["targets"],
+    )

@@ -1,0 +1,79 @@
+from pathlib import Path
+
+import pytest
+
+from mlcore import configlib
+from mlcore.configlib import ConfigError
+from workflows.cli import CONFIG_DIR, config_path
+from workflows.config import Config, load_config
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_bundled_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    assert Path(cfg.storage_path).is_absolute()
+
+
+def test_dotted_overrides_and_types():
+    cfg = load_config(
+        None, ["train.epochs=3", "train.lr=1e-3", "loss.name=db", "train.grad_clip=null"]
+    )
+    assert cfg.train.epochs == 3 and cfg.train.lr == pytest.approx(1e-3)
+    assert cfg.loss.name == "db" and cfg.train.grad_clip is None
+    assert isinstance(load_config(None, ["train.lr=1"]).train.lr, float)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epoch=3", "unknown config key 'train.epoch' (did you mean 'epochs'?)"),
+        ("trian.epochs=3", "unknown config key 'trian'"),
+        ("train.epochs=three", "train.epochs: expected an integer"),
+        ("train.epochs=0", "train.epochs must be >= 1"),
+        ("loss.name=hinge", "loss.name: 'hinge' is not one of"),
+        ("model.head=mlp", "model.head: 'mlp' is not one of"),
+        ("train.ema=maybe", "train.ema: expected true/false"),
+        ("data.synth.seed=1 data.root=/x", "set only one of data.root"),
+        ("train", "not of the form dotted.key=value"),
+        ("train.epochs=1 train.epochs.x=1", "'train.epochs' is a value, not a section"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, override.split())
+    assert message in str(err.value)
+
+
+def test_unknown_key_in_file_and_include(tmp_path):
+    (tmp_path / "loss.yaml").write_text("name: asl\ngamma_neg: 3\n")
+    (tmp_path / "a.yaml").write_text("loss: !include loss.yaml\ntrain: {epochs: 2}\n")
+    cfg = load_config(tmp_path / "a.yaml")
+    assert cfg.loss.gamma_neg == 3.0 and cfg.train.epochs == 2
+    (tmp_path / "b.yaml").write_text("train: {epochz: 2}\n")
+    with pytest.raises(ConfigError, match=r"train\.epochz"):
+        load_config(tmp_path / "b.yaml")
+    (tmp_path / "c.yaml").write_text("loss: !include missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"missing\.yaml"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_frozen_and_round_trip():
+    cfg = load_config(config_path("tiny"))
+    with pytest.raises(AttributeError):
+        cfg.train.epochs = 5  # type: ignore[misc]
+    again = configlib.from_dict(Config, configlib.to_dict(cfg))
+    assert again == cfg
+    assert configlib.replace(cfg, ["train.epochs=7"]).train.epochs == 7
+
+
+def test_relative_paths_resolved(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["data.cache_dir=c", "storage_path=s"])
+    assert cfg.data.cache_dir == str(tmp_path / "c") and cfg.storage_path == str(tmp_path / "s")
+    assert load_config(None, ["storage_path=s3://bucket/x"]).storage_path == "s3://bucket/x"
+
+
+def test_missing_bundled_config_lists_available():
+    with pytest.raises(ConfigError, match=r"bundled configs: .*tiny"):
+        config_path("nope")

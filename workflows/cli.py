@@ -1,0 +1,280 @@
+"""``cpsd``: the command line.
+
+Every command that trains reads one YAML config (``--config``) with ``--set dotted.key=value``
+overrides. Expected failures (bad config, bad data) print one clear line and exit 2; nothing
+prints a traceback for user error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from mlcore.configlib import ConfigError
+from mlcore.data.manifest import ManifestError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class UsageError(Exception):
+    """A user error to report without a traceback."""
+
+
+def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument(
+        "--config",
+        default=default,
+        help="YAML config file, or the name of a bundled one (e.g. tiny)"
+        + (f" (default: {default})" if default else ""),
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=3 (repeatable)",
+    )
+
+
+def config_path(name: str | None) -> Path | None:
+    """A path, or the name of a bundled config (``tiny`` -> workflows/configs/tiny.yaml)."""
+    if name is None:
+        return None
+    path = Path(name)
+    if path.is_file():
+        return path
+    bundled = CONFIG_DIR / f"{name.removesuffix('.yaml')}.yaml"
+    if bundled.is_file():
+        return bundled
+    available = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config {name!r} not found (bundled configs: {available})")
+
+
+def load(args: argparse.Namespace):
+    from workflows.config import load_config
+
+    return load_config(config_path(args.config), args.overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def cmd_data_synth(args: argparse.Namespace) -> None:
+    from mlcore.config import SynthConfig
+    from mlcore.data.synth import generate
+
+    cfg = SynthConfig(
+        num_classes=args.num_classes,
+        num_train=args.num_train,
+        num_val=args.num_val,
+        num_test_shift=args.context_shift,
+        image_size=args.image_size,
+        num_topics=args.num_topics,
+        mean_objects=args.mean_objects,
+        labels_from=args.labels_from,
+        seed=args.seed,
+    )
+    out = generate(cfg, args.out)
+    print(f"wrote {cfg.num_train + cfg.num_val + cfg.num_test_shift} images to {out}")
+
+
+def cmd_data_import(args: argparse.Namespace) -> None:
+    from mlcore.data import importers
+
+    common = {
+        "drop_empty": args.drop_empty,
+        "skip_missing": args.skip_missing,
+        "verify_decode": args.verify_decode,
+        "overwrite": args.overwrite,
+    }
+    if args.kind == "coco":
+        if not args.ann:
+            raise UsageError("coco needs at least one --ann ANN.json:SPLIT:IMAGE_DIR")
+        entries = [importers.CocoEntry.parse(spec) for spec in args.ann]
+        result = importers.import_coco(
+            entries, args.out, class_order=args.class_order, name=args.name or "coco", **common
+        )
+    elif args.kind == "voc":
+        result = importers.import_voc(
+            args.source,
+            args.out,
+            splits=importers.parse_split_map(args.split or ["train:train", "val:val"]),
+            include_difficult=args.include_difficult,
+            name=args.name,
+            **common,
+        )
+    elif args.kind == "nuswide":
+        result = importers.import_nuswide(
+            args.source,
+            args.out,
+            image_dir=args.image_dir,
+            splits=importers.parse_split_map(args.split) if args.split else None,
+            invalid_labels=args.invalid_labels,
+            name=args.name or "nus-wide",
+            **common,
+        )
+    else:
+        result = importers.import_csv(
+            args.source,
+            args.out,
+            image_dir=args.image_dir,
+            classes_file=args.classes,
+            num_classes=args.num_classes,
+            label_format=args.label_format,
+            label_delimiter=args.label_delimiter,
+            csv_delimiter=args.csv_delimiter,
+            default_split=args.default_split,
+            name=args.name,
+            **common,
+        )
+    print(result.summary())
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from mlcore.data.check import check_dataset, format_report
+
+    report = check_dataset(args.dir, verify_images=args.verify_images)
+    print(format_report(report))
+    return 0 if report.ok else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from workflows.train_one import train_one
+
+    cfg = load(args)
+    result = train_one(cfg, out_dir=args.out)
+    print(f"best val mAP {result.best_metrics['val_mAP']:.4f} at epoch {result.best_epoch + 1}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from workflows.train_one import train_one
+
+    cfg = load(args)
+    print(
+        f"demo: {cfg.model.backbone} on generated data "
+        f"({cfg.data.synth.num_train if cfg.data.synth else '?'} training images)"
+    )
+    result = train_one(cfg, out_dir=args.out)
+    print(
+        f"\nbaseline validation mAP: {100 * result.best_metrics['val_mAP']:.2f} "
+        f"(epoch {result.best_epoch + 1}); outputs in {result.out_dir}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cpsd",
+        description="Multi-label image classification with CPSD, ASL, DB loss and ML-Decoder.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    # data -------------------------------------------------------------------------------------
+    data = sub.add_parser("data", help="generate, import and check datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+
+    synth = data_sub.add_parser("synth", help="generate the offline benchmark dataset")
+    synth.add_argument("--out", required=True, help="dataset directory to write")
+    synth.add_argument("--num-classes", type=int, default=20)
+    synth.add_argument("--num-train", type=int, default=1600)
+    synth.add_argument("--num-val", type=int, default=400)
+    synth.add_argument("--image-size", type=int, default=64)
+    synth.add_argument("--num-topics", type=int, default=5)
+    synth.add_argument("--mean-objects", type=float, default=2.5)
+    synth.add_argument(
+        "--labels-from",
+        help=".npz with a 'labels' matrix or 'class_counts' + 'pair_counts' (real statistics)",
+    )
+    synth.add_argument(
+        "--context-shift",
+        type=int,
+        nargs="?",
+        const=400,
+        default=0,
+        metavar="N",
+        help="also write a 'test_shift' split of N images (default 400) whose labels ignore "
+        "co-occurrence",
+    )
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=cmd_data_synth)
+
+    imp = data_sub.add_parser("import", help="import COCO, VOC, NUS-WIDE or CSV labels")
+    imp.add_argument("kind", choices=["coco", "voc", "nuswide", "csv"])
+    imp.add_argument(
+        "source", nargs="?", help="VOC20XX dir, NUS-WIDE root or CSV file (not for coco)"
+    )
+    imp.add_argument("--out", required=True, help="dataset directory to write")
+    imp.add_argument("--name", help="dataset name stored in the manifest")
+    imp.add_argument(
+        "--ann", action="append", metavar="ANN.json:SPLIT:IMAGE_DIR", help="coco (repeatable)"
+    )
+    imp.add_argument("--class-order", choices=["id", "name"], default="id", help="coco")
+    imp.add_argument(
+        "--split", action="append", metavar="SOURCE:SPLIT", help="voc/nuswide split mapping"
+    )
+    imp.add_argument("--include-difficult", action="store_true", help="voc")
+    imp.add_argument("--image-dir", help="nuswide/csv image directory")
+    imp.add_argument("--invalid-labels", choices=["error", "negative"], default="error")
+    imp.add_argument("--classes", help="csv: class names file, one per line")
+    imp.add_argument("--num-classes", type=int, help="csv: number of classes (index labels)")
+    imp.add_argument("--label-format", choices=["auto", "names", "indices"], default="auto")
+    imp.add_argument("--label-delimiter", help="csv: separator inside the labels column")
+    imp.add_argument("--csv-delimiter", default=",", help="csv: column separator")
+    imp.add_argument("--default-split", default="train", help="csv without a split column")
+    imp.add_argument("--drop-empty", action="store_true", help="leave out images without labels")
+    imp.add_argument(
+        "--skip-missing", action="store_true", help="skip (and count) missing/corrupt images"
+    )
+    imp.add_argument("--verify-decode", action="store_true", help="decode-check every image")
+    imp.add_argument("--overwrite", action="store_true", help="replace an existing manifest")
+    imp.set_defaults(func=cmd_data_import)
+
+    check = data_sub.add_parser("check", help="validate a dataset directory")
+    check.add_argument("dir")
+    check.add_argument("--verify-images", choices=["exists", "decode", "none"], default="exists")
+    check.set_defaults(func=cmd_data_check)
+
+    # train ------------------------------------------------------------------------------------
+    train = sub.add_parser("train", help="train one model (the baseline) from a config")
+    _add_config_args(train, default="tiny")
+    train.add_argument("--out", help="output directory (default: STORAGE/NAME/train)")
+    train.set_defaults(func=cmd_train)
+
+    demo = sub.add_parser("demo", help="generate the benchmark data and run the default job")
+    _add_config_args(demo, default="demo")
+    demo.add_argument("--out", help="output directory")
+    demo.set_defaults(func=cmd_demo)
+
+    return parser
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int | None] = args.func
+    try:
+        return func(args) or 0
+    except (ConfigError, ManifestError, UsageError, FileNotFoundError) as err:
+        print(f"cpsd: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cpsd: interrupted", file=sys.stderr)
+        return 130
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()
