@@ -277,6 +277,8 @@ class CPSDConfig:
     """Weight of the student's classification loss (authors' code: 0.5)."""
     kd_alpha: float = 0.5
     """α splitting the distillation weight: α/2 on the CGP MSE, (1 − α)/2 on the DGP MSE."""
+    train_baseline: bool = False
+    """Also train the plain baseline (same model and loss, no teachers) for comparison."""
 
     def __post_init__(self) -> None:
         _check(self.k >= 1, "cpsd.k must be >= 1")
