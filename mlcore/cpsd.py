@@ -371,6 +371,36 @@ class RunSummary:
         return json.dumps(self.rows, indent=1)
 
 
+def build_summary(
+    specs: Sequence[TeacherSpec],
+    teacher_metrics: Sequence[dict[str, float]],
+    teacher_dirs: Sequence[str | os.PathLike],
+    num_classes: int,
+    models: Sequence[tuple[str, dict[str, float], dict[str, float] | None]],
+) -> RunSummary:
+    """Rows for every teacher, every merged ensemble, then the full-label ``models``.
+
+    Args:
+        specs: The teachers, in plan order.
+        teacher_metrics: Each teacher's best-epoch metrics (training-loop names).
+        teacher_dirs: Each teacher's directory holding ``val_scores.npz``.
+        num_classes: Classes of the full task.
+        models: (name, best-epoch metrics, ``test_shift`` report or None) of the student and
+            the baseline.
+    """
+    rows = [
+        summary_row(spec.name, "teacher", len(spec.subset), _val(metrics))
+        for spec, metrics in zip(specs, teacher_metrics, strict=True)
+    ]
+    for kind, report in ensemble_report(specs, teacher_dirs, num_classes).items():
+        rows.append(summary_row(f"ensemble-{kind}", "ensemble", num_classes, report))
+    for name, metrics, shift in models:
+        rows.append(
+            summary_row(name, name, num_classes, _val(metrics), shift_mAP=shift and shift["mAP"])
+        )
+    return RunSummary(rows)
+
+
 def run_local(
     cfg: ExperimentConfig, out_dir: str | os.PathLike, *, log: Callable[[str], None] = print
 ) -> RunSummary:
@@ -381,46 +411,30 @@ def run_local(
     log(f"mode {cfg.cpsd.mode}: label statistics and partitions")
     partitions = compute_partitions(cfg, root, out / "partitions")
     specs = plan_teachers(partitions)
-    rows, teacher_dirs, checkpoints, logits = [], [], [], []
+    teacher_dirs, teacher_metrics, checkpoints, logits = [], [], [], []
     for spec in specs:
         teacher_dir = out / "teachers" / spec.name
         result = train_teacher(cfg, spec, teacher_dir, log=log)
         teacher_dirs.append(teacher_dir)
+        teacher_metrics.append(result.best_metrics)
         checkpoints.append(result.best_checkpoint)
-        rows.append(summary_row(spec.name, "teacher", len(spec.subset), _val(result.best_metrics)))
         if cfg.cpsd.teacher_mode == "cached":
-            logits.append(
-                cache_teacher_logits(
-                    cfg, spec, result.best_checkpoint, teacher_dir / "logits.parquet"
-                )
-            )
-    for kind, report in ensemble_report(specs, teacher_dirs, num_classes).items():
-        rows.append(summary_row(f"ensemble-{kind}", "ensemble", num_classes, report))
+            path = teacher_dir / "logits.parquet"
+            logits.append(cache_teacher_logits(cfg, spec, result.best_checkpoint, path))
     name = "student" if specs else "baseline"
     log(f"{name}: training on all {num_classes} classes")
     student = train_student(
         cfg, specs, checkpoints, out / name, teacher_logits=logits or None, log=log
     )
-    shift = evaluate_split(cfg, student.best_checkpoint, "test_shift")
-    rows.append(
-        summary_row(
-            name, name, num_classes, _val(student.best_metrics), shift_mAP=shift and shift["mAP"]
-        )
-    )
+    models = [
+        (name, student.best_metrics, evaluate_split(cfg, student.best_checkpoint, "test_shift"))
+    ]
     if specs and cfg.cpsd.train_baseline:
         log(f"baseline: training on all {num_classes} classes")
         baseline = train_classifier(cfg, out / "baseline", log=log)
         shift = evaluate_split(cfg, baseline.best_checkpoint, "test_shift")
-        rows.append(
-            summary_row(
-                "baseline",
-                "baseline",
-                num_classes,
-                _val(baseline.best_metrics),
-                shift_mAP=shift and shift["mAP"],
-            )
-        )
-    summary = RunSummary(rows)
+        models.append(("baseline", baseline.best_metrics, shift))
+    summary = build_summary(specs, teacher_metrics, teacher_dirs, num_classes, models)
     (out / "summary.json").write_text(summary.to_json())
     (out / "summary.md").write_text(summary.markdown() + "\n")
     return summary

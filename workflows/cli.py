@@ -154,6 +154,64 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"best val mAP {result.best_metrics['val_mAP']:.4f} at epoch {result.best_epoch + 1}")
 
 
+def cmd_partition(args: argparse.Namespace) -> None:
+    import json
+
+    from mlcore.data.manifest import read_info
+    from mlcore.partition.affinity import affinity
+    from mlcore.partition.cooccurrence import cooccurrence_from_manifest
+    from mlcore.partition.random_partition import random_partition
+    from mlcore.partition.report import label_stats_hash, partition_report, plot_affinity_heatmap
+    from mlcore.partition.spectral import normalized_cut, spectral_partition
+
+    names = read_info(args.data).class_names
+    if not 1 <= args.k <= len(names):
+        raise UsageError(f"--k must be in [1, {len(names)}] for {len(names)} classes")
+    pair_counts, class_counts = cooccurrence_from_manifest(args.data, args.split)
+    graph = affinity(
+        pair_counts, class_counts, tau=args.tau, kind=args.kind.replace("random", "cgp")
+    )
+    if args.kind == "random":
+        assignment = random_partition(len(names), args.k, seed=args.seed)
+    else:
+        assignment = spectral_partition(graph, args.k, seed=args.seed)
+    ncut = normalized_cut(graph, assignment)
+    report = partition_report(
+        assignment,
+        names,
+        k=args.k,
+        tau=args.tau,
+        kind=args.kind,
+        seed=args.seed,
+        ncut=ncut,
+        stats_hash=label_stats_hash(pair_counts, class_counts),
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    png = plot_affinity_heatmap(
+        graph,
+        assignment,
+        names,
+        out.with_suffix(".png"),
+        title=f"{args.kind.upper()} affinity, k={args.k}, τ={args.tau:g}, Ncut={ncut:.4f}",
+    )
+    for t, subset in enumerate(report["subsets"]):
+        print(f"subset {t} ({len(subset)}): " + ", ".join(c["name"] for c in subset))
+    print(f"Ncut {ncut:.6f}; wrote {out} and {png}")
+
+
+def cmd_run_local(args: argparse.Namespace) -> None:
+    from mlcore.cpsd import run_local
+    from workflows.train_one import experiment_of
+
+    cfg = load(args)
+    out = Path(args.out) if args.out else Path(cfg.storage_path) / cfg.name / "local"
+    summary = run_local(experiment_of(cfg), out)
+    print(summary.markdown())
+    print(f"outputs in {out}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from workflows.train_one import train_one
 
@@ -249,6 +307,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train, default="tiny")
     train.add_argument("--out", help="output directory (default: STORAGE/NAME/train)")
     train.set_defaults(func=cmd_train)
+
+    part = sub.add_parser("partition", help="CGP/DGP/random label partition of a dataset")
+    part.add_argument("--data", required=True, help="dataset directory")
+    part.add_argument("--k", type=int, default=5, help="number of subsets")
+    part.add_argument("--tau", type=float, default=3.0, help="τ-th root smoothing (paper: 3)")
+    part.add_argument("--kind", choices=["cgp", "dgp", "random"], default="cgp")
+    part.add_argument("--seed", type=int, default=0)
+    part.add_argument("--split", default="train", help="split the statistics come from")
+    part.add_argument("--out", default="partition.json", help="JSON path (heatmap: same stem .png)")
+    part.set_defaults(func=cmd_partition)
+
+    local = sub.add_parser(
+        "run-local", help="the whole CPSD algorithm in one process, no Ray (the reference run)"
+    )
+    _add_config_args(local, default="tiny")
+    local.add_argument("--out", help="output directory (default: STORAGE/NAME/local)")
+    local.set_defaults(func=cmd_run_local)
 
     demo = sub.add_parser("demo", help="generate the benchmark data and run the default job")
     _add_config_args(demo, default="demo")

@@ -45,8 +45,6 @@ class RayConfig:
     """CPUs of the student task."""
     max_retries: int = 2
     """Retries of a stage whose worker died; a teacher resumes from its last epoch."""
-    torch_threads: int = 1
-    """torch CPU threads inside each task (Ray's default OMP_NUM_THREADS is the task's CPUs)."""
 
 
 @dataclass(frozen=True, kw_only=True)

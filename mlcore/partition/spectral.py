@@ -254,9 +254,7 @@ def _refine(
     labels = labels.copy()
     m = len(labels)
     rows = np.arange(m)
-    onehot = sp.csr_array((np.ones(m), (rows, labels)), shape=(m, k))
-    w = a @ onehot
-    w = w.toarray() if sp.issparse(w) else np.asarray(w)
+    w = _links(a, labels, k)
     sizes = np.bincount(labels, minlength=k)
     vol = np.bincount(labels, weights=degree, minlength=k)
     assoc = np.bincount(labels, weights=w[rows, labels], minlength=k)
@@ -319,12 +317,22 @@ def _ncut(a: np.ndarray | sp.csr_array, labels: np.ndarray, degree: np.ndarray) 
     """Ncut for dense ids 0..k-1 on a validated (zero-diagonal) affinity."""
     m = len(labels)
     k = int(labels.max()) + 1
-    onehot = sp.csr_array((np.ones(m), (np.arange(m), labels)), shape=(m, k))
-    w = a @ onehot
-    w = w.toarray() if sp.issparse(w) else np.asarray(w)
+    w = _links(a, labels, k)
     vol = np.bincount(labels, weights=degree, minlength=k)
     cut = vol - np.bincount(labels, weights=w[np.arange(m), labels], minlength=k)
     return float(np.sum(np.divide(cut, vol, out=np.zeros(k), where=vol > 0)))
+
+
+def _links(a: np.ndarray | sp.csr_array, labels: np.ndarray, k: int) -> np.ndarray:
+    """w[v, c] = Σ_{j∈A_c} P_vj, shape (m, k), as a dense array."""
+    m = len(labels)
+    if sp.issparse(a):
+        onehot = sp.csr_array((np.ones(m), (np.arange(m), labels)), shape=(m, k))
+        return (a @ onehot).toarray()
+    # A dense one-hot keeps this a BLAS product; dense @ sparse would copy P transposed.
+    onehot = np.zeros((m, k))
+    onehot[np.arange(m), labels] = 1.0
+    return a @ onehot
 
 
 def _degrees(a: np.ndarray | sp.csr_array) -> np.ndarray:

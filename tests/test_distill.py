@@ -1,0 +1,102 @@
+"""Logit merging, the student objective, and cached vs online teachers."""
+
+import numpy as np
+import pytest
+import torch
+
+from mlcore.data.dataset import MultiLabelDataset, build_transform
+from mlcore.data.manifest import Manifest
+from mlcore.distill import (
+    CachedTeachers,
+    DistillationLoss,
+    Ensemble,
+    OnlineTeachers,
+    load_cached_ensemble,
+    merge_logits,
+    predict_logits,
+    read_logits,
+    write_logits,
+)
+from mlcore.experiment import resolve_dataset
+from mlcore.losses.asl import AsymmetricLoss
+from mlcore.models import build_model
+from mlcore.train import Batch
+
+
+def test_merge_logits_round_trip_with_shuffled_subsets():
+    rng = np.random.default_rng(0)
+    full = torch.randn(5, 11, dtype=torch.float64)
+    order = rng.permutation(11)
+    subsets = [order[:4].tolist(), order[4:5].tolist(), order[5:].tolist()]
+    blocks = [full[:, s] for s in subsets]
+    assert torch.equal(merge_logits(blocks, subsets, 11), full)
+
+
+@pytest.mark.parametrize(
+    ("subsets", "message"),
+    [
+        ([[0, 1], [1, 2]], r"repeated \[1\]"),
+        ([[0], [2]], r"missing \[1\]"),
+        ([[0, 1], [2, 5]], r"out of range \[5\]"),
+    ],
+)
+def test_merge_logits_rejects_non_partitions(subsets, message):
+    blocks = [torch.zeros(1, len(s)) for s in subsets]
+    with pytest.raises(ValueError, match=message):
+        merge_logits(blocks, subsets, 3)
+
+
+def test_merge_logits_shape_mismatch():
+    with pytest.raises(ValueError, match="teacher 1: 1 logits for a subset of 2"):
+        merge_logits([torch.zeros(1, 1), torch.zeros(1, 1)], [[0], [1, 2]], 3)
+
+
+def test_distillation_loss_by_hand():
+    s = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
+    y = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    pos = torch.tensor([[0.0, -1.0]], dtype=torch.float64)
+    neg = torch.tensor([[2.0, 0.0]], dtype=torch.float64)
+    bce = AsymmetricLoss(gamma_neg=0, gamma_pos=0, clip=0)
+    cls = bce(s, y).item()
+    # ‖s − ŷ⁺‖² = 1 + 1 = 2; ‖s − ŷ⁻‖² = 1 + 4 = 5
+    both = DistillationLoss(bce, cls_weight=0.5, alpha=0.5)(s, y, pos, neg).item()
+    assert both == pytest.approx(0.5 * cls + 0.25 * 2 + 0.25 * 5)
+    skew = DistillationLoss(bce, cls_weight=1.0, alpha=0.8)(s, y, pos, neg).item()
+    assert skew == pytest.approx(cls + 0.4 * 2 + 0.1 * 5)
+    single = DistillationLoss(bce, cls_weight=0.5)(s, y, None, neg).item()
+    assert single == pytest.approx(0.5 * cls + 0.5 * 5)
+
+
+def test_logit_files_round_trip(tmp_path):
+    logits = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+    write_logits(tmp_path / "a.parquet", ["a", "b", "c", "d"], logits, [5, 0, 2])
+    ids, back, classes = read_logits(tmp_path / "a.parquet")
+    assert ids == ["a", "b", "c", "d"] and classes == [5, 0, 2]
+    np.testing.assert_array_equal(back, logits)
+    with pytest.raises(ValueError, match="do not match"):
+        load_cached_ensemble([tmp_path / "a.parquet"], ["a", "b", "c", "x"], 3)
+
+
+def test_online_and_cached_teachers_agree_on_unaugmented_inputs(tiny_config, tmp_path):
+    manifest = Manifest.load(resolve_dataset(tiny_config.data))
+    c = manifest.num_classes
+    subsets = [list(range(0, c, 2)), list(range(1, c, 2))]
+    torch.manual_seed(0)
+    teachers = [build_model("test_resnet", len(s)).eval() for s in subsets]
+    # Un-augmented: the eval transform for both the cache and the "training" batches.
+    dataset = MultiLabelDataset(
+        manifest, "train", build_transform(tiny_config.data, train=False), return_index=True
+    )
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64)
+    paths = []
+    for t, (model, subset) in enumerate(zip(teachers, subsets, strict=True)):
+        logits = predict_logits(model, loader, torch.device("cpu"))
+        paths.append(write_logits(tmp_path / f"t{t}.parquet", dataset.image_ids, logits, subset))
+    cached = CachedTeachers(load_cached_ensemble(paths, dataset.image_ids, c), None)
+    online = OnlineTeachers(Ensemble(tuple(map(tuple, subsets)), tuple(teachers)), None, c)
+    batch_loader = torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=True)
+    images, targets, indices = next(iter(batch_loader))
+    batch = Batch(images, targets, indices)
+    (from_cache, none_a), (from_online, none_b) = cached(batch), online(batch)
+    assert none_a is None and none_b is None
+    torch.testing.assert_close(from_online, from_cache, rtol=1e-5, atol=1e-5)
