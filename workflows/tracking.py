@@ -61,9 +61,11 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     if uri.startswith(("http://", "https://")):
         url = uri.rstrip("/") + "/health"
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
+            with urllib.request.urlopen(url, timeout=timeout) as response:
                 if response.status != 200:
-                    raise TrackingUnavailable(f"MLflow at {uri}: /health answered {response.status}")
+                    raise TrackingUnavailable(
+                        f"MLflow at {uri}: /health answered {response.status}"
+                    )
         except (urllib.error.URLError, OSError) as err:
             raise TrackingUnavailable(
                 f"MLflow tracking server {uri} is unreachable ({err}); start it or point "
