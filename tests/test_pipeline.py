@@ -1,0 +1,139 @@
+"""The CPSD pipeline on a real local Ray instance (started here, stopped after)."""
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from mlcore.cpsd import run_local
+from workflows.cli import config_path
+from workflows.config import load_config
+from workflows.pipeline import main, run_pipeline
+from workflows.train_one import experiment_of
+
+ray = pytest.importorskip("ray")
+
+
+def _config(tiny_overrides, tmp_path, *extra):
+    return load_config(
+        config_path("tiny"),
+        [
+            *tiny_overrides,
+            f"storage_path={tmp_path / 'storage'}",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    # Two logical GPUs on this CPU machine: teachers request one each, so placement is real
+    # even though torch runs on the CPU.
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def _children(tracking_uri: str, parent_name: str | None = None):
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name("cpsd")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    by_parent = {
+        p.info.run_id: [r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id]
+        for p in parents
+    }
+    return parents, by_parent
+
+
+def test_bad_config_fails_before_ray_starts(tmp_path, capsys, tiny_overrides):
+    cases = [
+        (["--set", "train.epoch=1"], "unknown config key 'train.epoch'"),
+        (["--set", "cpsd.k=11"], "cpsd.k = 11 is larger than the number of classes (10)"),
+        (["--set", f"data.root={tmp_path}/missing", "--set", "data.synth=null"], "no manifest.parquet"),
+        (["--set", "mlflow.tracking_uri=http://127.0.0.1:9"], "unreachable"),
+    ]
+    for extra, message in cases:
+        argv = ["--config", "tiny", "--set", f"storage_path={tmp_path}", *tiny_overrides_args(tiny_overrides), *extra]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err, err
+        assert not ray.is_initialized()
+
+
+def tiny_overrides_args(overrides):
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+def test_pipeline_reproduces_reference_then_skips_and_reruns_what_changed(
+    local_ray, tiny_overrides, tmp_path
+):
+    cfg = _config(tiny_overrides, tmp_path)
+    reference = run_local(experiment_of(cfg), tmp_path / "reference", log=lambda _: None)
+    first = run_pipeline(cfg, log=lambda _: None)
+    assert [r["name"] for r in first.rows] == [r["name"] for r in reference.rows]
+    for ours, ref in zip(first.rows, reference.rows, strict=True):
+        for metric in ("mAP", "CF1", "OF1"):
+            assert ours[metric] == pytest.approx(ref[metric], abs=1e-9), (ours["name"], metric)
+    partitions = json.loads(
+        next((tmp_path / "storage" / "tiny" / "stages").glob("partitions-*/partition_cgp.json")).read_text()
+    )
+    assert partitions == json.loads((tmp_path / "reference" / "partitions" / "partition_cgp.json").read_text())
+
+    again = run_pipeline(cfg, log=lambda _: None)
+    assert again.rows == first.rows
+    changed = run_pipeline(load_config(None, []).__class__(**{**cfg.__dict__, "cpsd": type(cfg.cpsd)(**{**cfg.cpsd.__dict__, "kd_alpha": 0.3})}), log=lambda _: None)
+    assert changed.rows[:-1] == first.rows[:-1]  # teachers and ensembles reused as they were
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parents, children = _children(uri)
+    assert len(parents) == 3 and all(p.info.status == "FINISHED" for p in parents)
+    names = sorted(r.info.run_name for r in children[parents[0].info.run_id])
+    assert names == ["student", "teacher-cgp-0", "teacher-cgp-1", "teacher-dgp-0", "teacher-dgp-1"]
+    reused = [
+        {r.info.run_name for r in children[p.info.run_id] if "cpsd.reused_from" in r.data.tags}
+        for p in parents
+    ]
+    assert reused[0] == set() and reused[1] == set(names)
+    assert reused[2] == set(names) - {"student"}
+    first_student = next(r for r in children[parents[0].info.run_id] if r.info.run_name == "student")
+    assert {"val_mAP", "val_CF1", "val_OF1", "train_loss"} <= set(first_student.data.metrics)
+    assert first_student.data.params["teacher_mode"] == "cached"
+    client = MlflowClient(uri)
+    assert [a.path for a in client.list_artifacts(parents[0].info.run_id)] == ["partitions", "summary"]
+    assert {a.path for a in client.list_artifacts(parents[0].info.run_id, "summary")} >= {
+        "summary/summary.csv", "summary/summary.md", "summary/summary.png"
+    }
+
+
+def test_concurrent_teachers_never_share_a_gpu(local_ray, tiny_overrides, tmp_path):
+    cfg = _config(tiny_overrides, tmp_path, "cpsd.teacher_epochs=3", "train.epochs=1")
+    run_pipeline(cfg, log=lambda _: None)
+    records = [
+        json.loads(p.read_text())
+        for p in (tmp_path / "storage" / "tiny" / "stages").glob("teacher-*/_SUCCESS.json")
+    ]
+    assert len(records) == 4
+    spans = [(r["attempts"][-1]["time"], r["finished"], r["attempts"][-1]["gpu_ids"]) for r in records]
+    assert all(len(gpus) == 1 for _, _, gpus in spans)
+    overlapping = 0
+    for i, (s1, e1, g1) in enumerate(spans):
+        for s2, e2, g2 in spans[i + 1 :]:
+            if s1 < e2 and s2 < e1:
+                overlapping += 1
+                assert g1 != g2
+    assert overlapping >= 1  # two logical GPUs: teachers did run side by side
+
+
+@pytest.mark.parametrize("mode", ["baseline", "sd", "cgpd", "dgpd", "random"])
+def test_every_mode_on_ray(mode, local_ray, tiny_overrides, tmp_path):
+    cfg = _config(
+        tiny_overrides, tmp_path, f"cpsd.mode={mode}", "train.epochs=1", "cpsd.teacher_epochs=1"
+    )
+    summary = run_pipeline(cfg, log=lambda _: None)
+    reference = run_local(experiment_of(cfg), tmp_path / "ref", log=lambda _: None)
+    assert [r["name"] for r in summary.rows] == [r["name"] for r in reference.rows]
+    assert summary.rows[-1]["mAP"] == pytest.approx(reference.rows[-1]["mAP"], abs=1e-9)
+    assert Path(tmp_path / "storage" / "tiny" / "summary" / "summary.png").is_file()
