@@ -52,11 +52,21 @@ def test_bad_config_fails_before_ray_starts(tmp_path, capsys, tiny_overrides):
     cases = [
         (["--set", "train.epoch=1"], "unknown config key 'train.epoch'"),
         (["--set", "cpsd.k=11"], "cpsd.k = 11 is larger than the number of classes (10)"),
-        (["--set", f"data.root={tmp_path}/missing", "--set", "data.synth=null"], "no manifest.parquet"),
+        (
+            ["--set", f"data.root={tmp_path}/missing", "--set", "data.synth=null"],
+            "no manifest.parquet",
+        ),
         (["--set", "mlflow.tracking_uri=http://127.0.0.1:9"], "unreachable"),
     ]
     for extra, message in cases:
-        argv = ["--config", "tiny", "--set", f"storage_path={tmp_path}", *tiny_overrides_args(tiny_overrides), *extra]
+        argv = [
+            "--config",
+            "tiny",
+            "--set",
+            f"storage_path={tmp_path}",
+            *tiny_overrides_args(tiny_overrides),
+            *extra,
+        ]
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert message in err, err
@@ -78,13 +88,22 @@ def test_pipeline_reproduces_reference_then_skips_and_reruns_what_changed(
         for metric in ("mAP", "CF1", "OF1"):
             assert ours[metric] == pytest.approx(ref[metric], abs=1e-9), (ours["name"], metric)
     partitions = json.loads(
-        next((tmp_path / "storage" / "tiny" / "stages").glob("partitions-*/partition_cgp.json")).read_text()
+        next(
+            (tmp_path / "storage" / "tiny" / "stages").glob("partitions-*/partition_cgp.json")
+        ).read_text()
     )
-    assert partitions == json.loads((tmp_path / "reference" / "partitions" / "partition_cgp.json").read_text())
+    assert partitions == json.loads(
+        (tmp_path / "reference" / "partitions" / "partition_cgp.json").read_text()
+    )
 
     again = run_pipeline(cfg, log=lambda _: None)
     assert again.rows == first.rows
-    changed = run_pipeline(load_config(None, []).__class__(**{**cfg.__dict__, "cpsd": type(cfg.cpsd)(**{**cfg.cpsd.__dict__, "kd_alpha": 0.3})}), log=lambda _: None)
+    changed = run_pipeline(
+        load_config(None, []).__class__(
+            **{**cfg.__dict__, "cpsd": type(cfg.cpsd)(**{**cfg.cpsd.__dict__, "kd_alpha": 0.3})}
+        ),
+        log=lambda _: None,
+    )
     assert changed.rows[:-1] == first.rows[:-1]  # teachers and ensembles reused as they were
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -98,13 +117,20 @@ def test_pipeline_reproduces_reference_then_skips_and_reruns_what_changed(
     ]
     assert reused[0] == set() and reused[1] == set(names)
     assert reused[2] == set(names) - {"student"}
-    first_student = next(r for r in children[parents[0].info.run_id] if r.info.run_name == "student")
+    first_student = next(
+        r for r in children[parents[0].info.run_id] if r.info.run_name == "student"
+    )
     assert {"val_mAP", "val_CF1", "val_OF1", "train_loss"} <= set(first_student.data.metrics)
     assert first_student.data.params["teacher_mode"] == "cached"
     client = MlflowClient(uri)
-    assert [a.path for a in client.list_artifacts(parents[0].info.run_id)] == ["partitions", "summary"]
+    assert [a.path for a in client.list_artifacts(parents[0].info.run_id)] == [
+        "partitions",
+        "summary",
+    ]
     assert {a.path for a in client.list_artifacts(parents[0].info.run_id, "summary")} >= {
-        "summary/summary.csv", "summary/summary.md", "summary/summary.png"
+        "summary/summary.csv",
+        "summary/summary.md",
+        "summary/summary.png",
     }
 
 
@@ -116,7 +142,9 @@ def test_concurrent_teachers_never_share_a_gpu(local_ray, tiny_overrides, tmp_pa
         for p in (tmp_path / "storage" / "tiny" / "stages").glob("teacher-*/_SUCCESS.json")
     ]
     assert len(records) == 4
-    spans = [(r["attempts"][-1]["time"], r["finished"], r["attempts"][-1]["gpu_ids"]) for r in records]
+    spans = [
+        (r["attempts"][-1]["time"], r["finished"], r["attempts"][-1]["gpu_ids"]) for r in records
+    ]
     assert all(len(gpus) == 1 for _, _, gpus in spans)
     overlapping = 0
     for i, (s1, e1, g1) in enumerate(spans):

@@ -28,6 +28,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -432,7 +433,10 @@ def init_ray(cfg: Config) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        # "local" always starts a fresh instance; without it Ray may try to join whatever
+        # cluster was last started on this machine (/tmp/ray/ray_current_cluster).
         ray.init(
+            address="local",
             num_cpus=cfg.ray.num_cpus,
             num_gpus=cfg.ray.num_gpus,
             include_dashboard=False,
@@ -456,7 +460,12 @@ def _wait_all(refs: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any
     done: dict[str, Any] = {}
     started = time.time()
     while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
+        # A timeout hands control back to Python every second, so SIGTERM/Ctrl-C handlers run.
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+        if _STOP.is_set():
+            raise KeyboardInterrupt("stop requested")
+        if not ready:
+            continue
         name = pending.pop(ready[0])
         record = ray.get(ready[0])
         done[name] = record
@@ -527,6 +536,11 @@ def run_pipeline(cfg: Config, *, log: Callable[[str], None] = print) -> RunSumma
     )
     with tracking as (tracker, parent):
         init_ray(cfg)
+        # ray.init installs its own SIGTERM handler (sys.exit); `ray job stop` must end the
+        # runs as KILLED instead, so take the signal back and treat it like Ctrl-C.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _stop_requested)
+            signal.signal(signal.SIGINT, _stop_requested)
         # The synth dataset is generated (and cached) once here, before the fan-out.
         resolve_dataset(cfg.data)
         data_id = data_id or dataset_id(cfg)
@@ -536,9 +550,9 @@ def run_pipeline(cfg: Config, *, log: Callable[[str], None] = print) -> RunSumma
         try:
             keys0 = compute_keys(cfg, data_id, [])
             log(f"[{cfg.name}] mode {cfg.cpsd.mode}: label statistics and partitions")
-            part_record = ray.get(
-                task(partitions_stage).options(num_cpus=1).remote(ctx, keys0.partitions)
-            )
+            part_ref = task(partitions_stage).options(num_cpus=1).remote(ctx, keys0.partitions)
+            outstanding = [part_ref]
+            part_record = _wait_all({"partitions": part_ref}, log)["partitions"]
             partitions = {
                 k: Partition(v["kind"], tuple(v["assignment"]), v["report"])
                 for k, v in part_record["partitions"].items()
@@ -648,7 +662,13 @@ def _no_tracking() -> _NoTracking:
     return _NoTracking()
 
 
-def _raise_keyboard_interrupt(signum, frame) -> None:
+_STOP = threading.Event()
+
+
+def _stop_requested(signum, frame) -> None:
+    # Inside ray.wait/ray.get Ray's own signal check swallows exceptions raised here, so the
+    # flag is what the wait loop acts on; elsewhere the KeyboardInterrupt propagates at once.
+    _STOP.set()
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -659,8 +679,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML config (or a bundled name)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    # `ray job stop` sends SIGTERM: treat it like Ctrl-C so runs end KILLED, not RUNNING.
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         from workflows.cli import config_path
 

@@ -1,0 +1,223 @@
+"""Real Ray clusters: `ray job submit` to a head started here, two nodes, a killed worker,
+`ray job stop`. Every head is started by the test and stopped by its PID afterwards."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from workflows.cli import config_path
+from workflows.config import load_config
+from workflows.pipeline import run_pipeline
+
+from .conftest import REPO
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """`ray start --head --block` as our child; stopped through its PID, also on failure."""
+    gcs, dashboard = _free_port(), _free_port()
+    proc = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--port", str(gcs), "--num-cpus", "2",
+         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+         "--dashboard-port", str(dashboard), "--disable-usage-stats"],
+        stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        _wait_http(f"{address}/api/version")
+        yield address
+    finally:
+        proc.send_signal(signal.SIGTERM)  # --block: stops the processes this head started
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _runtime_env_json() -> str:
+    env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
+    env.pop("env_vars", None)  # the shipped file points MLflow at a placeholder server
+    return json.dumps(env)
+
+
+def _submit(address, tmp_path, tiny_overrides, *overrides, wait=True, submission_id="job"):
+    sets = [
+        *tiny_overrides,
+        f"storage_path={tmp_path / 'storage'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        *overrides,
+    ]
+    cmd = [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO),
+           "--runtime-env-json", _runtime_env_json(), "--submission-id", submission_id]  # fmt: skip
+    if not wait:
+        cmd.append("--no-wait")
+    cmd += ["--", sys.executable, "-m", "workflows.pipeline", "--config", "tiny"]
+    for s in sets:
+        cmd += ["--set", s]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def _runs(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("cpsd")
+    return [] if exp is None else client.search_runs([exp.experiment_id])
+
+
+def test_ray_job_submit_then_job_stop(ray_head, tmp_path, tiny_overrides):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    done = _submit(ray_head, tmp_path, tiny_overrides, submission_id="cpsd-ok")
+    client = JobSubmissionClient(ray_head)
+    info = client.get_job_info("cpsd-ok")
+    assert info.status == JobStatus.SUCCEEDED, done.stdout[-3000:] + done.stderr[-3000:]
+    assert info.driver_exit_code == 0
+    logs = client.get_job_logs("cpsd-ok")
+    assert "| student | student | 10 |" in logs
+    runs = _runs(tmp_path)
+    names = sorted(r.info.run_name for r in runs)
+    assert names == [
+        "student",
+        "teacher-cgp-0",
+        "teacher-cgp-1",
+        "teacher-dgp-0",
+        "teacher-dgp-1",
+        "tiny",
+    ]
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+    # A long job, stopped while teachers train: nothing may be left RUNNING.
+    _submit(ray_head, tmp_path, tiny_overrides, "name=long", "cpsd.teacher_epochs=50",
+            wait=False, submission_id="cpsd-stop")  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        running = [
+            r
+            for r in _runs(tmp_path)
+            if r.info.run_name.startswith("teacher") and r.info.status == "RUNNING"
+        ]
+        if running:
+            break
+        time.sleep(0.5)
+    assert running, client.get_job_logs("cpsd-stop")[-3000:]
+    subprocess.run(
+        [RAY, "job", "stop", "--address", ray_head, "cpsd-stop"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    deadline = time.time() + 60
+    while (
+        client.get_job_status("cpsd-stop") not in (JobStatus.STOPPED, JobStatus.FAILED)
+        and time.time() < deadline
+    ):
+        time.sleep(0.5)
+    assert client.get_job_status("cpsd-stop") == JobStatus.STOPPED
+    long_runs = [
+        r
+        for r in _runs(tmp_path)
+        if r.info.run_name != "tiny" and r.info.start_time > runs[0].info.end_time
+    ]
+    statuses = {r.info.run_name: r.info.status for r in long_runs}
+    assert statuses.get("long") == "KILLED", statuses
+    assert "RUNNING" not in statuses.values(), statuses
+    # The interrupted teachers kept their epoch checkpoints.
+    assert list((tmp_path / "storage" / "long" / "stages").glob("teacher-*/last.pt"))
+
+
+def test_teachers_run_on_two_nodes(tiny_overrides, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1, resources={"nodeB": 1})
+        ray.init(address=cluster.address)
+        cfg = load_config(
+            config_path("tiny"),
+            [
+                *tiny_overrides,
+                f"storage_path={tmp_path}",
+                "mlflow.enabled=false",
+                "cpsd.teacher_epochs=3",
+            ],
+        )
+        run_pipeline(cfg, log=lambda _: None)
+        records = [
+            json.loads(p.read_text()) for p in tmp_path.glob("tiny/stages/teacher-*/_SUCCESS.json")
+        ]
+        nodes = {r["attempts"][-1]["node_id"] for r in records}
+        assert len(records) == 4 and len(nodes) == 2
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_killed_teacher_worker_is_retried_and_resumes(tmp_path, tiny_overrides):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    storage = tmp_path / "storage"
+    sets = [*tiny_overrides, f"storage_path={storage}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "cpsd.teacher_epochs=6", "train.epochs=1"]  # fmt: skip
+    cmd = [sys.executable, "-m", "workflows.pipeline", "--config", "tiny"]
+    for s in sets:
+        cmd += ["--set", s]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=open(tmp_path / "job.log", "w"), stderr=subprocess.STDOUT
+    )
+    victim = None
+    try:
+        deadline = time.time() + 180
+        while victim is None and time.time() < deadline and proc.poll() is None:
+            for stage in storage.glob("tiny/stages/teacher-*"):
+                # Mid-training: at least one epoch checkpointed, not finished.
+                if (stage / "last.pt").is_file() and not (stage / "_SUCCESS.json").exists():
+                    victim = stage
+                    os.kill(int((stage / "worker.pid").read_text()), signal.SIGKILL)
+                    break
+            time.sleep(0.05)
+        assert victim is not None, (tmp_path / "job.log").read_text()[-3000:]
+        assert proc.wait(timeout=300) == 0, (tmp_path / "job.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    record = json.loads((victim / "_SUCCESS.json").read_text())
+    assert len(record["attempts"]) == 2
+    assert record["attempts"][1]["resumed_from_epoch"] >= 0  # resumed, not from scratch
+    runs = _runs(tmp_path)
+    teacher_runs = sorted(r.info.run_name for r in runs if r.info.run_name.startswith("teacher"))
+    assert teacher_runs == ["teacher-cgp-0", "teacher-cgp-1", "teacher-dgp-0", "teacher-dgp-1"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    resumed = [r for r in runs if r.data.tags.get("cpsd.resumed") == "true"]
+    assert [r.info.run_name for r in resumed] == [victim.name.rsplit("-", 1)[0]]
