@@ -48,11 +48,12 @@ def _wait_http(url: str, timeout: float = 60) -> None:
 def ray_head(tmp_path):
     """`ray start --head --block` as our child; stopped through its PID, also on failure."""
     gcs, dashboard = _free_port(), _free_port()
+    log = open(tmp_path / "head.log", "w")  # noqa: SIM115 - lives as long as the head
     proc = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--port", str(gcs), "--num-cpus", "2",
          "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
          "--dashboard-port", str(dashboard), "--disable-usage-stats"],
-        stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
+        stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,
     )  # fmt: skip
     try:
@@ -66,6 +67,7 @@ def ray_head(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        log.close()
 
 
 def _runtime_env_json() -> str:
@@ -188,14 +190,18 @@ def test_teachers_run_on_two_nodes(tiny_overrides, tmp_path):
 def test_killed_teacher_worker_is_retried_and_resumes(tmp_path, tiny_overrides):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     storage = tmp_path / "storage"
-    sets = [*tiny_overrides, f"storage_path={storage}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            "cpsd.teacher_epochs=6", "train.epochs=1"]  # fmt: skip
+    sets = [
+        *tiny_overrides,
+        f"storage_path={storage}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "cpsd.teacher_epochs=6",
+        "train.epochs=1",
+    ]
     cmd = [sys.executable, "-m", "workflows.pipeline", "--config", "tiny"]
     for s in sets:
         cmd += ["--set", s]
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=open(tmp_path / "job.log", "w"), stderr=subprocess.STDOUT
-    )
+    log = open(tmp_path / "job.log", "w")  # noqa: SIM115 - lives as long as the job
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     victim = None
     try:
         deadline = time.time() + 180
@@ -212,6 +218,7 @@ def test_killed_teacher_worker_is_retried_and_resumes(tmp_path, tiny_overrides):
     finally:
         if proc.poll() is None:
             proc.kill()
+        log.close()
     record = json.loads((victim / "_SUCCESS.json").read_text())
     assert len(record["attempts"]) == 2
     assert record["attempts"][1]["resumed_from_epoch"] >= 0  # resumed, not from scratch
