@@ -212,19 +212,34 @@ def cmd_run_local(args: argparse.Namespace) -> None:
     print(f"outputs in {out}")
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
-    from workflows.train_one import train_one
+def _forward(args: argparse.Namespace, extra: list[str]) -> list[str]:
+    argv = ["--config", args.config, *extra]
+    for override in args.overrides:
+        argv += ["--set", override]
+    return argv
 
-    cfg = load(args)
-    print(
-        f"demo: {cfg.model.backbone} on generated data "
-        f"({cfg.data.synth.num_train if cfg.data.synth else '?'} training images)"
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from workflows.pipeline import main as pipeline_main
+
+    return pipeline_main(_forward(args, []))
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from workflows.tune import main as tune_main
+
+    return tune_main(
+        _forward(
+            args, (["--resume"] if args.resume else []) + (["--out", args.out] if args.out else [])
+        )
     )
-    result = train_one(cfg, out_dir=args.out)
-    print(
-        f"\nbaseline validation mAP: {100 * result.best_metrics['val_mAP']:.2f} "
-        f"(epoch {result.best_epoch + 1}); outputs in {result.out_dir}"
-    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from workflows.pipeline import main as pipeline_main
+
+    print("cpsd demo: generated benchmark data -> CPSD pipeline on a local Ray instance")
+    return pipeline_main(_forward(args, []))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,9 +340,22 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--out", help="output directory (default: STORAGE/NAME/local)")
     local.set_defaults(func=cmd_run_local)
 
-    demo = sub.add_parser("demo", help="generate the benchmark data and run the default job")
+    pipe = sub.add_parser(
+        "pipeline", help="the CPSD pipeline on Ray (= python -m workflows.pipeline)"
+    )
+    _add_config_args(pipe, default="tiny")
+    pipe.set_defaults(func=cmd_pipeline)
+
+    tune = sub.add_parser("tune", help="a Ray Tune loss sweep (= python -m workflows.tune)")
+    _add_config_args(tune, default="tune_asl_tiny")
+    tune.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    tune.add_argument("--out", help="where best_loss.yaml, results.csv and sweep.png go")
+    tune.set_defaults(func=cmd_tune)
+
+    demo = sub.add_parser(
+        "demo", help="generate the benchmark data and run the full CPSD pipeline (default job)"
+    )
     _add_config_args(demo, default="demo")
-    demo.add_argument("--out", help="output directory")
     demo.set_defaults(func=cmd_demo)
 
     return parser

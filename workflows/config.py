@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from mlcore import configlib
 from mlcore.config import (
@@ -63,6 +63,55 @@ class MlflowConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SchedulerConfig:
+    """Early stopping of sweep trials."""
+
+    name: Literal["asha", "fifo"] = "asha"
+    """``asha``: asynchronous successive halving; ``fifo``: run every trial to the end."""
+    grace_period: int = 1
+    """Epochs every trial gets before it can be stopped."""
+    reduction_factor: float = 2.0
+    """ASHA keeps the top 1/reduction_factor of trials at each rung."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepConfig:
+    """A Ray Tune sweep over config fields (``cpsd tune`` / ``python -m workflows.tune``)."""
+
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Dotted config key -> one distribution: ``{uniform: [lo, hi]}``, ``{loguniform: [lo,
+    hi]}``, ``{randint: [lo, hi]}``, ``{choice: [a, b, ...]}`` or ``{grid: [a, b, ...]}``."""
+    search: Literal["random", "grid"] = "random"
+    """``random``: ``num_samples`` draws (grid keys crossed with them); ``grid``: every
+    combination once (only ``grid``/``choice`` keys allowed)."""
+    num_samples: int = 4
+    """Trials (random search) or repeats of the grid."""
+    max_concurrent_trials: int | None = None
+    """Cap on trials running at once (None: as many as resources allow)."""
+    resources_per_trial: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
+    """Ray resources of one trial, e.g. ``{CPU: 4, GPU: 0.5}`` (fractional GPUs pack trials);
+    on an autoscaling cluster these requests drive scale-up."""
+    metric: str = "val_mAP"
+    """Reported metric the scheduler and the best-trial choice use."""
+    mode: Literal["max", "min"] = "max"
+    """Whether ``metric`` is maximised or minimised."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """Early stopping."""
+    max_failures: int = 1
+    """Retries of a trial that failed (it resumes from its last epoch checkpoint)."""
+    class_subset: tuple[int, ...] | None = None
+    """Train on these classes only (tune a teacher's sub-task); None: all classes."""
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise ConfigError("tune.num_samples must be >= 1")
+        if self.max_failures < 0:
+            raise ConfigError("tune.max_failures must be >= 0")
+        if self.scheduler.grace_period < 1 or self.scheduler.reduction_factor <= 1:
+            raise ConfigError("tune.scheduler: grace_period >= 1 and reduction_factor > 1")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     """Top-level config: what ``cpsd train``, ``pipeline``, ``tune`` and ``demo`` read."""
 
@@ -84,8 +133,8 @@ class Config:
     """Ray placement and retries."""
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     """Tracking."""
-    tune: dict[str, Any] | None = None
-    """Sweep definition (``workflows.tune``); validated by the tune command."""
+    tune: SweepConfig = field(default_factory=SweepConfig)
+    """Sweep definition (``workflows.tune``)."""
 
 
 def _is_uri(path: str) -> bool:
@@ -121,4 +170,12 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     return resolve_paths(configlib.load(Config, path, overrides))
 
 
-__all__ = ["Config", "ConfigError", "MlflowConfig", "RayConfig", "load_config", "resolve_paths"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "MlflowConfig",
+    "RayConfig",
+    "SweepConfig",
+    "load_config",
+    "resolve_paths",
+]

@@ -25,10 +25,8 @@ import dataclasses
 import hashlib
 import json
 import os
-import signal
 import socket
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -57,6 +55,7 @@ from mlcore.data.manifest import MANIFEST_FILE, ManifestError, read_info
 from mlcore.data.synth import config_hash
 from mlcore.experiment import resolve_dataset, train_classifier
 from workflows.config import Config, load_config
+from workflows.runtime import STOP, init_ray
 from workflows.storage import Storage, WorkDir
 from workflows.tracking import (
     Tracker,
@@ -423,27 +422,6 @@ def preflight(cfg: Config) -> int:
     return num_classes
 
 
-def init_ray(cfg: Config) -> None:
-    """Join ``ray.address`` / ``RAY_ADDRESS`` when given, else start a local instance."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # "local" always starts a fresh instance; without it Ray may try to join whatever
-        # cluster was last started on this machine (/tmp/ray/ray_current_cluster).
-        ray.init(
-            address="local",
-            num_cpus=cfg.ray.num_cpus,
-            num_gpus=cfg.ray.num_gpus,
-            include_dashboard=False,
-            log_to_driver=True,
-        )
-
-
 def _resources(gpus: float | None, cpus: float) -> dict[str, float]:
     import ray
 
@@ -462,7 +440,7 @@ def _wait_all(refs: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any
     while pending:
         # A timeout hands control back to Python every second, so SIGTERM/Ctrl-C handlers run.
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-        if _STOP.is_set():
+        if STOP.is_set():
             raise KeyboardInterrupt("stop requested")
         if not ready:
             continue
@@ -536,11 +514,6 @@ def run_pipeline(cfg: Config, *, log: Callable[[str], None] = print) -> RunSumma
     )
     with tracking as (tracker, parent):
         init_ray(cfg)
-        # ray.init installs its own SIGTERM handler (sys.exit); `ray job stop` must end the
-        # runs as KILLED instead, so take the signal back and treat it like Ctrl-C.
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _stop_requested)
-            signal.signal(signal.SIGINT, _stop_requested)
         # The synth dataset is generated (and cached) once here, before the fan-out.
         resolve_dataset(cfg.data)
         data_id = data_id or dataset_id(cfg)
@@ -628,7 +601,8 @@ def run_pipeline(cfg: Config, *, log: Callable[[str], None] = print) -> RunSumma
             ).parent
             for r in teacher_records
         ]
-        models = [(name, finals[name]["metrics"], finals[name].get("shift")) for name in finals]
+        order = [student_name, *(["baseline"] if baseline_ref else [])]
+        models = [(name, finals[name]["metrics"], finals[name].get("shift")) for name in order]
         summary = build_summary(
             specs, [r["metrics"] for r in teacher_records], teacher_dirs, num_classes, models
         )
@@ -660,16 +634,6 @@ class _NoTracking:
 
 def _no_tracking() -> _NoTracking:
     return _NoTracking()
-
-
-_STOP = threading.Event()
-
-
-def _stop_requested(signum, frame) -> None:
-    # Inside ray.wait/ray.get Ray's own signal check swallows exceptions raised here, so the
-    # flag is what the wait loop acts on; elsewhere the KeyboardInterrupt propagates at once.
-    _STOP.set()
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -216,6 +216,11 @@ def _terminating(client: MlflowClient, run_id: str) -> Iterator[RunLogger]:
     except KeyboardInterrupt:
         status = RunStatus.to_string(RunStatus.KILLED)
         raise
+    except SystemExit as exit_:
+        # Tune ends an early-stopped trial with sys.exit(0) inside tune.report.
+        if exit_.code in (0, None):
+            status = RunStatus.to_string(RunStatus.FINISHED)
+        raise
     finally:
         client.set_terminated(run_id, status=status)
 

@@ -1,0 +1,163 @@
+"""Ray Tune sweeps: tiny real sweeps on a local Ray, MLflow child runs, ASHA, best config,
+resume after the driver is killed, and search-space validation before Ray starts."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from workflows.cli import config_path
+from workflows.config import load_config
+from workflows.tune import main, run_sweep, validate_space
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
+
+
+def _sets(tiny_overrides, tmp_path, *extra):
+    return [
+        *tiny_overrides,
+        f"storage_path={tmp_path / 'storage'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        *extra,
+    ]
+
+
+def _runs(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("cpsd")
+    return client, client.search_runs([exp.experiment_id])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("tune.space={loss.clip: {normal: [0, 1]}}", "unknown distribution 'normal'"),
+        ("tune.space={loss.clip: {choice: []}}", "choice needs a non-empty list"),
+        ("tune.space={loss.clip: {uniform: [0.3, 0.1]}}", "low < high, got [0.3, 0.1]"),
+        ("tune.space={loss.clip: {loguniform: [0, 0.1]}}", "loguniform needs low > 0"),
+        ("tune.space={loss.clipp: {choice: [0.1]}}", "unknown config key 'loss.clipp'"),
+        ("tune.space={loss.clip: {choice: [2.0]}}", "loss.clip must be in [0, 1)"),
+        ("tune.space={}", "tune.space is empty"),
+    ],
+)
+def test_invalid_space_is_a_clear_error_before_ray(override, message, tmp_path, capsys):
+    argv = ["--config", "tune_asl_tiny", "--set", f"storage_path={tmp_path}", "--set", override]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not ray.is_initialized()
+
+
+def test_both_sweep_configs_validate():
+    for name in ("tune_asl", "tune_asl_tiny", "tune_asl_fixed", "tune_db", "tune_db_tiny"):
+        cfg = load_config(config_path(name))
+        assert validate_space(cfg)
+
+
+def test_tiny_asl_sweep_records_every_trial_and_feeds_the_pipeline(tiny_overrides, tmp_path):
+    cfg = load_config(config_path("tune_asl_tiny"), _sets(tiny_overrides, tmp_path))
+    outcome = run_sweep(cfg, out_dir=tmp_path / "out")
+    client, runs = _runs(tmp_path)
+    parent = next(r for r in runs if r.info.run_name == "tune_asl_tiny")
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(trials) == 4 and parent.info.status == "FINISHED"
+    for run in trials:
+        assert run.info.status == "FINISHED"
+        assert {"sweep.loss.adaptive.target_gap", "sweep.loss.clip"} <= set(run.data.params)
+        assert 0.0 <= float(run.data.params["sweep.loss.adaptive.target_gap"]) <= 0.3
+        assert "val_mAP" in run.data.metrics and "gamma_neg" in run.data.metrics
+        assert run.data.tags["tune.status"] == "TERMINATED"
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == [
+            "plots/asymmetry.png"
+        ]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")} == {
+        "sweep/best_loss.yaml",
+        "sweep/results.csv",
+        "sweep/sweep.png",
+    }
+    # The best loss settings are a fragment the pipeline config includes directly.
+    best = yaml.safe_load(outcome.best_loss_file.read_text())
+    assert best["source"] == f"mlflow-run:{parent.info.run_id}"
+    (tmp_path / "pipeline.yaml").write_text(
+        "name: p\nloss: !include out/best_loss.yaml\ntrain: {epochs: 1}\n"
+    )
+    piped = load_config(tmp_path / "pipeline.yaml")
+    assert piped.loss.adaptive.target_gap == pytest.approx(
+        outcome.best_params["loss.adaptive.target_gap"]
+    )
+    assert piped.loss.source == best["source"]
+
+
+def test_asha_stops_a_clearly_worse_trial(tiny_overrides, tmp_path):
+    # Grid order: two sane learning rates finish first; the two near-zero ones are then
+    # measured against them at the first rung and stopped there.
+    cfg = load_config(
+        config_path("tune_asl_tiny"),
+        _sets(
+            tiny_overrides,
+            tmp_path,
+            "name=asha",
+            "train.epochs=4",
+            "loss.adaptive.enabled=false",
+            "mlflow.enabled=false",
+            "tune.max_concurrent_trials=1",
+            "tune.search=grid",
+            "tune.space={train.lr: {grid: [0.003, 0.002, 1.0e-9, 2.0e-9]}}",
+        ),
+    )
+    outcome = run_sweep(cfg, out_dir=tmp_path / "out")
+    by_lr = {row["train.lr"]: row for row in outcome.table}
+    assert by_lr[0.003]["epochs"] == 4 and by_lr[0.002]["epochs"] == 4
+    assert by_lr[1e-9]["early_stopped"] or by_lr[2e-9]["early_stopped"]
+    assert min(by_lr[1e-9]["epochs"], by_lr[2e-9]["epochs"]) < 4
+
+
+def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_overrides, tmp_path):
+    sets = _sets(tiny_overrides, tmp_path, "name=resume", "train.epochs=3", "tune.scheduler.name=fifo",
+                 "tune.max_concurrent_trials=1")  # fmt: skip
+    argv = [sys.executable, "-m", "workflows.tune", "--config", "tune_asl_tiny"]
+    for s in sets:
+        argv += ["--set", s]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = open(tmp_path / "first.log", "w")  # noqa: SIM115 - lives as long as the sweep
+    proc = subprocess.Popen(
+        argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        deadline = time.time() + 240
+        finished = []
+        while time.time() < deadline and proc.poll() is None:
+            if (tmp_path / "mlflow.db").exists():
+                _, runs = _runs(tmp_path)
+                finished = [
+                    r for r in runs if r.info.status == "FINISHED" and r.info.run_name != "resume"
+                ]
+                if len(finished) >= 2:
+                    break
+            time.sleep(1)
+        assert len(finished) >= 2, (tmp_path / "first.log").read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray: a lost head
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    done_before = {r.info.run_name: r.data.metrics for r in finished}
+    assert (
+        main(["--config", "tune_asl_tiny", "--resume", *[a for s in sets for a in ("--set", s)]])
+        == 0
+    )
+    client, runs = _runs(tmp_path)
+    trials = [r for r in runs if r.info.run_name != "resume"]
+    assert len(trials) == 4 and all(r.info.status == "FINISHED" for r in trials)
+    for name in done_before:
+        history = client.get_metric_history(
+            next(r.info.run_id for r in trials if r.info.run_name == name), "val_mAP"
+        )
+        assert sorted(m.step for m in history) == [0, 1, 2]  # not trained again

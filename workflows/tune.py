@@ -1,0 +1,506 @@
+"""Loss sweeps with Ray Tune: ``python -m workflows.tune --config FILE [--resume]``.
+
+Each trial trains the configured model (all classes, or ``tune.class_subset`` for a teacher's
+sub-task) with the sampled settings and reports every epoch's validation metrics; ASHA stops
+weak trials early. MLflow gets one parent run per sweep and one child run per trial (sampled
+params, per-epoch metrics under the pipeline's names, trial status, and for adaptive ASL the
+γ−/Δp trajectory, the ASL paper's Fig. 9). The parent gets the results table and a plot of mAP
+against every swept key. The best trial's loss section is written as ``best_loss.yaml``, which a
+pipeline config includes with ``loss: !include best_loss.yaml``; it records the sweep's run id
+in ``loss.source``, so the pipeline's runs say where their loss came from.
+
+An interrupted sweep resumes with ``--resume`` (``Tuner.restore``): finished trials are not
+rerun, unfinished ones continue from their last epoch checkpoint, and their MLflow runs resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mlcore import configlib
+from mlcore.configlib import ConfigError
+from mlcore.data.manifest import ManifestError
+from mlcore.experiment import resolve_dataset, train_classifier
+from mlcore.train import LAST
+from workflows.config import Config, SweepConfig, load_config
+from workflows.runtime import init_ray
+from workflows.storage import Storage
+from workflows.tracking import (
+    Tracker,
+    TrackingUnavailable,
+    child_run,
+    flat_params,
+    git_commit,
+    start_parent,
+)
+from workflows.train_one import experiment_of
+
+DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
+BEST_LOSS_FILE = "best_loss.yaml"
+
+
+# ---------------------------------------------------------------------------------------------
+# Search space (validated before Ray starts)
+
+
+def _nested(data: dict[str, Any], keys: list[str], value: Any) -> dict[str, Any]:
+    head, *rest = keys
+    if not rest:
+        return {**data, head: value}
+    child = data.get(head) or {}
+    if not isinstance(child, dict):
+        raise ConfigError(f"tune.space: '{head}' is a value, not a section")
+    return {**data, head: _nested(child, rest, value)}
+
+
+def apply_params(cfg: Config, params: Mapping[str, Any]) -> Config:
+    """``cfg`` with each dotted key set to its sampled value (validated like any config)."""
+    data = configlib.to_dict(cfg)
+    for key, value in params.items():
+        data = _nested(data, key.split("."), value)
+    return configlib.from_dict(Config, data)
+
+
+def validate_space(cfg: Config) -> dict[str, tuple[str, list[Any]]]:
+    """Check every key and distribution; returns ``{key: (distribution, args)}``.
+
+    Raises:
+        ConfigError: Empty space, unknown key or distribution, bad bounds, empty choice, a
+            value the config rejects, or non-grid keys in a grid search.
+    """
+    sweep = cfg.tune
+    if not sweep.space:
+        raise ConfigError("tune.space is empty: nothing to sweep")
+    parsed = {}
+    for key, spec in sweep.space.items():
+        where = f"tune.space.{key}"
+        if not isinstance(spec, Mapping) or len(spec) != 1:
+            raise ConfigError(f"{where}: give exactly one distribution, e.g. {{uniform: [0, 1]}}")
+        ((dist, args),) = spec.items()
+        if dist not in DISTRIBUTIONS:
+            raise ConfigError(
+                f"{where}: unknown distribution {dist!r} (use one of {', '.join(DISTRIBUTIONS)})"
+            )
+        if not isinstance(args, list | tuple) or not args:
+            raise ConfigError(f"{where}: {dist} needs a non-empty list")
+        args = list(args)
+        if dist in ("uniform", "loguniform", "randint"):
+            if len(args) != 2 or not all(isinstance(a, int | float) for a in args):
+                raise ConfigError(f"{where}: {dist} needs [low, high]")
+            low, high = args
+            if not low < high:
+                raise ConfigError(f"{where}: {dist} needs low < high, got [{low}, {high}]")
+            if dist == "loguniform" and low <= 0:
+                raise ConfigError(f"{where}: loguniform needs low > 0, got {low}")
+            candidates = [low, high] if dist != "randint" else [int(low), int(high) - 1]
+        else:
+            candidates = args
+        if sweep.search == "grid" and dist not in ("grid", "choice"):
+            raise ConfigError(f"{where}: search 'grid' takes only grid/choice keys, not {dist}")
+        for value in candidates:  # every value must make a valid config
+            try:
+                apply_params(cfg, {key: value})
+            except ConfigError as err:
+                raise ConfigError(f"{where}: value {value!r} is invalid: {err}") from err
+        parsed[key] = (dist, args)
+    return parsed
+
+
+def param_space(parsed: Mapping[str, tuple[str, list[Any]]], search: str) -> dict[str, Any]:
+    from ray import tune
+
+    out = {}
+    for key, (dist, args) in parsed.items():
+        if dist == "uniform":
+            out[key] = tune.uniform(*args)
+        elif dist == "loguniform":
+            out[key] = tune.loguniform(*args)
+        elif dist == "randint":
+            out[key] = tune.randint(*args)
+        elif dist == "choice" and search == "random":
+            out[key] = tune.choice(args)
+        else:
+            out[key] = tune.grid_search(args)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# One trial (runs in a Ray worker)
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    cfg: Config
+    tracker: Tracker | None
+
+
+def _trial_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {f"sweep.{k}": v for k, v in params.items()}
+
+
+def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
+    """Train one sampled config, reporting every epoch (with a resumable checkpoint)."""
+    from ray import tune
+
+    trial = tune.get_context()
+    cfg = apply_params(ctx.cfg, params)
+    exp = experiment_of(cfg)
+    work = Path(tempfile.mkdtemp(prefix="cpsd-trial-"))
+    restored = tune.get_checkpoint()
+    if restored is not None:
+        restored.to_directory(work)  # last.pt: the loop resumes after its epoch
+    trajectory: list[dict[str, float]] = []
+    run_params = {
+        **_trial_params(params),
+        **flat_params(cfg.loss, "loss"),
+        "trial_id": trial.get_trial_id(),
+        "git_commit": git_commit(),
+    }
+    try:
+        with child_run(
+            ctx.tracker, trial.get_trial_id(), trial.get_trial_name(), run_params
+        ) as run:
+
+            def on_step(step: int, stats: dict[str, float]) -> None:
+                trajectory.append({"step": step, **stats})
+                run.metrics(stats, step=step)
+
+            def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+                run.metrics(metrics, step=epoch)
+                with tempfile.TemporaryDirectory() as tmp:
+                    shutil.copy2(work / LAST, Path(tmp) / LAST)
+                    tune.report(
+                        {**metrics, "epoch": epoch + 1},
+                        checkpoint=tune.Checkpoint.from_directory(tmp),
+                    )
+
+            try:
+                train_classifier(
+                    exp,
+                    work,
+                    class_subset=list(cfg.tune.class_subset) if cfg.tune.class_subset else None,
+                    on_epoch=on_epoch,
+                    on_step=on_step if cfg.loss.adaptive.enabled else None,
+                    log=lambda line: print(line, flush=True),
+                )
+            finally:
+                if trajectory:
+                    path = plot_trajectory(trajectory, work / "asymmetry.png", cfg)
+                    run.artifact(path, "plots")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def plot_trajectory(rows: list[dict[str, float]], path: Path, cfg: Config) -> Path:
+    """γ− (or the margin) and Δp against the step, as the ASL paper's Fig. 9."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 3.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    steps = [r["step"] for r in rows]
+    knob = "gamma_neg" if cfg.loss.adaptive.adapt == "gamma_neg" else "clip"
+    ax.plot(
+        steps,
+        [r[knob] for r in rows],
+        color="#d62728",
+        label="γ−" if knob == "gamma_neg" else "margin",
+    )
+    ax.set_xlabel("step")
+    ax.set_ylabel("γ−" if knob == "gamma_neg" else "margin m", color="#d62728")
+    twin = ax.twinx()
+    twin.plot(steps, [r["delta_p"] for r in rows], color="#1f77b4", label="Δp")
+    twin.axhline(cfg.loss.adaptive.target_gap, color="#1f77b4", linestyle="--", linewidth=1)
+    twin.set_ylabel("Δp = p_t⁺ − p_t⁻ (dashed: target)", color="#1f77b4")
+    ax.set_title("Adaptive asymmetry (ASL Eq. 11)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def _reporter(cfg: Config):
+    from ray import tune
+
+    columns = {key: key.rsplit(".", 1)[-1][:12] for key in cfg.tune.space}
+    return tune.CLIReporter(
+        metric_columns={"val_mAP": "mAP", "epoch": "ep"},
+        parameter_columns=columns,
+        max_progress_rows=20,
+        max_error_rows=5,
+        max_column_length=12,
+        max_report_frequency=15,
+        sort_by_metric=True,
+        metric=cfg.tune.metric,
+        mode=cfg.tune.mode,
+    )
+
+
+def _sweep_state(storage: Storage, cfg: Config) -> dict | None:
+    rel = f"{cfg.name}/sweep.json"
+    return storage.read_json(rel) if storage.exists(rel) else None
+
+
+@dataclass
+class SweepOutcome:
+    best_params: dict[str, Any]
+    best_metric: float
+    best_loss_file: Path
+    parent_run_id: str | None
+    table: list[dict[str, Any]]
+
+
+def run_sweep(
+    cfg: Config, *, resume: bool = False, out_dir: str | Path | None = None
+) -> SweepOutcome:
+    """Validate, start (or resume) the sweep, and write the results and the best loss file."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    parsed = validate_space(cfg)
+    sweep: SweepConfig = cfg.tune
+    storage = Storage(cfg.storage_path)
+    tune_path = storage.uri_of(f"{cfg.name}/tune")
+    state = _sweep_state(storage, cfg)
+    if resume and state is None:
+        raise ConfigError(f"--resume: no sweep named {cfg.name!r} under {cfg.storage_path}")
+
+    tracker, parent = None, None
+    if cfg.mlflow.enabled:
+        from workflows.tracking import RunLogger
+
+        if resume and state.get("parent_run_id"):
+            from mlflow import MlflowClient
+
+            from workflows.tracking import check_reachable, resolve_tracking_uri
+
+            uri = resolve_tracking_uri(cfg.mlflow)
+            check_reachable(uri)
+            client = MlflowClient(uri)
+            client.update_run(state["parent_run_id"], status="RUNNING")
+            tracker = Tracker(uri, state["experiment_id"], state["parent_run_id"])
+            parent = RunLogger(client, state["parent_run_id"])
+        else:
+            tags = {"cpsd.kind": "sweep", "cpsd.space": ",".join(sweep.space)}
+            params = {**flat_params(cfg), "git_commit": git_commit()}
+            tracker, parent = start_parent(cfg.mlflow, f"{cfg.name}", params, tags)
+    if not resume:
+        storage.write_json(
+            f"{cfg.name}/sweep.json",
+            {
+                "parent_run_id": tracker and tracker.parent_run_id,
+                "experiment_id": tracker and tracker.experiment_id,
+            },
+        )
+
+    # A custom, narrow reporter needs Tune's classic output mode.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    status = "FAILED"
+    try:
+        init_ray(cfg)
+        resolve_dataset(cfg.data)  # generate the synth data once, before trials start
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, ctx=SweepContext(cfg, tracker)),
+            dict(sweep.resources_per_trial),
+        )
+        max_t = cfg.train.epochs
+        if sweep.scheduler.name == "asha":
+            scheduler = ASHAScheduler(
+                time_attr="training_iteration",
+                max_t=max_t,
+                grace_period=min(sweep.scheduler.grace_period, max_t),
+                reduction_factor=sweep.scheduler.reduction_factor,
+            )
+        else:
+            scheduler = FIFOScheduler()
+        if resume:
+            tuner = tune.Tuner.restore(
+                f"{tune_path}/{cfg.name}",
+                trainable=trainable,
+                resume_unfinished=True,
+                resume_errored=True,
+            )
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space(parsed, sweep.search),
+                tune_config=tune.TuneConfig(
+                    metric=sweep.metric,
+                    mode=sweep.mode,
+                    num_samples=1 if sweep.search == "grid" else sweep.num_samples,
+                    scheduler=scheduler,
+                    max_concurrent_trials=sweep.max_concurrent_trials,
+                ),
+                run_config=tune.RunConfig(
+                    name=cfg.name,
+                    storage_path=tune_path,
+                    failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                    progress_reporter=_reporter(cfg),
+                    verbose=1,
+                ),
+            )
+        results = tuner.fit()
+        outcome = _finish(cfg, results, parsed, tracker, parent, storage, out_dir)
+        status = "FINISHED"
+        return outcome
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if parent is not None:
+            parent.client.set_terminated(parent.run_id, status=status)
+        if ray.is_initialized() and not os.environ.get("RAY_ADDRESS") and not cfg.ray.address:
+            ray.shutdown()
+
+
+def _finish(cfg, results, parsed, tracker, parent, storage, out_dir) -> SweepOutcome:
+    """Mark trial runs, write table/plot/best loss, log them on the parent run."""
+    out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="cpsd-sweep-"))
+    out.mkdir(parents=True, exist_ok=True)
+    sweep = cfg.tune
+    table = []
+    for result in results:
+        history = result.metrics_dataframe
+        epochs = 0 if history is None or history.empty else int(history["epoch"].max())
+        best = (
+            math.nan
+            if history is None or history.empty
+            else float(
+                history[sweep.metric].max() if sweep.mode == "max" else history[sweep.metric].min()
+            )
+        )
+        row = {
+            "trial_id": result.metrics.get("trial_id") if result.metrics else None,
+            **{key: result.config.get(key) for key in parsed},
+            f"best_{sweep.metric}": best,
+            "epochs": epochs,
+            "early_stopped": result.error is None and epochs < cfg.train.epochs,
+            "error": None if result.error is None else type(result.error).__name__,
+        }
+        table.append(row)
+        if tracker is not None and row["trial_id"]:
+            run_id = tracker.find_child(row["trial_id"])
+            if run_id is not None:
+                client = tracker.client
+                client.set_tag(run_id, "tune.status", "ERROR" if row["error"] else "TERMINATED")
+                client.set_tag(run_id, "tune.early_stopped", str(row["early_stopped"]).lower())
+                if client.get_run(run_id).info.status == "RUNNING":
+                    client.set_terminated(run_id, status="FAILED" if row["error"] else "FINISHED")
+    best = results.get_best_result(metric=sweep.metric, mode=sweep.mode, scope="all")
+    best_params = {key: best.config[key] for key in parsed}
+    best_cfg = apply_params(cfg, best_params)
+    source = f"mlflow-run:{parent.run_id}" if parent is not None else f"sweep:{cfg.name}"
+    loss = configlib.to_dict(best_cfg.loss)
+    loss["source"] = source
+    best_file = out / BEST_LOSS_FILE
+    best_file.write_text(
+        f"# Best loss settings of sweep {cfg.name!r} ({sweep.metric} "
+        f"{best.metrics_dataframe[sweep.metric].agg(sweep.mode):.4f}).\n"
+        f"# Use in a pipeline config:  loss: !include {BEST_LOSS_FILE}\n"
+        + yaml.safe_dump(loss, sort_keys=False)
+    )
+    csv_path = out / "results.csv"
+    _write_csv(table, csv_path)
+    plot = plot_sweep(table, list(parsed), f"best_{sweep.metric}", out / "sweep.png")
+    for path in (best_file, csv_path, plot):
+        storage.upload(path, f"{cfg.name}/{path.name}")
+        if parent is not None:
+            parent.artifact(path, "sweep")
+    if parent is not None:
+        parent.metrics({f"best_{sweep.metric}": table_best(table, sweep)}, step=0)
+    return SweepOutcome(
+        best_params, table_best(table, sweep), best_file, parent and parent.run_id, table
+    )
+
+
+def table_best(table: list[dict[str, Any]], sweep: SweepConfig) -> float:
+    values = [r[f"best_{sweep.metric}"] for r in table if not math.isnan(r[f"best_{sweep.metric}"])]
+    return max(values) if sweep.mode == "max" else min(values)
+
+
+def _write_csv(table: list[dict[str, Any]], path: Path) -> None:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+
+
+def plot_sweep(table: list[dict[str, Any]], keys: list[str], metric: str, path: Path) -> Path:
+    """One panel per swept key: each trial's best metric against its value."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4 * len(keys), 3.4))
+    FigureCanvasAgg(fig)
+    for i, key in enumerate(keys):
+        ax = fig.add_subplot(1, len(keys), i + 1)
+        for stopped, marker, label in (
+            (False, "o", "ran to the end"),
+            (True, "x", "stopped early"),
+        ):
+            rows = [r for r in table if r["early_stopped"] == stopped and not math.isnan(r[metric])]
+            values = [r[key] for r in rows]
+            if values and not all(isinstance(v, int | float) for v in values):
+                values = [str(v) for v in values]
+            ax.scatter(values, [100 * r[metric] for r in rows], marker=marker, label=label)
+        ax.set_xlabel(key)
+        if i == 0:
+            ax.set_ylabel(f"{metric} (%)")
+            ax.legend(fontsize=7)
+    fig.suptitle("Sweep: best validation mAP of each trial")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m workflows.tune", description="Run a Ray Tune loss sweep."
+    )
+    parser.add_argument("--config", required=True, help="sweep YAML (or a bundled name)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    parser.add_argument("--out", help="where to write best_loss.yaml, results.csv, sweep.png")
+    args = parser.parse_args(argv)
+    try:
+        from workflows.cli import config_path
+
+        cfg = load_config(config_path(args.config), args.overrides)
+        validate_space(cfg)  # before Ray starts
+        out = Path(args.out) if args.out else Path(cfg.storage_path) / cfg.name
+        outcome = run_sweep(cfg, resume=args.resume, out_dir=out)
+    except (ConfigError, ManifestError, TrackingUnavailable, FileNotFoundError) as err:
+        print(f"tune: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tune: interrupted; resume with --resume", file=sys.stderr)
+        return 130
+    print(f"\nbest {cfg.tune.metric}: {outcome.best_metric:.4f} with {outcome.best_params}")
+    print(
+        f"best loss settings: {outcome.best_loss_file}  (pipeline: loss: !include {BEST_LOSS_FILE})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
