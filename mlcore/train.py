@@ -308,12 +308,13 @@ def train(
         if on_epoch is not None:
             on_epoch(epoch, metrics)
 
-    saved = np.load(out / "val_scores.npz")
+    scores_file = out / "val_scores.npz"
+    saved = np.load(scores_file) if scores_file.is_file() else None
     return TrainResult(
         out_dir=out,
         best_epoch=best["epoch"],
         best_metrics=best["metrics"],
         history=history,
-        val_scores=saved["scores"],
-        val_targets=saved["targets"],
+        val_scores=None if saved is None else saved["scores"],
+        val_targets=None if saved is None else saved["targets"],
     )

@@ -32,7 +32,6 @@ from mlcore import configlib
 from mlcore.configlib import ConfigError
 from mlcore.data.manifest import ManifestError
 from mlcore.experiment import resolve_dataset, train_classifier
-from mlcore.train import LAST
 from workflows.config import Config, SweepConfig, load_config
 from workflows.runtime import init_ray
 from workflows.storage import Storage
@@ -178,26 +177,28 @@ def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
 
             def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
                 run.metrics(metrics, step=epoch)
+                if trajectory:
+                    # Logged every epoch, before reporting: Tune may end the trial's process
+                    # right after a report (ASHA stop, last epoch), so nothing is left to a
+                    # final block.
+                    run.artifact(plot_trajectory(trajectory, work / "asymmetry.png", cfg), "plots")
                 with tempfile.TemporaryDirectory() as tmp:
-                    shutil.copy2(work / LAST, Path(tmp) / LAST)
+                    # The whole run directory (last.pt to resume from, best.pt and its scores)
+                    # so a trial restored after its last epoch still has its results.
+                    shutil.copytree(work, tmp, dirs_exist_ok=True)
                     tune.report(
                         {**metrics, "epoch": epoch + 1},
                         checkpoint=tune.Checkpoint.from_directory(tmp),
                     )
 
-            try:
-                train_classifier(
-                    exp,
-                    work,
-                    class_subset=list(cfg.tune.class_subset) if cfg.tune.class_subset else None,
-                    on_epoch=on_epoch,
-                    on_step=on_step if cfg.loss.adaptive.enabled else None,
-                    log=lambda line: print(line, flush=True),
-                )
-            finally:
-                if trajectory:
-                    path = plot_trajectory(trajectory, work / "asymmetry.png", cfg)
-                    run.artifact(path, "plots")
+            train_classifier(
+                exp,
+                work,
+                class_subset=list(cfg.tune.class_subset) if cfg.tune.class_subset else None,
+                on_epoch=on_epoch,
+                on_step=on_step if cfg.loss.adaptive.enabled else None,
+                log=lambda line: print(line, flush=True),
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -246,8 +247,6 @@ def _reporter(cfg: Config):
         max_column_length=12,
         max_report_frequency=15,
         sort_by_metric=True,
-        metric=cfg.tune.metric,
-        mode=cfg.tune.mode,
     )
 
 
