@@ -121,6 +121,22 @@ def test_ray_job_submit_then_job_stop(ray_head, tmp_path, tiny_overrides):
     ]
     assert all(r.info.status == "FINISHED" for r in runs)
 
+    # A sweep is a job like the pipeline (the DB sweep here; the ASL one runs in test_tune).
+    sweep = subprocess.run(
+        [RAY, "job", "submit", "--address", ray_head, "--working-dir", str(REPO),
+         "--runtime-env-json", _runtime_env_json(), "--submission-id", "cpsd-sweep", "--",
+         sys.executable, "-m", "workflows.tune", "--config", "tune_db_tiny",
+         *[a for s in [*tiny_overrides, f"storage_path={tmp_path / 'storage'}",
+                       f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+           for a in ("--set", s)]],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert client.get_job_info("cpsd-sweep").status == JobStatus.SUCCEEDED, sweep.stdout[-3000:]
+    assert (tmp_path / "storage" / "tune_db_tiny" / "best_loss.yaml").is_file()
+    sweep_runs = [r for r in _runs(tmp_path) if r.info.run_name.startswith("run_trial")]
+    assert len(sweep_runs) == 4 and all(r.info.status == "FINISHED" for r in sweep_runs)
+    runs = [r for r in _runs(tmp_path) if r.info.run_name in ("tiny", "tune_db_tiny")]
+
     # A long job, stopped while teachers train: nothing may be left RUNNING.
     _submit(ray_head, tmp_path, tiny_overrides, "name=long", "cpsd.teacher_epochs=50",
             wait=False, submission_id="cpsd-stop")  # fmt: skip
@@ -148,11 +164,8 @@ def test_ray_job_submit_then_job_stop(ray_head, tmp_path, tiny_overrides):
     ):
         time.sleep(0.5)
     assert client.get_job_status("cpsd-stop") == JobStatus.STOPPED
-    long_runs = [
-        r
-        for r in _runs(tmp_path)
-        if r.info.run_name != "tiny" and r.info.start_time > runs[0].info.end_time
-    ]
+    last_end = max(r.info.end_time for r in runs)
+    long_runs = [r for r in _runs(tmp_path) if r.info.start_time > last_end]
     statuses = {r.info.run_name: r.info.status for r in long_runs}
     assert statuses.get("long") == "KILLED", statuses
     assert "RUNNING" not in statuses.values(), statuses
