@@ -293,9 +293,9 @@ class ExperimentConfig:
     """The ML sections every command shares (``workflows`` adds Ray, Tune and MLflow)."""
 
     name: str = "experiment"
-    """Run name (MLflow run / output folder)."""
-    output_dir: str = "runs"
-    """Local output root for checkpoints and reports."""
+    """Run name: MLflow parent run name and the folder under ``storage_path``."""
+    storage_path: str = "runs"
+    """Artifacts root every node can reach: a local directory, or ``s3://``/``gs://``."""
     data: DataConfig = field(default_factory=DataConfig)
     """Dataset."""
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,10 @@ LABEL_STATS = SHARED / "data" / "label_stats"
 # One auth mode for every Ray process the tests start (see docs/ray-notes in the README).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# A test that forgets mlflow.tracking_uri must not write mlflow.db into the checkout.
+os.environ.setdefault(
+    "MLFLOW_TRACKING_URI", f"sqlite:///{tempfile.mkdtemp(prefix='cpsd-tests-')}/mlflow.db"
+)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from mlflow import MlflowClient
 
 from workflows.cli import run
 
@@ -22,27 +23,8 @@ def test_help_lists_subcommands():
 
 def test_synth_check_partition_train(tmp_path, capsys, tiny_overrides):
     data = tmp_path / "data"
-    assert (
-        run(
-            [
-                "data",
-                "synth",
-                "--out",
-                str(data),
-                "--num-classes",
-                "6",
-                "--num-train",
-                "96",
-                "--num-val",
-                "32",
-                "--image-size",
-                "32",
-                "--context-shift",
-                "16",
-            ]
-        )
-        == 0
-    )
+    synth = "--num-classes 6 --num-train 96 --num-val 32 --image-size 32 --context-shift 16"
+    assert run(["data", "synth", "--out", str(data), *synth.split()]) == 0
     assert run(["data", "check", str(data)]) == 0
     assert "classes" in capsys.readouterr().out
 
@@ -52,28 +34,19 @@ def test_synth_check_partition_train(tmp_path, capsys, tiny_overrides):
     assert report["k"] == 2 and report["kind"] == "cgp"
     assert out_json.with_suffix(".png").stat().st_size > 1000
 
-    assert (
-        run(
-            [
-                "train",
-                "--config",
-                "tiny",
-                "--set",
-                f"data.root={data}",
-                "--set",
-                "data.synth=null",
-                "--set",
-                "train.epochs=1",
-                "--out",
-                str(tmp_path / "t"),
-            ]
-        )
-        == 0
-    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = [f"data.root={data}", "data.synth=null", "train.epochs=1", f"mlflow.tracking_uri={uri}"]
+    argv = ["train", "--config", "tiny", "--out", str(tmp_path / "t")]
+    assert run(argv + [a for s in sets for a in ("--set", s)]) == 0
     assert "best val mAP" in capsys.readouterr().out
     metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
     assert len(metrics) == 1 and "val_mAP" in metrics[0]
     assert (tmp_path / "t" / "best.pt").is_file() and (tmp_path / "t" / "val_scores.npz").is_file()
+    client = MlflowClient(uri)
+    (logged,) = client.search_runs([client.get_experiment_by_name("cpsd").experiment_id])
+    assert logged.info.run_name == "tiny-train" and logged.info.status == "FINISHED"
+    assert "val_mAP" in logged.data.metrics
+    assert logged.data.params["model.backbone"] == "test_resnet"
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,6 @@ import pytest
 from mlcore.cpsd import ENSEMBLES, compute_partitions, run_local
 from mlcore.experiment import resolve_dataset
 from workflows.config import load_config
-from workflows.train_one import experiment_of
 
 FAST = ["train.epochs=1", "cpsd.teacher_epochs=1"]
 
@@ -18,7 +17,7 @@ def _exp(tiny_overrides, tmp_path, *extra):
     cfg = load_config(
         config_path("tiny"), [*tiny_overrides, f"storage_path={tmp_path}", *FAST, *extra]
     )
-    return experiment_of(cfg)
+    return cfg
 
 
 @pytest.mark.parametrize("mode", list(ENSEMBLES))

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from mlcore import configlib
 from mlcore.cpsd import run_local
 from workflows.cli import config_path
 from workflows.config import load_config
 from workflows.pipeline import main, run_pipeline
-from workflows.train_one import experiment_of
 
 ray = pytest.importorskip("ray")
 
@@ -81,7 +81,7 @@ def test_pipeline_reproduces_reference_then_skips_and_reruns_what_changed(
     local_ray, tiny_overrides, tmp_path
 ):
     cfg = _config(tiny_overrides, tmp_path)
-    reference = run_local(experiment_of(cfg), tmp_path / "reference", log=lambda _: None)
+    reference = run_local(cfg, tmp_path / "reference", log=lambda _: None)
     first = run_pipeline(cfg, log=lambda _: None)
     assert [r["name"] for r in first.rows] == [r["name"] for r in reference.rows]
     for ours, ref in zip(first.rows, reference.rows, strict=True):
@@ -98,12 +98,7 @@ def test_pipeline_reproduces_reference_then_skips_and_reruns_what_changed(
 
     again = run_pipeline(cfg, log=lambda _: None)
     assert again.rows == first.rows
-    changed = run_pipeline(
-        load_config(None, []).__class__(
-            **{**cfg.__dict__, "cpsd": type(cfg.cpsd)(**{**cfg.cpsd.__dict__, "kd_alpha": 0.3})}
-        ),
-        log=lambda _: None,
-    )
+    changed = run_pipeline(configlib.replace(cfg, ["cpsd.kd_alpha=0.3"]), log=lambda _: None)
     assert changed.rows[:-1] == first.rows[:-1]  # teachers and ensembles reused as they were
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -161,7 +156,7 @@ def test_every_mode_on_ray(mode, local_ray, tiny_overrides, tmp_path):
         tiny_overrides, tmp_path, f"cpsd.mode={mode}", "train.epochs=1", "cpsd.teacher_epochs=1"
     )
     summary = run_pipeline(cfg, log=lambda _: None)
-    reference = run_local(experiment_of(cfg), tmp_path / "ref", log=lambda _: None)
+    reference = run_local(cfg, tmp_path / "ref", log=lambda _: None)
     assert [r["name"] for r in summary.rows] == [r["name"] for r in reference.rows]
     assert summary.rows[-1]["mAP"] == pytest.approx(reference.rows[-1]["mAP"], abs=1e-9)
     assert Path(tmp_path / "storage" / "tiny" / "summary" / "summary.png").is_file()

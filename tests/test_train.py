@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from mlcore import configlib
 from mlcore.data.manifest import Manifest
 from mlcore.experiment import build_loaders, resolve_dataset, train_classifier
 from mlcore.metrics import mean_average_precision
 from mlcore.models import build_model
 from mlcore.train import BEST, LAST, NonFiniteLossError, Supervised, load_checkpoint, train
-from workflows.train_one import experiment_of
 
 
 class _Stop(Exception):
@@ -19,10 +19,7 @@ class _Stop(Exception):
 
 
 def test_tiny_model_beats_random_scores(tiny_config, tmp_path):
-    exp = experiment_of(tiny_config)
-    exp = type(exp)(
-        **{**exp.__dict__, "train": type(exp.train)(**{**exp.train.__dict__, "epochs": 4})}
-    )
+    exp = configlib.replace(tiny_config, ["train.epochs=4"])
     result = train_classifier(exp, tmp_path / "run")
     targets = result.val_targets
     rng = np.random.default_rng(0)
@@ -38,7 +35,7 @@ def test_tiny_model_beats_random_scores(tiny_config, tmp_path):
 
 
 def test_resume_gives_identical_weights(tiny_config, tmp_path):
-    exp = experiment_of(tiny_config)
+    exp = tiny_config
     full = train_classifier(exp, tmp_path / "full", log=lambda _: None)
 
     def stop_after_first_epoch(epoch, metrics):
@@ -61,7 +58,7 @@ def test_resume_gives_identical_weights(tiny_config, tmp_path):
 
 
 def test_non_finite_loss_names_epoch_and_step(tiny_config, tmp_path):
-    exp = experiment_of(tiny_config)
+    exp = tiny_config
     manifest = Manifest.load(resolve_dataset(exp.data))
     train_loader, val_loader = build_loaders(manifest, exp.data, exp.train)
     model = build_model(exp.model.backbone, manifest.num_classes)
@@ -80,7 +77,7 @@ def test_non_finite_loss_names_epoch_and_step(tiny_config, tmp_path):
 
 
 def test_supervised_objective_and_checkpoint_is_weights_only(tiny_config, tmp_path):
-    exp = experiment_of(tiny_config)
+    exp = tiny_config
     result = train_classifier(exp, tmp_path, class_subset=[3, 1], epochs=1, log=lambda _: None)
     state = torch.load(tmp_path / LAST, weights_only=True)
     assert state["epoch"] == 0

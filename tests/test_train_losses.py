@@ -7,7 +7,6 @@ import pytest
 from mlcore.experiment import train_classifier
 from workflows.cli import config_path
 from workflows.config import load_config
-from workflows.train_one import experiment_of
 
 
 @pytest.mark.parametrize(
@@ -37,7 +36,7 @@ def test_loss_and_head_train_without_nan(overrides, tiny_overrides, tmp_path):
     cfg = load_config(config_path("tiny"), [*tiny_overrides, "train.epochs=1", *overrides])
     steps = []
     result = train_classifier(
-        experiment_of(cfg), tmp_path, on_step=lambda step, stats: steps.append(stats),
+        cfg, tmp_path, on_step=lambda step, stats: steps.append(stats),
         log=lambda _: None,
     )  # fmt: skip
     metrics = result.history[-1]

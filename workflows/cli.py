@@ -203,11 +203,10 @@ def cmd_partition(args: argparse.Namespace) -> None:
 
 def cmd_run_local(args: argparse.Namespace) -> None:
     from mlcore.cpsd import run_local
-    from workflows.train_one import experiment_of
 
     cfg = load(args)
     out = Path(args.out) if args.out else Path(cfg.storage_path) / cfg.name / "local"
-    summary = run_local(experiment_of(cfg), out)
+    summary = run_local(cfg, out)
     print(summary.markdown())
     print(f"outputs in {out}")
 

@@ -15,13 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mlcore import configlib
-from mlcore.config import (
-    CPSDConfig,
-    DataConfig,
-    LossConfig,
-    ModelConfig,
-    TrainConfig,
-)
+from mlcore.config import ExperimentConfig
 from mlcore.configlib import ConfigError
 
 
@@ -112,23 +106,13 @@ class SweepConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Config:
-    """Top-level config: what ``cpsd train``, ``pipeline``, ``tune`` and ``demo`` read."""
+class Config(ExperimentConfig):
+    """Top-level config: the ML sections plus where and how the workflows run.
 
-    name: str = "experiment"
-    """Run name: MLflow parent run name and the folder under ``storage_path``."""
-    storage_path: str = "runs"
-    """Artifacts root every node can reach: a local directory, or ``s3://``/``gs://``."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """Dataset."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """Backbone and head."""
-    loss: LossConfig = field(default_factory=LossConfig)
-    """Classification loss (teachers, student, baseline)."""
-    train: TrainConfig = field(default_factory=TrainConfig)
-    """Training loop."""
-    cpsd: CPSDConfig = field(default_factory=CPSDConfig)
-    """CPSD algorithm and ablation mode."""
+    What ``cpsd train``, ``run-local``, ``pipeline``, ``tune`` and ``demo`` read; ``mlcore``
+    functions take it as the :class:`ExperimentConfig` it extends.
+    """
+
     ray: RayConfig = field(default_factory=RayConfig)
     """Ray placement and retries."""
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)

@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 
 from mlcore import configlib
-from mlcore.config import ExperimentConfig
 from mlcore.configlib import ConfigError
 from mlcore.cpsd import (
     ENSEMBLES,
@@ -65,7 +64,6 @@ from workflows.tracking import (
     git_commit,
     parent_run,
 )
-from workflows.train_one import experiment_of
 
 # ---------------------------------------------------------------------------------------------
 # Stage keys
@@ -154,10 +152,6 @@ class JobContext:
     cfg: Config
     storage_uri: str
     tracker: Tracker | None
-
-    @property
-    def exp(self) -> ExperimentConfig:
-        return experiment_of(self.cfg)
 
     def stage_rel(self, stage: str, key: str) -> str:
         return f"{self.cfg.name}/stages/{stage}-{key}"
@@ -281,7 +275,7 @@ def partitions_stage(ctx: JobContext, key: str) -> dict[str, Any]:
         return done
     work = WorkDir(storage, rel)
     try:
-        partitions = compute_partitions(ctx.exp, resolve_dataset(ctx.cfg.data), work.path)
+        partitions = compute_partitions(ctx.cfg, resolve_dataset(ctx.cfg.data), work.path)
         record = {
             "rel": rel,
             "partitions": {k: dataclasses.asdict(p) for k, p in partitions.items()},
@@ -309,7 +303,7 @@ def teacher_stage(ctx: JobContext, spec: TeacherSpec, key: str) -> dict[str, Any
         spec.name,
         key,
         params,
-        lambda path, on_epoch, log: train_teacher(ctx.exp, spec, path, on_epoch=on_epoch, log=log),
+        lambda path, on_epoch, log: train_teacher(ctx.cfg, spec, path, on_epoch=on_epoch, log=log),
         lambda path, result: {"subset": list(spec.subset), "kind": spec.kind},
     )
 
@@ -323,7 +317,7 @@ def logits_stage(ctx: JobContext, spec: TeacherSpec, teacher: dict[str, Any]) ->
     work = WorkDir(storage, rel)
     try:
         checkpoint = storage.download(f"{teacher['rel']}/best.pt", work.path / "teacher.pt")
-        cache_teacher_logits(ctx.exp, spec, checkpoint, work.path / "logits.parquet")
+        cache_teacher_logits(ctx.cfg, spec, checkpoint, work.path / "logits.parquet")
         checkpoint.unlink()
         work.sync()
         record = {"rel": rel, "file": f"{rel}/logits.parquet"}
@@ -360,7 +354,7 @@ def student_stage(
         logit_files = fetch([r["file"] for r in logits], scratch) if logits else None
         local.append(scratch)
         return train_student(
-            ctx.exp,
+            ctx.cfg,
             specs,
             checkpoints,
             path,
@@ -374,7 +368,7 @@ def student_stage(
 
         for scratch in local:
             shutil.rmtree(scratch, ignore_errors=True)
-        return {"shift": evaluate_split(ctx.exp, result.best_checkpoint, "test_shift")}
+        return {"shift": evaluate_split(ctx.cfg, result.best_checkpoint, "test_shift")}
 
     params = {
         **_common_params(ctx),
@@ -390,9 +384,9 @@ def baseline_stage(ctx: JobContext, key: str) -> dict[str, Any]:
         "baseline",
         key,
         _common_params(ctx),
-        lambda path, on_epoch, log: train_classifier(ctx.exp, path, on_epoch=on_epoch, log=log),
+        lambda path, on_epoch, log: train_classifier(ctx.cfg, path, on_epoch=on_epoch, log=log),
         lambda path, result: {
-            "shift": evaluate_split(ctx.exp, result.best_checkpoint, "test_shift")
+            "shift": evaluate_split(ctx.cfg, result.best_checkpoint, "test_shift")
         },
     )
 

@@ -43,7 +43,6 @@ from workflows.tracking import (
     git_commit,
     start_parent,
 )
-from workflows.train_one import experiment_of
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
 BEST_LOSS_FILE = "best_loss.yaml"
@@ -154,7 +153,7 @@ def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
 
     trial = tune.get_context()
     cfg = apply_params(ctx.cfg, params)
-    exp = experiment_of(cfg)
+    exp = cfg
     work = Path(tempfile.mkdtemp(prefix="cpsd-trial-"))
     restored = tune.get_checkpoint()
     if restored is not None:
