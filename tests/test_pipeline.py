@@ -31,7 +31,7 @@ def _config(tiny_overrides, tmp_path, *extra):
 def local_ray():
     # Two logical GPUs on this CPU machine: teachers request one each, so placement is real
     # even though torch runs on the CPU.
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False)
     yield
     ray.shutdown()
 
