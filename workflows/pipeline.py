@@ -21,12 +21,15 @@ last epoch checkpoint; its MLflow run is found by key and resumed, never duplica
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -57,6 +60,7 @@ from workflows.config import Config, load_config
 from workflows.runtime import STOP, init_ray
 from workflows.storage import Storage, WorkDir
 from workflows.tracking import (
+    NullRunLogger,
     Tracker,
     TrackingUnavailable,
     child_run,
@@ -84,16 +88,12 @@ def dataset_id(cfg: Config) -> str:
 _NOT_CONTENT = {"cache_dir", "num_workers", "device", "num_threads", "eval_batch_size", "source"}
 
 
-def _content(section: Any) -> Any:
-    data = configlib.to_dict(section)
-    if isinstance(data, dict):
-        return {k: _content_value(v) for k, v in data.items() if k not in _NOT_CONTENT}
-    return data
-
-
-def _content_value(value: Any) -> Any:
+def _content(value: Any) -> Any:
+    """A config section as plain data, without the fields that do not change results."""
+    if not isinstance(value, dict):
+        value = configlib.to_dict(value)
     if isinstance(value, dict):
-        return {k: _content_value(v) for k, v in value.items() if k not in _NOT_CONTENT}
+        return {k: _content(v) for k, v in value.items() if k not in _NOT_CONTENT}
     return value
 
 
@@ -364,8 +364,6 @@ def student_stage(
         )
 
     def finish(path: Path, result) -> dict[str, Any]:
-        import shutil
-
         for scratch in local:
             shutil.rmtree(scratch, ignore_errors=True)
         return {"shift": evaluate_split(ctx.cfg, result.best_checkpoint, "test_shift")}
@@ -504,130 +502,123 @@ def run_pipeline(cfg: Config, *, log: Callable[[str], None] = print) -> RunSumma
         "loss_source": cfg.loss.source or "config",
     }
     tracking = (
-        parent_run(cfg.mlflow, cfg.name, params, tags) if cfg.mlflow.enabled else _no_tracking()
+        parent_run(cfg.mlflow, cfg.name, params, tags)
+        if cfg.mlflow.enabled
+        else contextlib.nullcontext((None, NullRunLogger()))
     )
-    with tracking as (tracker, parent):
-        init_ray(cfg)
-        # The synth dataset is generated (and cached) once here, before the fan-out.
-        resolve_dataset(cfg.data)
-        data_id = data_id or dataset_id(cfg)
-        ctx = JobContext(cfg, cfg.storage_path, tracker)
-        task = ray.remote(max_retries=cfg.ray.max_retries)
-        outstanding: list = []
-        try:
-            keys0 = compute_keys(cfg, data_id, [])
-            log(f"[{cfg.name}] mode {cfg.cpsd.mode}: label statistics and partitions")
-            part_ref = task(partitions_stage).options(num_cpus=1).remote(ctx, keys0.partitions)
-            outstanding = [part_ref]
-            part_record = _wait_all({"partitions": part_ref}, log)["partitions"]
-            partitions = {
-                k: Partition(v["kind"], tuple(v["assignment"]), v["report"])
-                for k, v in part_record["partitions"].items()
-            }
-            for name in part_record["files"]:
-                parent.artifact(
-                    storage.download(f"{part_record['rel']}/{name}", _scratch(cfg) / name),
-                    "partitions",
-                )
-            specs = plan_teachers(partitions)
-            keys = compute_keys(cfg, data_id, specs)
-
-            teacher_res = _resources(cfg.ray.teacher_gpus, cfg.ray.teacher_cpus)
-            student_res = _resources(
-                cfg.ray.student_gpus if cfg.ray.student_gpus is not None else cfg.ray.teacher_gpus,
-                cfg.ray.student_cpus,
-            )
-            refs = {
-                s.name: task(teacher_stage)
-                .options(name=s.name, **teacher_res)
-                .remote(ctx, s, keys.teachers[s.name])
-                for s in specs
-            }
-            baseline_ref = None
-            if specs and cfg.cpsd.train_baseline:
-                baseline_ref = (
-                    task(baseline_stage)
-                    .options(name="baseline", **student_res)
-                    .remote(ctx, keys.baseline)
-                )
-            outstanding = [*refs.values(), *([baseline_ref] if baseline_ref else [])]
-            if specs:
-                log(f"[{cfg.name}] {len(specs)} teachers in parallel ({teacher_res})")
-            teachers = _wait_all(refs, log)
-            teacher_records = [teachers[s.name] for s in specs]
-            logit_records = None
-            if specs and cfg.cpsd.teacher_mode == "cached":
-                log(f"[{cfg.name}] caching teacher logits")
-                logit_refs = {
-                    s.name: task(logits_stage)
-                    .options(name=f"{s.name}-logits", **teacher_res)
-                    .remote(ctx, s, r)
-                    for s, r in zip(specs, teacher_records, strict=True)
+    scratch = Path(
+        tempfile.mkdtemp(prefix="cpsd-driver-")
+    )  # driver-side copies, removed at the end
+    try:
+        with tracking as (tracker, parent):
+            init_ray(cfg)
+            # The synth dataset is generated (and cached) once here, before the fan-out.
+            resolve_dataset(cfg.data)
+            data_id = data_id or dataset_id(cfg)
+            ctx = JobContext(cfg, cfg.storage_path, tracker)
+            task = ray.remote(max_retries=cfg.ray.max_retries)
+            outstanding: list = []
+            try:
+                keys0 = compute_keys(cfg, data_id, [])
+                log(f"[{cfg.name}] mode {cfg.cpsd.mode}: label statistics and partitions")
+                part_ref = task(partitions_stage).options(num_cpus=1).remote(ctx, keys0.partitions)
+                outstanding = [part_ref]
+                part_record = _wait_all({"partitions": part_ref}, log)["partitions"]
+                partitions = {
+                    k: Partition(v["kind"], tuple(v["assignment"]), v["report"])
+                    for k, v in part_record["partitions"].items()
                 }
-                outstanding = list(logit_refs.values())
-                logit_done = _wait_all(logit_refs, log)
-                logit_records = [logit_done[s.name] for s in specs]
-            student_name = "student" if specs else "baseline"
-            log(f"[{cfg.name}] {student_name} on all {num_classes} classes")
-            student_key = keys.student if specs else keys.baseline
-            student_ref = (
-                task(student_stage)
-                .options(name=student_name, **student_res)
-                .remote(ctx, specs, teacher_records, logit_records, student_key)
-            )
-            outstanding = [student_ref, *([baseline_ref] if baseline_ref else [])]
-            finals = _wait_all(
-                {student_name: student_ref, **({"baseline": baseline_ref} if baseline_ref else {})},
-                log,
-            )
-        except BaseException as err:
-            # Interrupted, or a stage failed for good: stop the rest; their checkpoints stay,
-            # and the parent run's exit marks their MLflow runs KILLED.
-            reason = "interrupted" if isinstance(err, KeyboardInterrupt) else "a stage failed"
-            log(f"[{cfg.name}] {reason}: cancelling running stages")
-            for ref in outstanding:
-                ray.cancel(ref, force=True)
-            raise
+                for name in part_record["files"]:
+                    parent.artifact(
+                        storage.download(f"{part_record['rel']}/{name}", scratch / name),
+                        "partitions",
+                    )
+                specs = plan_teachers(partitions)
+                keys = compute_keys(cfg, data_id, specs)
 
-        teacher_dirs = [
-            storage.download(
-                f"{r['rel']}/val_scores.npz", _scratch(cfg) / r["stage"] / "val_scores.npz"
-            ).parent
-            for r in teacher_records
-        ]
-        order = [student_name, *(["baseline"] if baseline_ref else [])]
-        models = [(name, finals[name]["metrics"], finals[name].get("shift")) for name in order]
-        summary = build_summary(
-            specs, [r["metrics"] for r in teacher_records], teacher_dirs, num_classes, models
-        )
-        files = write_summary(summary, _scratch(cfg) / "summary")
-        for path in files:
-            parent.artifact(path, "summary")
-            storage.upload(path, f"{cfg.name}/summary/{path.name}")
-        for row in summary.rows:
-            parent.metrics({f"{row['name']}.mAP": row["mAP"]}, step=0)
-        storage.write_json(f"{cfg.name}/summary/summary.json", summary.rows)
+                teacher_res = _resources(cfg.ray.teacher_gpus, cfg.ray.teacher_cpus)
+                student_res = _resources(
+                    cfg.ray.student_gpus
+                    if cfg.ray.student_gpus is not None
+                    else cfg.ray.teacher_gpus,
+                    cfg.ray.student_cpus,
+                )
+                refs = {
+                    s.name: task(teacher_stage)
+                    .options(name=s.name, **teacher_res)
+                    .remote(ctx, s, keys.teachers[s.name])
+                    for s in specs
+                }
+                baseline_ref = None
+                if specs and cfg.cpsd.train_baseline:
+                    baseline_ref = (
+                        task(baseline_stage)
+                        .options(name="baseline", **student_res)
+                        .remote(ctx, keys.baseline)
+                    )
+                outstanding = [*refs.values(), *([baseline_ref] if baseline_ref else [])]
+                if specs:
+                    log(f"[{cfg.name}] {len(specs)} teachers in parallel ({teacher_res})")
+                teachers = _wait_all(refs, log)
+                teacher_records = [teachers[s.name] for s in specs]
+                logit_records = None
+                if specs and cfg.cpsd.teacher_mode == "cached":
+                    log(f"[{cfg.name}] caching teacher logits")
+                    logit_refs = {
+                        s.name: task(logits_stage)
+                        .options(name=f"{s.name}-logits", **teacher_res)
+                        .remote(ctx, s, r)
+                        for s, r in zip(specs, teacher_records, strict=True)
+                    }
+                    outstanding = list(logit_refs.values())
+                    logit_done = _wait_all(logit_refs, log)
+                    logit_records = [logit_done[s.name] for s in specs]
+                student_name = "student" if specs else "baseline"
+                log(f"[{cfg.name}] {student_name} on all {num_classes} classes")
+                student_key = keys.student if specs else keys.baseline
+                student_ref = (
+                    task(student_stage)
+                    .options(name=student_name, **student_res)
+                    .remote(ctx, specs, teacher_records, logit_records, student_key)
+                )
+                outstanding = [student_ref, *([baseline_ref] if baseline_ref else [])]
+                finals = _wait_all(
+                    {
+                        student_name: student_ref,
+                        **({"baseline": baseline_ref} if baseline_ref else {}),
+                    },
+                    log,
+                )
+            except BaseException as err:
+                # Interrupted, or a stage failed for good: stop the rest; their checkpoints stay,
+                # and the parent run's exit marks their MLflow runs KILLED.
+                reason = "interrupted" if isinstance(err, KeyboardInterrupt) else "a stage failed"
+                log(f"[{cfg.name}] {reason}: cancelling running stages")
+                for ref in outstanding:
+                    ray.cancel(ref, force=True)
+                raise
+
+            teacher_dirs = [
+                storage.download(
+                    f"{r['rel']}/val_scores.npz", scratch / r["stage"] / "val_scores.npz"
+                ).parent
+                for r in teacher_records
+            ]
+            order = [student_name, *(["baseline"] if baseline_ref else [])]
+            models = [(name, finals[name]["metrics"], finals[name].get("shift")) for name in order]
+            summary = build_summary(
+                specs, [r["metrics"] for r in teacher_records], teacher_dirs, num_classes, models
+            )
+            files = write_summary(summary, scratch / "summary")
+            for path in files:
+                parent.artifact(path, "summary")
+                storage.upload(path, f"{cfg.name}/summary/{path.name}")
+            for row in summary.rows:
+                parent.metrics({f"{row['name']}.mAP": row["mAP"]}, step=0)
+            storage.write_json(f"{cfg.name}/summary/summary.json", summary.rows)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return summary
-
-
-def _scratch(cfg: Config) -> Path:
-    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"cpsd-driver-{os.getpid()}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-class _NoTracking:
-    def __enter__(self):
-        from workflows.tracking import NullRunLogger
-
-        return None, NullRunLogger()
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-
-def _no_tracking() -> _NoTracking:
-    return _NoTracking()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

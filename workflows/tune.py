@@ -153,8 +153,10 @@ def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
 
     trial = tune.get_context()
     cfg = apply_params(ctx.cfg, params)
-    exp = cfg
-    work = Path(tempfile.mkdtemp(prefix="cpsd-trial-"))
+    # Inside Tune's local trial dir (artifact sync is off): Tune may end the trial's process
+    # right after its last report, and the Ray session owns and removes that directory.
+    work = Path(trial.get_trial_dir()) / "run"
+    work.mkdir(parents=True, exist_ok=True)
     restored = tune.get_checkpoint()
     if restored is not None:
         restored.to_directory(work)  # last.pt: the loop resumes after its epoch
@@ -181,7 +183,7 @@ def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
                     # right after a report (ASHA stop, last epoch), so nothing is left to a
                     # final block.
                     run.artifact(plot_trajectory(trajectory, work / "asymmetry.png", cfg), "plots")
-                with tempfile.TemporaryDirectory() as tmp:
+                with tempfile.TemporaryDirectory(dir=work.parent) as tmp:
                     # The whole run directory (last.pt to resume from, best.pt and its scores)
                     # so a trial restored after its last epoch still has its results.
                     shutil.copytree(work, tmp, dirs_exist_ok=True)
@@ -191,7 +193,7 @@ def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
                     )
 
             train_classifier(
-                exp,
+                cfg,
                 work,
                 class_subset=list(cfg.tune.class_subset) if cfg.tune.class_subset else None,
                 on_epoch=on_epoch,
