@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from mlflow import MlflowClient
 
 from mlcore import configlib
 from mlcore.configlib import ConfigError
@@ -36,11 +37,14 @@ from workflows.config import Config, SweepConfig, load_config
 from workflows.runtime import init_ray
 from workflows.storage import Storage
 from workflows.tracking import (
+    RunLogger,
     Tracker,
     TrackingUnavailable,
+    check_reachable,
     child_run,
     flat_params,
     git_commit,
+    resolve_tracking_uri,
     start_parent,
 )
 
@@ -283,13 +287,7 @@ def run_sweep(
 
     tracker, parent = None, None
     if cfg.mlflow.enabled:
-        from workflows.tracking import RunLogger
-
         if resume and state.get("parent_run_id"):
-            from mlflow import MlflowClient
-
-            from workflows.tracking import check_reachable, resolve_tracking_uri
-
             uri = resolve_tracking_uri(cfg.mlflow)
             check_reachable(uri)
             client = MlflowClient(uri)
@@ -299,7 +297,7 @@ def run_sweep(
         else:
             tags = {"cpsd.kind": "sweep", "cpsd.space": ",".join(sweep.space)}
             params = {**flat_params(cfg), "git_commit": git_commit()}
-            tracker, parent = start_parent(cfg.mlflow, f"{cfg.name}", params, tags)
+            tracker, parent = start_parent(cfg.mlflow, cfg.name, params, tags)
     if not resume:
         storage.write_json(
             f"{cfg.name}/sweep.json",
