@@ -100,6 +100,55 @@ class TeacherSpec:
 # Stage 1-2: statistics and partitions
 
 
+def make_partition(
+    kind: str,
+    pair_counts,
+    class_counts: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    k: int,
+    tau: float,
+    seed: int,
+    json_path: str | os.PathLike | None = None,
+    png_path: str | os.PathLike | None = None,
+) -> Partition:
+    """One partition of the label statistics: ``cgp``, ``dgp``, ``random`` or ``full`` (k = 1).
+
+    Writes its JSON report to ``json_path`` and the affinity heatmap to ``png_path`` when given.
+    """
+    m = len(class_names)
+    graph = affinity(pair_counts, class_counts, tau=tau, kind="dgp" if kind == "dgp" else "cgp")
+    if kind == "full":
+        assignment, k = np.zeros(m, dtype=np.int64), 1
+    elif kind == "random":
+        assignment = random_partition(m, k, seed=seed)
+    else:
+        assignment = spectral_partition(graph, k, seed=seed)
+    ncut = normalized_cut(graph, assignment)
+    report = partition_report(
+        assignment,
+        class_names,
+        k=k,
+        tau=tau,
+        kind=kind,
+        seed=seed,
+        ncut=ncut,
+        stats_hash=label_stats_hash(pair_counts, class_counts),
+    )
+    if json_path is not None:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(report, indent=1))
+    if png_path is not None:
+        plot_affinity_heatmap(
+            graph,
+            assignment,
+            class_names,
+            png_path,
+            title=f"{kind.upper()} affinity, k={k}, τ={tau:g}, Ncut={ncut:.4f}",
+        )
+    return Partition(kind, tuple(int(a) for a in assignment), report)
+
+
 def compute_partitions(
     cfg: ExperimentConfig, root: str | os.PathLike, out_dir: str | os.PathLike | None = None
 ) -> dict[str, Partition]:
@@ -111,49 +160,26 @@ def compute_partitions(
     kinds = ENSEMBLES[cfg.cpsd.mode]
     if not kinds:
         return {}
-    manifest = Manifest.load(root, with_bytes=False)
-    names = manifest.class_names
-    m, c = len(names), cfg.cpsd
-    if any(kind != "full" for kind in kinds) and c.k > m:
-        raise ValueError(f"cpsd.k = {c.k} is larger than the number of classes ({m})")
+    names = Manifest.load(root, with_bytes=False).class_names
+    c = cfg.cpsd
+    if any(kind != "full" for kind in kinds) and c.k > len(names):
+        raise ValueError(f"cpsd.k = {c.k} is larger than the number of classes ({len(names)})")
     pair_counts, class_counts = cooccurrence_from_manifest(root, cfg.data.train_split)
-    stats_hash = label_stats_hash(pair_counts, class_counts)
     out = Path(out_dir) if out_dir is not None else None
-    result = {}
-    for kind in kinds:
-        graph = affinity(
-            pair_counts, class_counts, tau=c.tau, kind="dgp" if kind == "dgp" else "cgp"
-        )
-        if kind == "full":
-            assignment, k = np.zeros(m, dtype=np.int64), 1
-        elif kind == "random":
-            assignment, k = random_partition(m, c.k, seed=c.partition_seed), c.k
-        else:
-            assignment, k = spectral_partition(graph, c.k, seed=c.partition_seed), c.k
-        ncut = normalized_cut(graph, assignment)
-        report = partition_report(
-            assignment,
+    return {
+        kind: make_partition(
+            kind,
+            pair_counts,
+            class_counts,
             names,
-            k=k,
+            k=c.k,
             tau=c.tau,
-            kind=kind,
             seed=c.partition_seed,
-            ncut=ncut,
-            stats_hash=stats_hash,
+            json_path=None if out is None else out / f"partition_{kind}.json",
+            png_path=None if out is None or kind == "full" else out / f"partition_{kind}.png",
         )
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / f"partition_{kind}.json").write_text(json.dumps(report, indent=1))
-            if kind != "full":
-                plot_affinity_heatmap(
-                    graph,
-                    assignment,
-                    names,
-                    out / f"partition_{kind}.png",
-                    title=f"{kind.upper()} affinity, k={k}, τ={c.tau:g}, Ncut={ncut:.4f}",
-                )
-        result[kind] = Partition(kind, tuple(int(a) for a in assignment), report)
-    return result
+        for kind in kinds
+    }
 
 
 def plan_teachers(partitions: dict[str, Partition]) -> list[TeacherSpec]:
@@ -335,6 +361,7 @@ def evaluate_split(
 
 
 SUMMARY_METRICS = ("mAP", "CF1", "OF1")
+SUMMARY_COLUMNS = ("name", "role", "classes", *SUMMARY_METRICS, "shift_mAP")
 
 
 def summary_row(name: str, role: str, classes: int, report: dict[str, float], **extra) -> dict:
@@ -351,11 +378,10 @@ class RunSummary:
     rows: list[dict]
 
     def markdown(self) -> str:
-        columns = ["name", "role", "classes", *SUMMARY_METRICS, "shift_mAP"]
-        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
         for row in self.rows:
             cells = []
-            for col in columns:
+            for col in SUMMARY_COLUMNS:
                 value = row.get(col)
                 cells.append(
                     ""

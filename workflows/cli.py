@@ -155,50 +155,30 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_partition(args: argparse.Namespace) -> None:
-    import json
-
+    from mlcore.cpsd import make_partition
     from mlcore.data.manifest import read_info
-    from mlcore.partition.affinity import affinity
     from mlcore.partition.cooccurrence import cooccurrence_from_manifest
-    from mlcore.partition.random_partition import random_partition
-    from mlcore.partition.report import label_stats_hash, partition_report, plot_affinity_heatmap
-    from mlcore.partition.spectral import normalized_cut, spectral_partition
 
     names = read_info(args.data).class_names
     if not 1 <= args.k <= len(names):
         raise UsageError(f"--k must be in [1, {len(names)}] for {len(names)} classes")
     pair_counts, class_counts = cooccurrence_from_manifest(args.data, args.split)
-    graph = affinity(
-        pair_counts, class_counts, tau=args.tau, kind=args.kind.replace("random", "cgp")
-    )
-    if args.kind == "random":
-        assignment = random_partition(len(names), args.k, seed=args.seed)
-    else:
-        assignment = spectral_partition(graph, args.k, seed=args.seed)
-    ncut = normalized_cut(graph, assignment)
-    report = partition_report(
-        assignment,
+    out = Path(args.out)
+    png = out.with_suffix(".png")
+    partition = make_partition(
+        args.kind,
+        pair_counts,
+        class_counts,
         names,
         k=args.k,
         tau=args.tau,
-        kind=args.kind,
         seed=args.seed,
-        ncut=ncut,
-        stats_hash=label_stats_hash(pair_counts, class_counts),
+        json_path=out,
+        png_path=png,
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    png = plot_affinity_heatmap(
-        graph,
-        assignment,
-        names,
-        out.with_suffix(".png"),
-        title=f"{args.kind.upper()} affinity, k={args.k}, τ={args.tau:g}, Ncut={ncut:.4f}",
-    )
-    for t, subset in enumerate(report["subsets"]):
+    for t, subset in enumerate(partition.report["subsets"]):
         print(f"subset {t} ({len(subset)}): " + ", ".join(c["name"] for c in subset))
-    print(f"Ncut {ncut:.6f}; wrote {out} and {png}")
+    print(f"Ncut {partition.report['ncut']:.6f}; wrote {out} and {png}")
 
 
 def cmd_run_local(args: argparse.Namespace) -> None:

@@ -42,6 +42,7 @@ from mlcore import configlib
 from mlcore.configlib import ConfigError
 from mlcore.cpsd import (
     ENSEMBLES,
+    SUMMARY_COLUMNS,
     Partition,
     RunSummary,
     TeacherSpec,
@@ -459,9 +460,8 @@ def write_summary(summary: RunSummary, out: Path) -> list[Path]:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(summary.markdown() + "\n")
-    columns = ["name", "role", "classes", "mAP", "CF1", "OF1", "shift_mAP"]
     with open(out / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer = csv.DictWriter(f, SUMMARY_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(summary.rows)
     colours = {

@@ -381,9 +381,7 @@ def _finish(cfg, results, parsed, tracker, parent, storage, out_dir) -> SweepOut
         best = (
             math.nan
             if history is None or history.empty
-            else float(
-                history[sweep.metric].max() if sweep.mode == "max" else history[sweep.metric].min()
-            )
+            else float(history[sweep.metric].agg(sweep.mode))
         )
         row = {
             "trial_id": result.metrics.get("trial_id") if result.metrics else None,
@@ -403,6 +401,7 @@ def _finish(cfg, results, parsed, tracker, parent, storage, out_dir) -> SweepOut
                 if client.get_run(run_id).info.status == "RUNNING":
                     client.set_terminated(run_id, status="FAILED" if row["error"] else "FINISHED")
     best = results.get_best_result(metric=sweep.metric, mode=sweep.mode, scope="all")
+    best_value = table_best(table, sweep)
     best_params = {key: best.config[key] for key in parsed}
     best_cfg = apply_params(cfg, best_params)
     source = f"mlflow-run:{parent.run_id}" if parent is not None else f"sweep:{cfg.name}"
@@ -411,7 +410,7 @@ def _finish(cfg, results, parsed, tracker, parent, storage, out_dir) -> SweepOut
     best_file = out / BEST_LOSS_FILE
     best_file.write_text(
         f"# Best loss settings of sweep {cfg.name!r} ({sweep.metric} "
-        f"{best.metrics_dataframe[sweep.metric].agg(sweep.mode):.4f}).\n"
+        f"{best_value:.4f}).\n"
         f"# Use in a pipeline config:  loss: !include {BEST_LOSS_FILE}\n"
         + yaml.safe_dump(loss, sort_keys=False)
     )
@@ -423,10 +422,8 @@ def _finish(cfg, results, parsed, tracker, parent, storage, out_dir) -> SweepOut
         if parent is not None:
             parent.artifact(path, "sweep")
     if parent is not None:
-        parent.metrics({f"best_{sweep.metric}": table_best(table, sweep)}, step=0)
-    return SweepOutcome(
-        best_params, table_best(table, sweep), best_file, parent and parent.run_id, table
-    )
+        parent.metrics({f"best_{sweep.metric}": best_value}, step=0)
+    return SweepOutcome(best_params, best_value, best_file, parent and parent.run_id, table)
 
 
 def table_best(table: list[dict[str, Any]], sweep: SweepConfig) -> float:

@@ -7,6 +7,7 @@ fed by the backbone's unpooled ``forward_features`` (a CNN map (B, C, H, W) or V
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import timm
@@ -84,20 +85,9 @@ def build_model(
             backbone, pretrained, pretrained_file, num_classes=num_classes, drop_rate=drop_rate
         )
     if head == "ml_decoder":
-        cfg = ml_decoder or MLDecoderConfig()
+        settings = dataclasses.asdict(ml_decoder or MLDecoderConfig())  # named as MLDecoder's
         body = _create_backbone(backbone, pretrained, pretrained_file, num_classes=0)
-        decoder = MLDecoder(
-            num_classes,
-            body.num_features,
-            num_groups=cfg.num_groups,
-            embed_dim=cfg.embed_dim,
-            num_layers=cfg.num_layers,
-            ff_dim=cfg.ff_dim,
-            num_heads=cfg.num_heads,
-            dropout=cfg.dropout,
-            learnable_queries=cfg.learnable_queries,
-        )
-        return BackboneWithHead(body, decoder)
+        return BackboneWithHead(body, MLDecoder(num_classes, body.num_features, **settings))
     raise ValueError(f"unknown head {head!r}: choose 'gap' or 'ml_decoder'")
 
 
