@@ -56,6 +56,7 @@ def test_synth_check_partition_train(tmp_path, capsys, tiny_overrides):
         (["train", "--config", "nope"], "config 'nope' not found"),
         (["data", "check", "/nonexistent/dir"], "no manifest.parquet"),
         (["partition", "--data", "/nonexistent/dir"], "no manifest.parquet"),
+        (["train", "--set", "mlflow.tracking_uri=http://127.0.0.1:9"], "is unreachable"),
     ],
 )
 def test_user_errors_are_one_line_exit_2(argv, message, capsys):

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mlcore.configlib import ConfigError
-from mlcore.data.manifest import ManifestError
+from workflows.config import USER_ERRORS
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -346,7 +346,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int | None] = args.func
     try:
         return func(args) or 0
-    except (ConfigError, ManifestError, UsageError, FileNotFoundError) as err:
+    except (*USER_ERRORS, UsageError) as err:
         print(f"cpsd: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -17,6 +17,15 @@ from typing import Any, Literal
 from mlcore import configlib
 from mlcore.config import ExperimentConfig
 from mlcore.configlib import ConfigError
+from mlcore.data.manifest import ManifestError
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server or store cannot be reached; raised before any training starts."""
+
+
+# What a command reports as one line and exit code 2: the user's config, data or setup.
+USER_ERRORS = (ConfigError, ManifestError, TrackingUnavailable, FileNotFoundError)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,11 +164,13 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
 
 
 __all__ = [
+    "USER_ERRORS",
     "Config",
     "ConfigError",
     "MlflowConfig",
     "RayConfig",
     "SweepConfig",
+    "TrackingUnavailable",
     "load_config",
     "resolve_paths",
 ]

@@ -54,16 +54,15 @@ from mlcore.cpsd import (
     train_student,
     train_teacher,
 )
-from mlcore.data.manifest import MANIFEST_FILE, ManifestError, read_info
+from mlcore.data.manifest import MANIFEST_FILE, read_info
 from mlcore.data.synth import config_hash
 from mlcore.experiment import resolve_dataset, train_classifier
-from workflows.config import Config, load_config
+from workflows.config import USER_ERRORS, Config, load_config
 from workflows.runtime import STOP, init_ray
 from workflows.storage import Storage, WorkDir
 from workflows.tracking import (
     NullRunLogger,
     Tracker,
-    TrackingUnavailable,
     child_run,
     flat_params,
     git_commit,
@@ -633,7 +632,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         cfg = load_config(config_path(args.config), args.overrides)
         summary = run_pipeline(cfg)
-    except (ConfigError, ManifestError, TrackingUnavailable, FileNotFoundError) as err:
+    except USER_ERRORS as err:
         print(f"pipeline: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -28,15 +28,11 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 
 from mlcore import configlib
-from workflows.config import MlflowConfig
+from workflows.config import MlflowConfig, TrackingUnavailable
 
 PARENT_TAG = "mlflow.parentRunId"
 KEY_TAG = "cpsd.key"
 MAX_PARAM_LENGTH = 6000  # MLflow 3 limit on a param value
-
-
-class TrackingUnavailable(RuntimeError):
-    """The tracking server or store cannot be reached; raised before any training starts."""
 
 
 def resolve_tracking_uri(cfg: MlflowConfig, cwd: str | os.PathLike | None = None) -> str:

@@ -31,15 +31,13 @@ from mlflow import MlflowClient
 
 from mlcore import configlib
 from mlcore.configlib import ConfigError
-from mlcore.data.manifest import ManifestError
 from mlcore.experiment import resolve_dataset, train_classifier
-from workflows.config import Config, SweepConfig, load_config
+from workflows.config import USER_ERRORS, Config, SweepConfig, load_config
 from workflows.runtime import init_ray
 from workflows.storage import Storage
 from workflows.tracking import (
     RunLogger,
     Tracker,
-    TrackingUnavailable,
     check_reachable,
     child_run,
     flat_params,
@@ -484,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         validate_space(cfg)  # before Ray starts
         out = Path(args.out) if args.out else Path(cfg.storage_path) / cfg.name
         outcome = run_sweep(cfg, resume=args.resume, out_dir=out)
-    except (ConfigError, ManifestError, TrackingUnavailable, FileNotFoundError) as err:
+    except USER_ERRORS as err:
         print(f"tune: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
