@@ -76,6 +76,27 @@ MetricsCallback = Callable[[int, dict[str, float]], None]
 
 
 @dataclass
+class Evaluation:
+    """One pass of a model over a loader: what model selection and the reports read."""
+
+    scores: np.ndarray  # (N, C) per-class scores in [0, 1]
+    targets: np.ndarray  # (N, C) multi-hot
+    metrics: dict[str, float]  # unprefixed names; ``mAP`` is the selection metric
+
+
+class Evaluator(Protocol):
+    """Scores a model on a loader (the default: sigmoid scores and ``multilabel_report``).
+
+    Model families whose outputs are not per-class logits (the orderless RNN decoder) or that
+    report extra numbers bring their own.
+    """
+
+    def __call__(
+        self, model: nn.Module, loader: DataLoader, device: torch.device, amp: bool
+    ) -> Evaluation: ...
+
+
+@dataclass
 class TrainResult:
     """What a finished run leaves behind."""
 
@@ -147,6 +168,14 @@ def predict(
     return torch.cat(scores).numpy(), torch.cat(targets).numpy()
 
 
+def evaluate_scores(
+    model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = False
+) -> Evaluation:
+    """The default :class:`Evaluator`: sigmoid of the logits, then ``multilabel_report``."""
+    scores, targets = predict(model, loader, device, amp=amp)
+    return Evaluation(scores, targets, multilabel_report(scores, targets))
+
+
 def train(
     model: nn.Module,
     train_loader: DataLoader,
@@ -159,6 +188,7 @@ def train(
     observe_every: int = 10,
     on_epoch: MetricsCallback | None = None,
     on_step: MetricsCallback | None = None,
+    evaluate: Evaluator = evaluate_scores,
     resume: bool = True,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
@@ -178,6 +208,8 @@ def train(
             ``val_mAP``, ``val_CP`` ... ``val_OF1`` (of the selected weights), ``val_mAP_plain``,
             ``val_mAP_ema``, ``lr`` and ``epoch_time_s``.
         on_step: Called with (global_step, metrics) every ``observe_every`` steps.
+        evaluate: Scores the plain and EMA weights on ``val_loader`` each epoch; its
+            ``mAP`` selects the kept weights, and all its metrics are reported as ``val_*``.
         resume: Continue from ``out_dir/last.pt`` when it exists.
         log: Progress lines.
 
@@ -264,16 +296,15 @@ def train(
 
         # -- validate: plain and EMA weights, keep the better -------------------------------------
         train_loss = (loss_sum / steps_per_epoch).item()
-        scores, targets = predict(model, val_loader, device, amp=amp)
-        report = multilabel_report(scores, targets)
-        metrics = {"val_mAP_plain": report["mAP"]}
-        selected, selected_scores = "plain", scores
+        plain = evaluate(model, val_loader, device, amp)
+        metrics = {"val_mAP_plain": plain.metrics["mAP"]}
+        selected, chosen = "plain", plain
         if ema is not None:
-            ema_scores, _ = predict(ema.module, val_loader, device, amp=amp)
-            ema_report = multilabel_report(ema_scores, targets)
-            metrics["val_mAP_ema"] = ema_report["mAP"]
-            if ema_report["mAP"] > report["mAP"]:
-                report, selected, selected_scores = ema_report, "ema", ema_scores
+            averaged = evaluate(ema.module, val_loader, device, amp)
+            metrics["val_mAP_ema"] = averaged.metrics["mAP"]
+            if averaged.metrics["mAP"] > plain.metrics["mAP"]:
+                selected, chosen = "ema", averaged
+        report, selected_scores, targets = chosen.metrics, chosen.scores, chosen.targets
         metrics.update({f"val_{k}": v for k, v in report.items()})
         metrics.update(
             train_loss=train_loss,

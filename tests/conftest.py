@@ -35,8 +35,7 @@ def tiny_overrides(cache_dir) -> list[str]:
 @pytest.fixture()
 def tiny_config(tiny_overrides, tmp_path):
     """The bundled tiny config, writing under this test's tmp_path."""
-    from workflows.cli import config_path
-    from workflows.config import load_config
+    from workflows.config import config_path, load_config
 
     return load_config(config_path("tiny"), [*tiny_overrides, f"storage_path={tmp_path / 'runs'}"])
 

@@ -4,8 +4,7 @@ import pytest
 
 from mlcore import configlib
 from mlcore.configlib import ConfigError
-from workflows.cli import CONFIG_DIR, config_path
-from workflows.config import Config, load_config
+from workflows.config import CONFIG_DIR, Config, config_path, load_config
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)

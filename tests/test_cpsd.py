@@ -12,7 +12,7 @@ FAST = ["train.epochs=1", "cpsd.teacher_epochs=1"]
 
 
 def _exp(tiny_overrides, tmp_path, *extra):
-    from workflows.cli import config_path
+    from workflows.config import config_path
 
     cfg = load_config(
         config_path("tiny"), [*tiny_overrides, f"storage_path={tmp_path}", *FAST, *extra]

@@ -8,8 +8,7 @@ from mlflow import MlflowClient
 
 from mlcore import configlib
 from mlcore.cpsd import run_local
-from workflows.cli import config_path
-from workflows.config import load_config
+from workflows.config import config_path, load_config
 from workflows.pipeline import main, run_pipeline
 
 ray = pytest.importorskip("ray")

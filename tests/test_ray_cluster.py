@@ -15,8 +15,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from workflows.cli import config_path
-from workflows.config import load_config
+from workflows.config import config_path, load_config
 from workflows.pipeline import run_pipeline
 
 from .conftest import REPO

@@ -5,8 +5,7 @@ import math
 import pytest
 
 from mlcore.experiment import train_classifier
-from workflows.cli import config_path
-from workflows.config import load_config
+from workflows.config import config_path, load_config
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from workflows.cli import config_path
-from workflows.config import load_config
+from workflows.config import config_path, load_config
 from workflows.tune import main, run_sweep, validate_space
 
 ray = pytest.importorskip("ray")

@@ -12,10 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from mlcore.configlib import ConfigError
-from workflows.config import USER_ERRORS
-
-CONFIG_DIR = Path(__file__).parent / "configs"
+from workflows.config import USER_ERRORS, config_path
 
 
 class UsageError(Exception):
@@ -37,20 +34,6 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> 
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set train.epochs=3 (repeatable)",
     )
-
-
-def config_path(name: str | None) -> Path | None:
-    """A path, or the name of a bundled config (``tiny`` -> workflows/configs/tiny.yaml)."""
-    if name is None:
-        return None
-    path = Path(name)
-    if path.is_file():
-        return path
-    bundled = CONFIG_DIR / f"{name.removesuffix('.yaml')}.yaml"
-    if bundled.is_file():
-        return bundled
-    available = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-    raise ConfigError(f"config {name!r} not found (bundled configs: {available})")
 
 
 def load(args: argparse.Namespace):

@@ -19,6 +19,8 @@ from mlcore.config import ExperimentConfig
 from mlcore.configlib import ConfigError
 from mlcore.data.manifest import ManifestError
 
+CONFIG_DIR = Path(__file__).parent / "configs"
+
 
 class TrackingUnavailable(RuntimeError):
     """The tracking server or store cannot be reached; raised before any training starts."""
@@ -158,12 +160,27 @@ def resolve_paths(cfg: Config) -> Config:
     )
 
 
+def config_path(name: str | None) -> Path | None:
+    """A path, or the name of a bundled config (``tiny`` -> workflows/configs/tiny.yaml)."""
+    if name is None:
+        return None
+    path = Path(name)
+    if path.is_file():
+        return path
+    bundled = CONFIG_DIR / f"{name.removesuffix('.yaml')}.yaml"
+    if bundled.is_file():
+        return bundled
+    available = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config {name!r} not found (bundled configs: {available})")
+
+
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:
     """Load, override, check and resolve a config; errors are :class:`ConfigError`."""
     return resolve_paths(configlib.load(Config, path, overrides))
 
 
 __all__ = [
+    "CONFIG_DIR",
     "USER_ERRORS",
     "Config",
     "ConfigError",
@@ -171,6 +188,7 @@ __all__ = [
     "RayConfig",
     "SweepConfig",
     "TrackingUnavailable",
+    "config_path",
     "load_config",
     "resolve_paths",
 ]

@@ -57,7 +57,7 @@ from mlcore.cpsd import (
 from mlcore.data.manifest import MANIFEST_FILE, read_info
 from mlcore.data.synth import config_hash
 from mlcore.experiment import resolve_dataset, train_classifier
-from workflows.config import USER_ERRORS, Config, load_config
+from workflows.config import USER_ERRORS, Config, config_path, load_config
 from workflows.runtime import STOP, init_ray
 from workflows.storage import Storage, WorkDir
 from workflows.tracking import (
@@ -628,8 +628,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     try:
-        from workflows.cli import config_path
-
         cfg = load_config(config_path(args.config), args.overrides)
         summary = run_pipeline(cfg)
     except USER_ERRORS as err:

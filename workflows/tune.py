@@ -32,7 +32,7 @@ from mlflow import MlflowClient
 from mlcore import configlib
 from mlcore.configlib import ConfigError
 from mlcore.experiment import resolve_dataset, train_classifier
-from workflows.config import USER_ERRORS, Config, SweepConfig, load_config
+from workflows.config import USER_ERRORS, Config, SweepConfig, config_path, load_config
 from workflows.runtime import init_ray
 from workflows.storage import Storage
 from workflows.tracking import (
@@ -476,8 +476,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="where to write best_loss.yaml, results.csv, sweep.png")
     args = parser.parse_args(argv)
     try:
-        from workflows.cli import config_path
-
         cfg = load_config(config_path(args.config), args.overrides)
         validate_space(cfg)  # before Ray starts
         out = Path(args.out) if args.out else Path(cfg.storage_path) / cfg.name
