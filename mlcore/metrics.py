@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["average_precision", "mean_average_precision", "multilabel_report"]
+__all__ = ["average_precision", "f1_at_k", "mean_average_precision", "multilabel_report"]
 
 # Elements per working block: 4 Mi float64 values are 32 MiB, so the transposed, sorted and
 # boolean copies of a block stay small even when the full matrices are several hundred MiB.
@@ -302,3 +302,42 @@ def multilabel_report(scores: Any, targets: Any, threshold: float = 0.5) -> dict
         "OR": o_r,
         "OF1": _f1(op, o_r),
     }
+
+
+def f1_at_k(scores: Any, targets: Any, k: int) -> dict[str, float]:
+    """Top-k precision, recall and F1, as the zero-shot multi-label literature reports them.
+
+    Each image predicts its ``k`` highest-scoring classes (ties broken by the lower class
+    index). With ``TP`` the number of those predictions that are positives, summed over the
+    ``N`` images, and ``G`` the number of positives::
+
+        P@k = TP / (k · N)      R@k = TP / G      F1@k = 2·P·R / (P + R)
+
+    Args:
+        scores: ``(N, C)`` finite scores.
+        targets: ``(N, C)`` binary ground truth with at least one positive.
+        k: Predictions per image, ``1 <= k <= C``.
+
+    Returns:
+        ``{"precision", "recall", "f1"}``.
+
+    Raises:
+        ValueError: On invalid input, ``k`` out of range, or no positive at all.
+    """
+    s, t = _validate(scores, targets)
+    n, c = s.shape
+    if not 1 <= k <= c:
+        raise ValueError(f"k must be in [1, {c}], got {k}")
+    positives = int(np.count_nonzero(t))
+    if positives == 0:
+        raise ValueError("targets have no positive; recall@k is undefined")
+    true_pos = 0
+    rows = _block_length(c)
+    for start in range(0, n, rows):
+        block = s[start : start + rows]
+        # A stable sort of the negated scores keeps the lower index first among ties.
+        top = np.argsort(-block, axis=1, kind="stable")[:, :k]
+        true_pos += int(np.count_nonzero(np.take_along_axis(t[start : start + rows], top, 1)))
+    precision = true_pos / (k * n)
+    recall = true_pos / positives
+    return {"precision": precision, "recall": recall, "f1": _f1(precision, recall)}

@@ -229,3 +229,37 @@ def test_average_precision_all_negative_is_nan_not_error() -> None:
 def test_non_finite_threshold_raises(threshold: float) -> None:
     with pytest.raises(ValueError, match="threshold must be finite"):
         multilabel_report(np.array([[0.2]]), np.array([[1]]), threshold=threshold)
+
+
+def _f1_at_k_brute(scores, targets, k):
+    tp = 0
+    for row_s, row_t in zip(scores, targets, strict=True):
+        order = sorted(range(len(row_s)), key=lambda j: (-row_s[j], j))[:k]
+        tp += sum(int(row_t[j]) for j in order)
+    precision = tp / (k * len(scores))
+    recall = tp / targets.sum()
+    f1 = 0.0 if tp == 0 else 2 * precision * recall / (precision + recall)
+    return precision, recall, f1
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_f1_at_k_matches_brute_force_with_ties(k):
+    from mlcore.metrics import f1_at_k
+
+    rng = np.random.default_rng(k)
+    scores = rng.integers(0, 4, size=(60, 9)).astype(np.float64)  # many ties
+    targets = (rng.random((60, 9)) < 0.3).astype(np.int64)
+    targets[0] = 0  # an image without positives still counts in P@k's denominator
+    got = f1_at_k(scores, targets, k)
+    want = _f1_at_k_brute(scores, targets, k)
+    assert (got["precision"], got["recall"], got["f1"]) == pytest.approx(want, abs=1e-12)
+
+
+def test_f1_at_k_rejects_bad_k_and_no_positives():
+    from mlcore.metrics import f1_at_k
+
+    scores = np.zeros((3, 4))
+    with pytest.raises(ValueError, match="k must be in"):
+        f1_at_k(scores, np.ones((3, 4)), 5)
+    with pytest.raises(ValueError, match="no positive"):
+        f1_at_k(scores, np.zeros((3, 4)), 2)
