@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mlcore.configlib import ConfigError
+from mlcore.configlib import FILE, NOT_RESULT, ConfigError
 
 
 def _check(condition: bool, message: str) -> None:
@@ -27,7 +27,10 @@ class SynthConfig:
     num_train: int = 1600
     """Training images."""
     num_val: int = 400
-    """Validation images."""
+    """Validation images (model selection)."""
+    num_test: int = 400
+    """Images of the held-out ``test`` split, drawn like train and val; the split results are
+    reported on (0: none)."""
     num_test_shift: int = 0
     """Images of the extra ``test_shift`` split whose labels ignore co-occurrence (0: none)."""
     image_size: int = 64
@@ -45,6 +48,7 @@ class SynthConfig:
     def __post_init__(self) -> None:
         _check(1 <= self.num_classes <= 80, "data.synth.num_classes must be in [1, 80]")
         _check(self.num_train > 0 and self.num_val > 0, "data.synth needs train and val images")
+        _check(self.num_test >= 0, "data.synth.num_test must be >= 0")
         _check(self.num_test_shift >= 0, "data.synth.num_test_shift must be >= 0")
         _check(16 <= self.image_size <= 512, "data.synth.image_size must be in [16, 512]")
         _check(self.num_topics >= 1, "data.synth.num_topics must be >= 1")
@@ -55,17 +59,25 @@ class SynthConfig:
 class DataConfig:
     """Where the images and labels come from and how they are fed to the model."""
 
-    root: str | None = None
-    """Dataset directory holding ``manifest.parquet`` (see ``mlcore.data.manifest``)."""
-    synth: SynthConfig | None = None
+    root: str | None = field(default=None, metadata=NOT_RESULT)
+    """Dataset directory holding ``manifest.parquet`` (see ``mlcore.data.manifest``). Where the
+    data lives is not part of a result's identity: stage keys hash the content of the splits a
+    stage reads (``mlcore.fingerprint``)."""
+    synth: SynthConfig | None = field(default=None, metadata=NOT_RESULT)
     """Generate the dataset instead (cached under ``cache_dir`` by content hash); with neither
-    ``root`` nor ``synth`` set, the default generated dataset is used."""
-    cache_dir: str = ".cache/cpsd"
+    ``root`` nor ``synth`` set, the default generated dataset is used. Like ``root``, keyed by
+    the content of the splits read, so adding a split leaves training keys unchanged."""
+    cache_dir: str = field(default=".cache/cpsd", metadata=NOT_RESULT)
     """Where generated datasets are cached; relative paths are resolved against the cwd."""
     train_split: str = "train"
     """Split used for training and label statistics."""
     val_split: str = "val"
     """Split used for validation and model selection."""
+    test_split: str = "test"
+    """Held-out split the selected weights are reported on (skipped when the dataset lacks it);
+    never used to choose anything."""
+    shift_split: str = "test_shift"
+    """Optional context-shift split, reported like ``test_split`` (skipped when absent)."""
     image_size: int = 64
     """Model input side in pixels (images are resized to a square)."""
     random_crop: bool = True
@@ -78,7 +90,7 @@ class DataConfig:
     """Cutout: side of the erased square as a fraction of the image side (0 disables)."""
     class_aware_sampling: bool = False
     """Draw training images with the DB paper's class-aware re-sampling."""
-    num_workers: int = 0
+    num_workers: int = field(default=0, metadata=NOT_RESULT)
     """DataLoader worker processes (0 decodes in the training process)."""
 
     def __post_init__(self) -> None:
@@ -123,8 +135,9 @@ class ModelConfig:
     """``gap``: global average pooling + linear; ``ml_decoder``: the ML-Decoder head."""
     pretrained: bool = False
     """Load timm's pretrained weights (needs the hub or a local cache)."""
-    pretrained_file: str | None = None
-    """Local weights file for the backbone (for machines without internet)."""
+    pretrained_file: str | None = field(default=None, metadata=FILE)
+    """Local weights file for the backbone (for machines without internet); keyed by its
+    content, so replaced weights at the same path are never silently reused."""
     drop_rate: float = 0.0
     """Dropout before the classifier (GAP head)."""
     ml_decoder: MLDecoderConfig = field(default_factory=MLDecoderConfig)
@@ -151,9 +164,14 @@ class AdaptiveAsymmetryConfig:
     """Lower bound of the probability margin."""
     margin_max: float = 0.5
     """Upper bound of the probability margin."""
-    warmup_steps: int = 0
-    """Batches before the controller starts adapting."""
-    log_every: int = 10
+    warmup_steps: int | None = None
+    """Batches before the controller starts adapting; None: the lr warm-up of the OneCycle
+    schedule (``train.pct_start`` of all steps), during which the gap swings too fast to
+    follow and adapting winds γ− up to a bound."""
+    smoothing: float = 0.9
+    """β of the moving average of Δp the controller follows (0: each batch's own Δp, which is
+    noisy at small batches)."""
+    log_every: int = field(default=10, metadata=NOT_RESULT)
     """Report γ−, p_t⁺, p_t⁻ and Δp every this many steps."""
 
 
@@ -201,7 +219,7 @@ class LossConfig:
     """Adaptive asymmetry (``name: asl``)."""
     db: DBConfig = field(default_factory=DBConfig)
     """Distribution-Balanced loss settings (``name: db``)."""
-    source: str | None = None
+    source: str | None = field(default=None, metadata=NOT_RESULT)
     """Where these settings came from (e.g. a sweep's MLflow run id); recorded, not used."""
 
     def __post_init__(self) -> None:
@@ -239,11 +257,11 @@ class TrainConfig:
     """Clip the gradient norm to this value (None: no clipping)."""
     seed: int = 0
     """Seed for initialisation, shuffling and augmentation."""
-    num_threads: int | None = None
+    num_threads: int | None = field(default=None, metadata=NOT_RESULT)
     """torch CPU threads (None: leave as set by the environment)."""
-    device: str = "auto"
+    device: str = field(default="auto", metadata=NOT_RESULT)
     """``auto`` (CUDA if present), ``cpu``, ``cuda`` or ``cuda:N``."""
-    eval_batch_size: int | None = None
+    eval_batch_size: int | None = field(default=None, metadata=NOT_RESULT)
     """Validation batch size (None: 2 x batch_size)."""
 
     def __post_init__(self) -> None:
@@ -273,6 +291,26 @@ class CPSDConfig:
     once per training image (eval transform) and read back by index."""
     teacher_epochs: int | None = None
     """Teacher training epochs (None: train.epochs; the paper: 20 for teachers, 80 student)."""
+    teacher_seeds: Literal["independent", "shared"] = "independent"
+    """``independent``: each teacher's ``train.seed`` is derived from its stage (ensemble kind
+    and index; see ``mlcore.cpsd.teacher_seed``), so teachers differ in initial weights and batch
+    order, as the authors' separately launched teacher runs do; ``shared``: every teacher and
+    the student use ``train.seed`` itself."""
+    student_epochs: int | None = None
+    """Student training epochs (None: train.epochs; authors' script: 80, four times their
+    teachers' 20). The baseline always trains ``train.epochs``."""
+    student_lr_scale: float = 1.0
+    """Student peak lr = ``student_lr_scale · train.lr`` (authors' script: 0.1, i.e. 1e-5
+    against their teachers' 1e-4, starting from ImageNet weights)."""
+    kd_reduction: Literal["sum", "mean"] = "sum"
+    """Reduction of *both* student terms, classification and distillation: ``sum`` over batch
+    and classes (the authors' ASL and MSE) or ``mean`` over them. One convention for both, so
+    their ratio does not depend on the loss, the batch size or the number of classes."""
+    student_init: Literal["scratch", "pretrained", "baseline"] | None = None
+    """Student's initial weights. ``scratch``: random; ``pretrained``: the backbone weights of
+    ``model.pretrained``/``model.pretrained_file`` (the authors: ImageNet); ``baseline``: the
+    trained baseline's selected weights (our extension, not in the paper; needs
+    ``train_baseline``). None: like every model, pretrained when ``model`` says so, else random."""
     cls_weight: float = 0.5
     """Weight of the student's classification loss (authors' code: 0.5)."""
     kd_alpha: float = 0.5
@@ -286,6 +324,8 @@ class CPSDConfig:
         _check(0.0 <= self.kd_alpha <= 1.0, "cpsd.kd_alpha must be in [0, 1]")
         _check(self.cls_weight >= 0, "cpsd.cls_weight must be >= 0")
         _check(self.teacher_epochs is None or self.teacher_epochs >= 1, "cpsd.teacher_epochs >= 1")
+        _check(self.student_epochs is None or self.student_epochs >= 1, "cpsd.student_epochs >= 1")
+        _check(self.student_lr_scale > 0, "cpsd.student_lr_scale must be > 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -306,3 +346,14 @@ class ExperimentConfig:
     """Training loop."""
     cpsd: CPSDConfig = field(default_factory=CPSDConfig)
     """CPSD algorithm."""
+
+    def __post_init__(self) -> None:
+        init = self.cpsd.student_init
+        _check(
+            init != "pretrained" or self.model.pretrained or self.model.pretrained_file,
+            "cpsd.student_init: pretrained needs model.pretrained or model.pretrained_file",
+        )
+        _check(
+            init != "baseline" or (self.cpsd.train_baseline and self.cpsd.mode != "baseline"),
+            "cpsd.student_init: baseline needs cpsd.train_baseline: true and a mode with teachers",
+        )

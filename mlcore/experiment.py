@@ -6,7 +6,6 @@ label subset, or anything else) from config: dataset, loaders, model, loss, adap
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,11 +16,19 @@ from torch.utils.data import DataLoader
 from mlcore.config import DataConfig, ExperimentConfig, LossConfig, TrainConfig
 from mlcore.data.dataset import MultiLabelDataset, build_transform
 from mlcore.data.manifest import Manifest
-from mlcore.data.sampler import ClassAwareSampler
+from mlcore.data.sampler import ClassAwareSampler, SeededKeys, ShuffleSampler
 from mlcore.data.synth import ensure_generated
+from mlcore.fingerprint import config_content, split_digest, stable_hash
 from mlcore.losses import build_asymmetry_controller, build_loss
 from mlcore.models import build_model_from_config
-from mlcore.train import MetricsCallback, Objective, Supervised, TrainResult, train
+from mlcore.train import (
+    MetricsCallback,
+    Objective,
+    Supervised,
+    TrainResult,
+    load_checkpoint,
+    train,
+)
 
 
 def resolve_dataset(cfg: DataConfig) -> Path:
@@ -30,6 +37,31 @@ def resolve_dataset(cfg: DataConfig) -> Path:
         return Path(cfg.root).expanduser()
     assert cfg.synth is not None  # DataConfig guarantees exactly one
     return ensure_generated(cfg.synth, cfg.cache_dir)
+
+
+def training_fingerprint(
+    cfg: ExperimentConfig,
+    *,
+    class_subset: Sequence[int] | None = None,
+    extra: Sequence[object] = (),
+) -> str:
+    """Identity of what ``train_classifier(cfg, class_subset=...)`` computes.
+
+    ``extra`` adds what the caller's objective depends on beyond the config sections (the
+    student's distillation settings and its teachers' fingerprints).
+    """
+    data = cfg.data
+    root = resolve_dataset(data)
+    return stable_hash(
+        "training",
+        config_content(data, data.cache_dir),
+        config_content(cfg.model, data.cache_dir),
+        config_content(cfg.loss),
+        config_content(cfg.train),
+        split_digest(root, [data.train_split, data.val_split], data.cache_dir),
+        None if class_subset is None else [int(c) for c in class_subset],
+        list(extra),
+    )
 
 
 def build_loaders(
@@ -51,17 +83,20 @@ def build_loaders(
     val_set = MultiLabelDataset(
         manifest, data.val_split, build_transform(data, train=False), class_subset=class_subset
     )
-    sampler = None
     if data.class_aware_sampling:
-        sampler = ClassAwareSampler(
-            train_set.label_lists, manifest.num_classes, seed=train_cfg.seed
+        # Balanced over the classes this model learns: a teacher's labels are its subset's, so
+        # every draw is an image holding at least one of them (the DB weights use the same
+        # subset frequencies).
+        base = ClassAwareSampler(
+            train_set.subset_label_lists, train_set.num_classes, seed=train_cfg.seed
         )
+    else:
+        base = ShuffleSampler(len(train_set), seed=train_cfg.seed)
     pin = torch.cuda.is_available()
     train_loader = DataLoader(
         train_set,
         batch_size=train_cfg.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
+        sampler=SeededKeys(base, train_cfg.seed),
         num_workers=data.num_workers,
         pin_memory=pin,
         drop_last=len(train_set) > train_cfg.batch_size,
@@ -93,8 +128,9 @@ def train_classifier(
     out_dir: str | os.PathLike,
     *,
     class_subset: Sequence[int] | None = None,
-    epochs: int | None = None,
     make_objective: Callable[[torch.nn.Module], Objective] | None = None,
+    init_weights: str | os.PathLike | None = None,
+    fingerprint_extra: Sequence[object] = (),
     return_index: bool = False,
     on_epoch: MetricsCallback | None = None,
     on_step: MetricsCallback | None = None,
@@ -103,20 +139,23 @@ def train_classifier(
     """Train one model from config, on all classes or on ``class_subset``.
 
     Args:
-        cfg: Data, model, loss and training sections.
-        out_dir: Checkpoint directory (resumes from ``last.pt`` there).
+        cfg: Data, model, loss and training sections (callers that train with other epochs,
+            seed or lr, such as CPSD teachers and students, pass a config with ``train``
+            replaced, so the fingerprint covers what actually ran).
+        out_dir: Checkpoint directory; resumes from ``last.pt`` there when its fingerprint
+            matches, and refuses a directory holding another run's checkpoint.
         class_subset: Class indices the model outputs, in this order (CPSD teachers).
-        epochs: Overrides ``cfg.train.epochs`` (teachers use ``cpsd.teacher_epochs``).
         make_objective: Wraps the configured loss into another objective (the CPSD student's
             distillation); the adaptive controller still drives that loss.
+        init_weights: A checkpoint whose ``model`` weights initialise the model (the CPSD
+            student started from the baseline); part of the caller's ``fingerprint_extra``.
+        fingerprint_extra: What the objective depends on beyond the config sections.
         return_index: Training batches carry the row index (cached-teacher lookup).
         on_epoch: Per-epoch metrics callback.
         on_step: Step metrics callback (adaptive asymmetry).
         log: Progress lines.
     """
     train_cfg = cfg.train
-    if epochs is not None and epochs != train_cfg.epochs:
-        train_cfg = dataclasses.replace(train_cfg, epochs=epochs)
     manifest = Manifest.load(resolve_dataset(cfg.data), with_bytes=True)
     train_loader, val_loader = build_loaders(
         manifest, cfg.data, train_cfg, class_subset=class_subset, return_index=return_index
@@ -124,8 +163,14 @@ def train_classifier(
     num_outputs = len(class_subset) if class_subset is not None else manifest.num_classes
     torch.manual_seed(train_cfg.seed)  # identical initial weights for identical configs
     model = build_model_from_config(cfg.model, num_outputs)
+    if init_weights is not None:
+        model.load_state_dict(load_checkpoint(init_weights)["model"])
     loss = build_criterion(cfg.loss, manifest, cfg.data, class_subset)
-    controller = build_asymmetry_controller(cfg.loss, loss)
+    controller = build_asymmetry_controller(
+        cfg.loss,
+        loss,
+        lr_warmup_steps=round(train_cfg.pct_start * train_cfg.epochs * len(train_loader)),
+    )
     return train(
         model,
         train_loader,
@@ -137,5 +182,6 @@ def train_classifier(
         observe_every=cfg.loss.adaptive.log_every,
         on_epoch=on_epoch,
         on_step=on_step,
+        fingerprint=training_fingerprint(cfg, class_subset=class_subset, extra=fingerprint_extra),
         log=log,
     )

@@ -54,6 +54,7 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
         num_classes=args.num_classes,
         num_train=args.num_train,
         num_val=args.num_val,
+        num_test=args.num_test,
         num_test_shift=args.context_shift,
         image_size=args.image_size,
         num_topics=args.num_topics,
@@ -62,7 +63,8 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
         seed=args.seed,
     )
     out = generate(cfg, args.out)
-    print(f"wrote {cfg.num_train + cfg.num_val + cfg.num_test_shift} images to {out}")
+    total = cfg.num_train + cfg.num_val + cfg.num_test + cfg.num_test_shift
+    print(f"wrote {total} images to {out}")
 
 
 def cmd_data_import(args: argparse.Namespace) -> None:
@@ -223,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--num-classes", type=int, default=20)
     synth.add_argument("--num-train", type=int, default=1600)
     synth.add_argument("--num-val", type=int, default=400)
+    synth.add_argument(
+        "--num-test", type=int, default=400, help="held-out test images (0: no test split)"
+    )
     synth.add_argument("--image-size", type=int, default=64)
     synth.add_argument("--num-topics", type=int, default=5)
     synth.add_argument("--mean-objects", type=float, default=2.5)

@@ -94,6 +94,13 @@ class MultiLabelDataset(Dataset):
         self.class_subset = None if class_subset is None else list(class_subset)
         self.targets = torch.from_numpy(full if class_subset is None else full[:, class_subset])
         self.label_lists = manifest.label_lists(rows)
+        if class_subset is None:
+            self.subset_label_lists = self.label_lists
+        else:
+            position = {c: j for j, c in enumerate(class_subset)}
+            self.subset_label_lists = [
+                [position[c] for c in labels if c in position] for labels in self.label_lists
+            ]
 
     @property
     def num_classes(self) -> int:
@@ -117,10 +124,19 @@ class MultiLabelDataset(Dataset):
                 f"{where}: {err}"
             ) from err
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        """``key`` is an index, or ``(index, seed)`` from ``SeededKeys``: the transform then
+        draws from a private RNG seeded with ``seed``, so augmentation does not depend on the
+        worker process or on what it decoded before (``data.num_workers`` changes nothing)."""
+        i, seed = key if isinstance(key, tuple) else (key, None)
         image = self.load_image(i)
         if self.transform is not None:
-            image = self.transform(image)
+            if seed is None:
+                image = self.transform(image)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    image = self.transform(image)
         if self.return_index:
             return image, self.targets[i], i
         return image, self.targets[i]

@@ -55,7 +55,7 @@ COLOURS = {
     "white": (245, 245, 245),
 }
 _COLOUR_NAMES = tuple(COLOURS)
-SPLIT_CODES = {"train": 0, "val": 1, "test_shift": 2}
+SPLIT_CODES = {"train": 0, "val": 1, "test_shift": 2, "test": 3}
 
 
 def class_appearance(c: int) -> tuple[str, str]:
@@ -263,7 +263,12 @@ def generate(cfg: SynthConfig, out_dir: str | os.PathLike) -> Path:
     model, class_names = _label_model(cfg, np.random.default_rng([cfg.seed, 99]))
     num_classes = len(class_names)
     ids, labels, splits, paths = [], [], [], []
-    split_sizes = {"train": cfg.num_train, "val": cfg.num_val, "test_shift": cfg.num_test_shift}
+    split_sizes = {
+        "train": cfg.num_train,
+        "val": cfg.num_val,
+        "test": cfg.num_test,
+        "test_shift": cfg.num_test_shift,
+    }
     train_freq = None
     for split, n in split_sizes.items():
         if n == 0:

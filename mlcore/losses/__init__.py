@@ -65,8 +65,13 @@ def build_loss(
     return LOSSES[cfg.name](cfg, class_freq=class_freq, train_size=train_size)
 
 
-def build_asymmetry_controller(cfg: LossConfig, loss: nn.Module) -> AsymmetryController | None:
-    """The adaptive-asymmetry controller for ``loss`` when ``cfg.adaptive.enabled``."""
+def build_asymmetry_controller(
+    cfg: LossConfig, loss: nn.Module, *, lr_warmup_steps: int = 0
+) -> AsymmetryController | None:
+    """The adaptive-asymmetry controller for ``loss`` when ``cfg.adaptive.enabled``.
+
+    ``adaptive.warmup_steps: null`` waits ``lr_warmup_steps`` (the schedule's warm-up).
+    """
     ad = cfg.adaptive
     if not ad.enabled:
         return None
@@ -75,7 +80,8 @@ def build_asymmetry_controller(cfg: LossConfig, loss: nn.Module) -> AsymmetryCon
         target_gap=ad.target_gap,
         step_size=ad.step_size,
         gamma_neg_bounds=(ad.gamma_neg_min, ad.gamma_neg_max),
-        warmup_steps=ad.warmup_steps,
+        warmup_steps=lr_warmup_steps if ad.warmup_steps is None else ad.warmup_steps,
+        smoothing=ad.smoothing,
         adapt=ad.adapt,
         margin_bounds=(ad.margin_min, ad.margin_max),
     )

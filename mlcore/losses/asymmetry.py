@@ -90,7 +90,13 @@ class AsymmetryController:
         adapt: Which asymmetry to adapt: ``"gamma_neg"`` (the paper's choice) or ``"margin"``.
         gamma_neg_bounds: Closed interval γ- is clamped to.
         margin_bounds: Closed interval the margin is clamped to.
-        warmup_steps: Number of initial :meth:`update` calls that do not adapt.
+        warmup_steps: Number of initial :meth:`update` calls that do not adapt. Training from
+            config sets it to the lr warm-up of the OneCycle schedule: while the lr ramps up
+            the gap swings far more than the controller can follow, and chasing it winds γ-
+            up to a bound.
+        smoothing: β of an exponential moving average of Δp (bias-corrected) that the update
+            follows instead of the single batch's Δp. Small batches make Δp noisy (its spread
+            falls like 1/sqrt(B·C)); β = 0.9 averages about 19 batches.
 
     Raises:
         ValueError: For an unknown ``adapt``, a non-positive step size, a negative warm-up or
@@ -107,6 +113,7 @@ class AsymmetryController:
         gamma_neg_bounds: tuple[float, float] = (0.0, 10.0),
         margin_bounds: tuple[float, float] = (0.0, 0.5),
         warmup_steps: int = 0,
+        smoothing: float = 0.0,
     ) -> None:
         if adapt not in _DEFAULT_STEP:
             raise ValueError(f"adapt must be one of {tuple(_DEFAULT_STEP)}, got {adapt!r}")
@@ -115,6 +122,8 @@ class AsymmetryController:
             raise ValueError(f"step_size must be > 0, got {step_size}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
         for name, (low, high) in (("gamma_neg", gamma_neg_bounds), ("margin", margin_bounds)):
             if not 0.0 <= low <= high:
                 raise ValueError(f"{name}_bounds must satisfy 0 <= low <= high, got {(low, high)}")
@@ -125,7 +134,10 @@ class AsymmetryController:
         self.gamma_neg_bounds = (float(gamma_neg_bounds[0]), float(gamma_neg_bounds[1]))
         self.margin_bounds = (float(margin_bounds[0]), float(margin_bounds[1]))
         self.warmup_steps = int(warmup_steps)
+        self.smoothing = float(smoothing)
         self.steps = 0
+        self.gap_average = 0.0  # EMA of Δp, before bias correction
+        self.measured_steps = 0
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         """Measure Δp on one batch and, after warm-up, move the adapted parameter.
@@ -136,7 +148,8 @@ class AsymmetryController:
 
         Returns:
             ``gamma_neg`` and ``clip`` (after the update), ``p_pos``, ``p_neg``, ``delta_p``,
-            ``updated`` (1.0 if the parameter was moved) and ``step``. For a batch without
+            ``delta_p_smoothed`` (what the update followed), ``updated`` (1.0 if the parameter
+            was moved) and ``step``. For a batch without
             positive (negative) labels ``p_pos`` (``p_neg``) and ``delta_p`` are reported as 0.0
             and ``updated`` is 0.0, so the values stay finite for loggers.
         """
@@ -144,9 +157,18 @@ class AsymmetryController:
         p_pos, p_neg = mean_confidences(logits, targets)
         measured = p_pos is not None and p_neg is not None
         delta_p = p_pos - p_neg if measured else 0.0
+        if measured:
+            self.measured_steps += 1
+            beta = self.smoothing
+            self.gap_average = beta * self.gap_average + (1.0 - beta) * delta_p
+        smoothed = (
+            self.gap_average / (1.0 - self.smoothing**self.measured_steps)
+            if self.measured_steps
+            else 0.0
+        )
         updated = measured and self.steps > self.warmup_steps
         if updated:
-            correction = self.step_size * (self.target_gap - delta_p)
+            correction = self.step_size * (self.target_gap - smoothed)
             if self.adapt == "gamma_neg":
                 low, high = self.gamma_neg_bounds
                 self.loss.gamma_neg = min(max(self.loss.gamma_neg + correction, low), high)
@@ -159,16 +181,25 @@ class AsymmetryController:
             "p_pos": 0.0 if p_pos is None else p_pos,
             "p_neg": 0.0 if p_neg is None else p_neg,
             "delta_p": delta_p,
+            "delta_p_smoothed": smoothed,
             "updated": float(updated),
             "step": float(self.steps),
         }
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue identically."""
-        return {"steps": self.steps, "gamma_neg": self.loss.gamma_neg, "clip": self.loss.clip}
+        return {
+            "steps": self.steps,
+            "gamma_neg": self.loss.gamma_neg,
+            "clip": self.loss.clip,
+            "gap_average": self.gap_average,
+            "measured_steps": self.measured_steps,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`, including the loss's ``gamma_neg`` and ``clip``."""
         self.steps = int(state["steps"])
+        self.gap_average = float(state.get("gap_average", 0.0))
+        self.measured_steps = int(state.get("measured_steps", 0))
         self.loss.gamma_neg = float(state["gamma_neg"])
         self.loss.clip = None if state["clip"] is None else float(state["clip"])
