@@ -153,7 +153,8 @@ class AdaptiveAsymmetryConfig:
     target_gap: float = 0.1
     """Δp_target, the desired p_t⁺ − p_t⁻."""
     step_size: float | None = None
-    """λ, the controller step per batch (None: the controller's default for ``adapt``)."""
+    """λ, the controller step per 256 images: a batch of B moves by λ·B/256 (None: 0.5 for
+    ``gamma_neg``, 0.05 for ``margin``)."""
     adapt: Literal["gamma_neg", "margin"] = "gamma_neg"
     """Which asymmetry to adapt."""
     gamma_neg_min: float = 0.0
@@ -168,11 +169,17 @@ class AdaptiveAsymmetryConfig:
     """Batches before the controller starts adapting; None: the lr warm-up of the OneCycle
     schedule (``train.pct_start`` of all steps), during which the gap swings too fast to
     follow and adapting winds γ− up to a bound."""
-    smoothing: float = 0.9
-    """β of the moving average of Δp the controller follows (0: each batch's own Δp, which is
-    noisy at small batches)."""
+
     log_every: int = field(default=10, metadata=NOT_RESULT)
     """Report γ−, p_t⁺, p_t⁻ and Δp every this many steps."""
+
+    def __post_init__(self) -> None:
+        _check(self.target_gap > -1 and self.target_gap < 1, "loss.adaptive.target_gap in (-1, 1)")
+        _check(self.step_size is None or self.step_size > 0, "loss.adaptive.step_size > 0")
+        _check(
+            self.warmup_steps is None or self.warmup_steps >= 0, "loss.adaptive.warmup_steps >= 0"
+        )
+        _check(self.log_every >= 1, "loss.adaptive.log_every must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)

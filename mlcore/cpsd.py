@@ -432,6 +432,16 @@ def report_splits(cfg: ExperimentConfig) -> dict[str, str]:
     return {"test": cfg.data.test_split, "shift": cfg.data.shift_split}
 
 
+def held_out_splits(cfg: ExperimentConfig) -> tuple[dict[str, str], str]:
+    """The held-out splits the dataset has (``{"test": name, "shift": name}``, absent ones
+    left out) and the digest of their content."""
+    root = resolve_dataset(cfg.data)
+    splits = Manifest.load(root, with_bytes=False).splits()
+    present = {r: s for r, s in report_splits(cfg).items() if s in splits}
+    digest = split_digest(root, list(present.values()), cfg.data.cache_dir) if present else ""
+    return present, digest
+
+
 def evaluate_model(
     cfg: ExperimentConfig,
     checkpoint: str | os.PathLike,
@@ -442,19 +452,17 @@ def evaluate_model(
     """Score the selected weights on each held-out split the dataset has.
 
     Writes ``scores-<role>.npz`` (scores and targets, for merging teacher ensembles) and
-    ``eval.json`` into ``out_dir``, keyed by the digest of the splits, and reuses them when the
+    ``eval.json`` (reports and the splits' digest) into ``out_dir``, and reuses them while the
     splits are unchanged. Returns ``{role: report}`` for ``role`` in ``test``/``shift``.
     """
     out = Path(out_dir)
-    root = resolve_dataset(cfg.data)
-    manifest = Manifest.load(root)
-    present = {r: s for r, s in report_splits(cfg).items() if s in manifest.splits()}
-    digest = split_digest(root, list(present.values()), cfg.data.cache_dir) if present else ""
+    present, digest = held_out_splits(cfg)
     record_path = out / "eval.json"
     if record_path.is_file():
         record = json.loads(record_path.read_text())
         if record.get("digest") == digest:
             return record["reports"]
+    manifest = Manifest.load(resolve_dataset(cfg.data))
     outputs = len(class_subset) if class_subset is not None else manifest.num_classes
     model = load_trained(cfg, outputs, checkpoint)
     device = resolve_device(cfg.train.device)

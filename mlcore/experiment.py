@@ -169,6 +169,7 @@ def train_classifier(
     controller = build_asymmetry_controller(
         cfg.loss,
         loss,
+        batch_size=train_cfg.batch_size,
         lr_warmup_steps=round(train_cfg.pct_start * train_cfg.epochs * len(train_loader)),
     )
     return train(

@@ -169,6 +169,22 @@ def _save_scores_atomic(path: Path, scores: np.ndarray, targets: np.ndarray) -> 
     os.replace(tmp, path)
 
 
+def check_resumable(out_dir: str | os.PathLike, fingerprint: str | None) -> None:
+    """Raise :class:`ResumeMismatchError` when ``out_dir`` holds another run's checkpoint."""
+    last = Path(out_dir) / LAST
+    if not last.is_file():
+        return
+    state = load_checkpoint(last)
+    if state.get("fingerprint") != fingerprint:
+        raise ResumeMismatchError(
+            f"{out_dir} holds the checkpoint of another run (fingerprint "
+            f"{state.get('fingerprint')}, this config {fingerprint}; it stopped after epoch "
+            f"{state['epoch'] + 1}). Resuming would report a result this config did not "
+            "produce, and a longer run is a new run (OneCycle spans all epochs). Use another "
+            "output directory, or delete that one to start over."
+        )
+
+
 def settle_best(out_dir: str | os.PathLike) -> None:
     """Finish or undo a best-checkpoint update that a crash interrupted.
 
@@ -301,14 +317,8 @@ def train(
     best: dict[str, Any] = {"epoch": -1, "metrics": {"val_mAP": -math.inf}}
     settle_best(out)
     if resume and (out / LAST).is_file():
+        check_resumable(out, fingerprint)
         state = load_checkpoint(out / LAST, map_location=device)
-        if state.get("fingerprint") != fingerprint:
-            raise ResumeMismatchError(
-                f"{out} holds a checkpoint of another run (fingerprint "
-                f"{state.get('fingerprint')}, this config {fingerprint}, after epoch "
-                f"{state['epoch'] + 1} of its run): resuming would report a result this config "
-                "did not produce. Use another output directory, or delete that one to start over."
-            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

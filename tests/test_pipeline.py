@@ -84,11 +84,11 @@ def test_pipeline_reproduces_reference_then_skips_and_reruns_what_changed(
     first = run_pipeline(cfg, log=lambda _: None)
     assert [r["name"] for r in first.rows] == [r["name"] for r in reference.rows]
     for ours, ref in zip(first.rows, reference.rows, strict=True):
-        for metric in ("mAP", "CF1", "OF1"):
+        for metric in ("val_mAP", "val_CF1", "val_OF1", "test_mAP", "test_CF1", "test_OF1"):
             assert ours[metric] == pytest.approx(ref[metric], abs=1e-9), (ours["name"], metric)
     partitions = json.loads(
         next(
-            (tmp_path / "storage" / "tiny" / "stages").glob("partitions-*/partition_cgp.json")
+            (tmp_path / "storage" / "tiny" / "stages").glob("partition-cgp-*/partition_cgp.json")
         ).read_text()
     )
     assert partitions == json.loads(
@@ -103,8 +103,14 @@ def test_pipeline_reproduces_reference_then_skips_and_reruns_what_changed(
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parents, children = _children(uri)
     assert len(parents) == 3 and all(p.info.status == "FINISHED" for p in parents)
-    names = sorted(r.info.run_name for r in children[parents[0].info.run_id])
+    names = sorted(
+        r.info.run_name
+        for r in children[parents[0].info.run_id]
+        if r.data.tags["cpsd.role"] != "ensemble"
+    )
     assert names == ["student", "teacher-cgp-0", "teacher-cgp-1", "teacher-dgp-0", "teacher-dgp-1"]
+    roles = {r.info.run_name: r.data.tags["cpsd.role"] for r in children[parents[0].info.run_id]}
+    assert roles["ensemble-cgp"] == "ensemble" and roles["student"] == "student"
     reused = [
         {r.info.run_name for r in children[p.info.run_id] if "cpsd.reused_from" in r.data.tags}
         for p in parents
@@ -115,6 +121,7 @@ def test_pipeline_reproduces_reference_then_skips_and_reruns_what_changed(
         r for r in children[parents[0].info.run_id] if r.info.run_name == "student"
     )
     assert {"val_mAP", "val_CF1", "val_OF1", "train_loss"} <= set(first_student.data.metrics)
+    assert {"best_val_mAP", "best_epoch", "test_mAP", "test_CF1"} <= set(first_student.data.metrics)
     assert first_student.data.params["teacher_mode"] == "cached"
     client = MlflowClient(uri)
     assert [a.path for a in client.list_artifacts(parents[0].info.run_id)] == [
@@ -157,5 +164,5 @@ def test_every_mode_on_ray(mode, local_ray, tiny_overrides, tmp_path):
     summary = run_pipeline(cfg, log=lambda _: None)
     reference = run_local(cfg, tmp_path / "ref", log=lambda _: None)
     assert [r["name"] for r in summary.rows] == [r["name"] for r in reference.rows]
-    assert summary.rows[-1]["mAP"] == pytest.approx(reference.rows[-1]["mAP"], abs=1e-9)
+    assert summary.rows[-1]["test_mAP"] == pytest.approx(reference.rows[-1]["test_mAP"], abs=1e-9)
     assert Path(tmp_path / "storage" / "tiny" / "summary" / "summary.png").is_file()

@@ -137,6 +137,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = load(args)
     result = train_one(cfg, out_dir=args.out)
     print(f"best val mAP {result.best_metrics['val_mAP']:.4f} at epoch {result.best_epoch + 1}")
+    print(f"outputs in {result.out_dir}")
 
 
 def cmd_partition(args: argparse.Namespace) -> None:
@@ -168,9 +169,13 @@ def cmd_partition(args: argparse.Namespace) -> None:
 
 def cmd_run_local(args: argparse.Namespace) -> None:
     from mlcore.cpsd import run_local
+    from mlcore.experiment import training_fingerprint
+    from mlcore.fingerprint import config_content, stable_hash
 
     cfg = load(args)
-    out = Path(args.out) if args.out else Path(cfg.storage_path) / cfg.name / "local"
+    # Keyed by data and every ML setting: another config never resumes this one's checkpoints.
+    key = stable_hash(training_fingerprint(cfg), config_content(cfg.cpsd))
+    out = Path(args.out) if args.out else Path(cfg.storage_path) / cfg.name / f"local-{key}"
     summary = run_local(cfg, out)
     print(summary.markdown())
     print(f"outputs in {out}")
@@ -197,6 +202,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
             args, (["--resume"] if args.resume else []) + (["--out", args.out] if args.out else [])
         )
     )
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from workflows.study import main as study_main
+
+    return study_main(_forward(args, []))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -287,7 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     # train ------------------------------------------------------------------------------------
     train = sub.add_parser("train", help="train one model (the baseline) from a config")
     _add_config_args(train, default="tiny")
-    train.add_argument("--out", help="output directory (default: STORAGE/NAME/train)")
+    train.add_argument(
+        "--out", help="output directory (default: STORAGE/NAME/train-<config fingerprint>)"
+    )
     train.set_defaults(func=cmd_train)
 
     part = sub.add_parser("partition", help="CGP/DGP/random label partition of a dataset")
@@ -304,7 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
         "run-local", help="the whole CPSD algorithm in one process, no Ray (the reference run)"
     )
     _add_config_args(local, default="tiny")
-    local.add_argument("--out", help="output directory (default: STORAGE/NAME/local)")
+    local.add_argument(
+        "--out", help="output directory (default: STORAGE/NAME/local-<config fingerprint>)"
+    )
     local.set_defaults(func=cmd_run_local)
 
     pipe = sub.add_parser(
@@ -318,6 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     tune.add_argument("--out", help="where best_loss.yaml, results.csv and sweep.png go")
     tune.set_defaults(func=cmd_tune)
+
+    study = sub.add_parser(
+        "study", help="an ablation grid over seeds on Ray (= python -m workflows.study)"
+    )
+    _add_config_args(study, default="study_cpsd_tiny")
+    study.set_defaults(func=cmd_study)
 
     demo = sub.add_parser(
         "demo", help="generate the benchmark data and run the full CPSD pipeline (default job)"

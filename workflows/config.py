@@ -18,6 +18,7 @@ from mlcore import configlib
 from mlcore.config import ExperimentConfig
 from mlcore.configlib import ConfigError
 from mlcore.data.manifest import ManifestError
+from mlcore.train import ResumeMismatchError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -27,7 +28,13 @@ class TrackingUnavailable(RuntimeError):
 
 
 # What a command reports as one line and exit code 2: the user's config, data or setup.
-USER_ERRORS = (ConfigError, ManifestError, TrackingUnavailable, FileNotFoundError)
+USER_ERRORS = (
+    ConfigError,
+    ManifestError,
+    TrackingUnavailable,
+    FileNotFoundError,
+    ResumeMismatchError,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,6 +124,29 @@ class SweepConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class StudyConfig:
+    """An ablation study: a grid of pipeline variants, each run over seeds (``cpsd study``)."""
+
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    """Dotted config key -> the values to try, e.g. ``cpsd.mode: [baseline, cgpd, cpsd]``;
+    the variants are every combination of the keys' values."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """Each variant runs once per seed; a seed sets ``train.seed`` and ``cpsd.partition_seed``
+    (and the generated data's seed with ``vary_data_seed``)."""
+    vary_data_seed: bool = False
+    """Also set ``data.synth.seed`` per seed (a fresh generated dataset per seed)."""
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ConfigError("study.seeds must list at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"study.seeds repeats a seed: {list(self.seeds)}")
+        for key, values in self.grid.items():
+            if not isinstance(values, list | tuple) or not values:
+                raise ConfigError(f"study.grid.{key}: needs a non-empty list of values")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config(ExperimentConfig):
     """Top-level config: the ML sections plus where and how the workflows run.
 
@@ -130,6 +160,8 @@ class Config(ExperimentConfig):
     """Tracking."""
     tune: SweepConfig = field(default_factory=SweepConfig)
     """Sweep definition (``workflows.tune``)."""
+    study: StudyConfig = field(default_factory=StudyConfig)
+    """Ablation grid over seeds (``workflows.study``)."""
 
 
 def _is_uri(path: str) -> bool:
@@ -186,6 +218,7 @@ __all__ = [
     "ConfigError",
     "MlflowConfig",
     "RayConfig",
+    "StudyConfig",
     "SweepConfig",
     "TrackingUnavailable",
     "config_path",

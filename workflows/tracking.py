@@ -8,31 +8,52 @@ instead of creating a duplicate. Runs are always terminated (FINISHED / FAILED /
 
 Metric names are the same on every run (``val_mAP``, ``val_CF1``, ``val_OF1``, ``train_loss``,
 ...), with the epoch as step, so MLflow's compare view lines teachers and student up.
+
+Training never waits on tracking. A :class:`RunLogger` whose server is unreachable keeps the
+metrics, tags and artifacts it could not send, warns once, and sends them, in order, on a later
+call once the server answers again; at the end of a stage it retries for
+``FLUSH_TIMEOUT_S`` and then writes what is still unsent to ``unsent-mlflow.json`` in the
+stage folder, so nothing is lost. MLflow's own HTTP retries (minutes of back-off per call) are
+turned down for that reason. A stage's run is found by its ``cpsd.key`` tag anywhere in the
+experiment, so a driver restarted after a crash continues the run of each unfinished stage
+instead of opening a second one, and finishes it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
 
 from mlcore import configlib
 from workflows.config import MlflowConfig, TrackingUnavailable
 
 PARENT_TAG = "mlflow.parentRunId"
 KEY_TAG = "cpsd.key"
+REUSE_TAG = "cpsd.reuse_of"
 MAX_PARAM_LENGTH = 6000  # MLflow 3 limit on a param value
+FLUSH_TIMEOUT_S = 60.0  # how long a finishing stage retries an unreachable server
+RETRY_INTERVAL_S = 5.0  # between attempts to send what is buffered
+UNSENT_FILE = "unsent-mlflow.json"
+
+# One attempt per call, short timeout: RunLogger buffers and retries instead, so an outage
+# costs training a few seconds once, not minutes per epoch.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
 def resolve_tracking_uri(cfg: MlflowConfig, cwd: str | os.PathLike | None = None) -> str:
@@ -123,38 +144,72 @@ class Tracker:
     def client(self) -> MlflowClient:
         return MlflowClient(self.uri)
 
-    def find_child(self, key: str) -> str | None:
+    def find_run(self, key: str) -> Run | None:
+        """The stage run tagged ``key`` anywhere in the experiment (any parent, any status)."""
         runs = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' "
-            f"and tags.`{KEY_TAG}` = '{key}'",
-            max_results=1,
+            [self.experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'", max_results=1
         )
-        return runs[0].info.run_id if runs else None
+        return runs[0] if runs else None
 
     def start_child(self, key: str, name: str, params: Mapping[str, Any] | None = None) -> str:
-        """Create the child run ``name``, or resume it when a previous attempt made it."""
+        """Create the stage run ``name``, or continue the one an earlier attempt made.
+
+        An earlier attempt may belong to this job (a retried Ray task) or to a driver that was
+        killed: its run is moved under this job's parent and continued; a parent it leaves
+        RUNNING (its driver is gone) is marked KILLED.
+        """
         client = self.client
-        run_id = self.find_child(key)
-        if run_id is None:
+        found = self.find_run(key)
+        if found is None:
             tags = {KEY_TAG: key}
             if self.parent_run_id:
                 tags[PARENT_TAG] = self.parent_run_id
             run_id = client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
             if params:
                 log_params(client, run_id, params)
-        else:
-            client.update_run(run_id, status="RUNNING")
-            client.set_tag(run_id, "cpsd.resumed", "true")
+            return run_id
+        run_id = found.info.run_id
+        old_parent = found.data.tags.get(PARENT_TAG)
+        if self.parent_run_id and old_parent != self.parent_run_id:
+            if old_parent:
+                with contextlib.suppress(MlflowException):
+                    if client.get_run(old_parent).info.status == "RUNNING":
+                        client.set_terminated(old_parent, status="KILLED")
+            client.set_tag(run_id, PARENT_TAG, self.parent_run_id)
+        client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, "cpsd.resumed", "true")
+        return run_id
+
+    def start_reuse_marker(self, key: str, name: str, params: Mapping[str, Any] | None) -> str:
+        """A run of this job standing for a finished stage it reuses (tag ``cpsd.reuse_of``)."""
+        tags = {REUSE_TAG: key}
+        if self.parent_run_id:
+            tags[PARENT_TAG] = self.parent_run_id
+        run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        if params:
+            log_params(self.client, run_id, params)
         return run_id
 
     @contextlib.contextmanager
     def child(
-        self, key: str, name: str, params: Mapping[str, Any] | None = None
+        self,
+        key: str,
+        name: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        reused: bool = False,
+        spill_dir: str | os.PathLike | None = None,
     ) -> Iterator[RunLogger]:
-        """A child run that ends FINISHED, FAILED or KILLED whatever happens inside."""
-        run_id = self.start_child(key, name, params)
-        with _terminating(self.client, run_id) as logger:
+        """A child run that ends FINISHED, FAILED or KILLED whatever happens inside.
+
+        Creating the run needs the server; everything logged inside is buffered through
+        outages (``spill_dir``: where unsent records go if the server never comes back).
+        """
+        if reused:
+            run_id = self.start_reuse_marker(key, name, params)
+        else:
+            run_id = self.start_child(key, name, params)
+        with _terminating(self.client, run_id, spill_dir) as logger:
             yield logger
 
     def kill_running_children(self) -> int:
@@ -170,12 +225,68 @@ class Tracker:
         return len(runs)
 
 
-@dataclass(frozen=True)
 class RunLogger:
-    """Logs to one run id."""
+    """Logs to one run id; buffers what an unreachable server cannot take (module docstring).
 
-    client: MlflowClient
-    run_id: str
+    Args:
+        client: The tracking client.
+        run_id: The run.
+        spill_dir: Folder for ``unsent-mlflow.json`` if :meth:`flush` gives up.
+        warn: Where the one-line outage warnings go.
+    """
+
+    def __init__(
+        self,
+        client: MlflowClient,
+        run_id: str,
+        spill_dir: str | os.PathLike | None = None,
+        warn: Callable[[str], None] | None = None,
+    ):
+        self.client = client
+        self.run_id = run_id
+        self.spill_dir = None if spill_dir is None else Path(spill_dir)
+        self._warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
+        self._pending: list[tuple[str, dict[str, Any]]] = []
+        self._last_attempt = -math.inf
+
+    @property
+    def pending(self) -> int:
+        """Records waiting for the server."""
+        return len(self._pending)
+
+    def _send(self, kind: str, payload: dict[str, Any]) -> None:
+        if kind == "batch":
+            self.client.log_batch(self.run_id, **payload)
+        elif kind == "artifact":
+            self.client.log_artifact(self.run_id, payload["path"], payload["artifact_path"])
+        elif kind == "terminate":
+            self.client.set_terminated(self.run_id, status=payload["status"])
+
+    def _drain(self) -> bool:
+        """Send buffered records in order; False at the first failure (kept for later)."""
+        self._last_attempt = time.monotonic()
+        while self._pending:
+            kind, payload = self._pending[0]
+            try:
+                self._send(kind, payload)
+            except Exception:  # any failure to reach the store means "send later"
+                return False
+            self._pending.pop(0)
+        return True
+
+    def _submit(self, kind: str, payload: dict[str, Any]) -> None:
+        backlog = len(self._pending)
+        self._pending.append((kind, payload))
+        if backlog and time.monotonic() - self._last_attempt < RETRY_INTERVAL_S:
+            return  # an outage: keep buffering, try again on a later call
+        if self._drain():
+            if backlog:
+                self._warn(f"MLflow run {self.run_id}: server reachable again, backlog sent")
+        elif not backlog:
+            self._warn(
+                f"MLflow run {self.run_id}: tracking server unreachable; buffering and retrying "
+                f"every {RETRY_INTERVAL_S:.0f}s (training continues)"
+            )
 
     def metrics(self, values: Mapping[str, float], step: int) -> None:
         now = int(time.time() * 1000)
@@ -185,16 +296,64 @@ class RunLogger:
             if isinstance(v, int | float) and math.isfinite(v)
         ]
         if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
+            self._submit("batch", {"metrics": batch})
 
     def params(self, values: Mapping[str, Any]) -> None:
-        log_params(self.client, self.run_id, values)
+        items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in values.items()]
+        for start in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+            self._submit("batch", {"params": items[start : start + 100]})
 
     def tags(self, values: Mapping[str, Any]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in values.items()])
+        self._submit("batch", {"tags": [RunTag(k, str(v)) for k, v in values.items()]})
 
     def artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self._submit("artifact", {"path": str(path), "artifact_path": artifact_path})
+
+    def finish(self, status: str) -> None:
+        """End the run with ``status`` after sending the backlog (see :meth:`flush`)."""
+        self._pending.append(("terminate", {"status": status}))
+        self.flush()
+
+    def flush(self, timeout: float = FLUSH_TIMEOUT_S) -> bool:
+        """Send the backlog, retrying for ``timeout`` s; then spill what is left to a file.
+
+        Returns:
+            True when everything reached the server.
+        """
+        deadline = time.monotonic() + timeout
+        while not self._drain():
+            if time.monotonic() >= deadline:
+                self._spill()
+                return False
+            time.sleep(min(RETRY_INTERVAL_S, max(0.0, deadline - time.monotonic())))
+        return True
+
+    def _spill(self) -> None:
+        records = [{"kind": k, **_plain(p)} for k, p in self._pending]
+        where = "nowhere (no stage folder)"
+        if self.spill_dir is not None:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            target = self.spill_dir / UNSENT_FILE
+            target.write_text(json.dumps({"run_id": self.run_id, "records": records}, indent=1))
+            where = str(target)
+        self._warn(
+            f"MLflow run {self.run_id}: server still unreachable after {FLUSH_TIMEOUT_S:.0f}s; "
+            f"{len(records)} unsent records written to {where}"
+        )
+
+
+def _plain(payload: dict[str, Any]) -> dict[str, Any]:
+    """A buffered record as JSON-able data."""
+    out: dict[str, Any] = {}
+    for key, value in payload.items():
+        if isinstance(value, list):
+            out[key] = [
+                {"key": v.key, "value": v.value, **({"step": v.step} if key == "metrics" else {})}
+                for v in value
+            ]
+        else:
+            out[key] = value
+    return out
 
 
 def log_params(client: MlflowClient, run_id: str, values: Mapping[str, Any]) -> None:
@@ -204,10 +363,18 @@ def log_params(client: MlflowClient, run_id: str, values: Mapping[str, Any]) -> 
 
 
 @contextlib.contextmanager
-def _terminating(client: MlflowClient, run_id: str) -> Iterator[RunLogger]:
+def _terminating(
+    client: MlflowClient, run_id: str, spill_dir: str | os.PathLike | None = None
+) -> Iterator[RunLogger]:
+    """Yield a logger; end its run FINISHED, FAILED or KILLED whatever happens inside.
+
+    Ending the run goes through the logger's buffer, so an unreachable server at that moment
+    neither hides the exception that is propagating nor fails a run that succeeded.
+    """
+    logger = RunLogger(client, run_id, spill_dir)
     status = RunStatus.to_string(RunStatus.FAILED)
     try:
-        yield RunLogger(client, run_id)
+        yield logger
         status = RunStatus.to_string(RunStatus.FINISHED)
     except KeyboardInterrupt:
         status = RunStatus.to_string(RunStatus.KILLED)
@@ -218,7 +385,7 @@ def _terminating(client: MlflowClient, run_id: str) -> Iterator[RunLogger]:
             status = RunStatus.to_string(RunStatus.FINISHED)
         raise
     finally:
-        client.set_terminated(run_id, status=status)
+        logger.finish(status)
 
 
 def start_parent(
@@ -244,10 +411,11 @@ def parent_run(
     """The job's parent run; on any exit, children left RUNNING are marked KILLED."""
     tracker, logger = start_parent(cfg, name, params, tags)
     try:
-        with _terminating(logger.client, logger.run_id):
-            yield tracker, logger
+        with _terminating(logger.client, logger.run_id) as buffered:
+            yield tracker, buffered
     finally:
-        tracker.kill_running_children()
+        with contextlib.suppress(Exception):  # never hide the job's own outcome
+            tracker.kill_running_children()
 
 
 class NullRunLogger:
@@ -269,9 +437,15 @@ class NullRunLogger:
 
 
 def child_run(
-    tracker: Tracker | None, key: str, name: str, params: Mapping[str, Any] | None = None
+    tracker: Tracker | None,
+    key: str,
+    name: str,
+    params: Mapping[str, Any] | None = None,
+    *,
+    reused: bool = False,
+    spill_dir: str | os.PathLike | None = None,
 ) -> contextlib.AbstractContextManager[RunLogger | NullRunLogger]:
     """``tracker.child(...)``, or a no-op logger when tracking is off."""
     if tracker is None:
         return contextlib.nullcontext(NullRunLogger())
-    return tracker.child(key, name, params)
+    return tracker.child(key, name, params, reused=reused, spill_dir=spill_dir)

@@ -9,8 +9,8 @@ from pathlib import Path
 import yaml
 
 from mlcore import configlib
-from mlcore.experiment import train_classifier
-from mlcore.train import TrainResult
+from mlcore.experiment import train_classifier, training_fingerprint
+from mlcore.train import TrainResult, check_resumable
 from workflows.config import Config
 from workflows.tracking import NullRunLogger, flat_params, git_commit, parent_run
 
@@ -18,10 +18,15 @@ from workflows.tracking import NullRunLogger, flat_params, git_commit, parent_ru
 def train_one(cfg: Config, out_dir: str | Path | None = None) -> TrainResult:
     """Train the configured model on all classes; write config, metrics and scores.
 
-    With ``mlflow.enabled`` the run is logged as ``<name>-train`` (params, per-epoch metrics
-    under the pipeline's names, the best checkpoint).
+    The output goes to ``out_dir``, by default ``<storage_path>/<name>/train-<fingerprint>``:
+    the same config resumes its own run, another config gets another folder. An ``out_dir``
+    holding another config's checkpoint is refused before anything is written
+    (``ResumeMismatchError``). With ``mlflow.enabled`` the run is logged as ``<name>-train``
+    (params, per-epoch metrics under the pipeline's names, the best checkpoint).
     """
-    out = Path(out_dir) if out_dir else Path(cfg.storage_path) / cfg.name / "train"
+    fingerprint = training_fingerprint(cfg)
+    out = Path(out_dir) if out_dir else Path(cfg.storage_path) / cfg.name / f"train-{fingerprint}"
+    check_resumable(out, fingerprint)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(configlib.to_dict(cfg), sort_keys=False))
     params = {**flat_params(cfg), "git_commit": git_commit()}
