@@ -22,6 +22,7 @@ instead of opening a second one, and finishes it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -202,14 +203,13 @@ class Tracker:
     ) -> Iterator[RunLogger]:
         """A child run that ends FINISHED, FAILED or KILLED whatever happens inside.
 
-        Creating the run needs the server; everything logged inside is buffered through
-        outages (``spill_dir``: where unsent records go if the server never comes back).
+        Everything, the run's creation included, goes through the logger's buffer: a stage
+        that starts while the server is down trains anyway and creates its run once the
+        server answers (``spill_dir``: where unsent records go if it never does).
         """
-        if reused:
-            run_id = self.start_reuse_marker(key, name, params)
-        else:
-            run_id = self.start_child(key, name, params)
-        with _terminating(self.client, run_id, spill_dir) as logger:
+        start = self.start_reuse_marker if reused else self.start_child
+        create = functools.partial(start, key, name, params)
+        with _terminating(self.client, None, spill_dir, create=create) as logger:
             yield logger
 
     def kill_running_children(self) -> int:
@@ -230,24 +230,32 @@ class RunLogger:
 
     Args:
         client: The tracking client.
-        run_id: The run.
+        run_id: The run, or None with ``create``.
         spill_dir: Folder for ``unsent-mlflow.json`` if :meth:`flush` gives up.
         warn: Where the one-line outage warnings go.
+        create: Creates the run and returns its id; queued first, so the run is created as
+            soon as the server answers.
     """
 
     def __init__(
         self,
         client: MlflowClient,
-        run_id: str,
+        run_id: str | None,
         spill_dir: str | os.PathLike | None = None,
         warn: Callable[[str], None] | None = None,
+        create: Callable[[], str] | None = None,
     ):
+        if run_id is None and create is None:
+            raise ValueError("RunLogger needs a run id or a way to create the run")
         self.client = client
         self.run_id = run_id
         self.spill_dir = None if spill_dir is None else Path(spill_dir)
         self._warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
         self._pending: list[tuple[str, dict[str, Any]]] = []
         self._last_attempt = -math.inf
+        self._create = create
+        if run_id is None:
+            self._submit("create", {})
 
     @property
     def pending(self) -> int:
@@ -255,7 +263,9 @@ class RunLogger:
         return len(self._pending)
 
     def _send(self, kind: str, payload: dict[str, Any]) -> None:
-        if kind == "batch":
+        if kind == "create":
+            self.run_id = self._create()
+        elif kind == "batch":
             self.client.log_batch(self.run_id, **payload)
         elif kind == "artifact":
             self.client.log_artifact(self.run_id, payload["path"], payload["artifact_path"])
@@ -364,14 +374,17 @@ def log_params(client: MlflowClient, run_id: str, values: Mapping[str, Any]) -> 
 
 @contextlib.contextmanager
 def _terminating(
-    client: MlflowClient, run_id: str, spill_dir: str | os.PathLike | None = None
+    client: MlflowClient,
+    run_id: str | None,
+    spill_dir: str | os.PathLike | None = None,
+    create: Callable[[], str] | None = None,
 ) -> Iterator[RunLogger]:
     """Yield a logger; end its run FINISHED, FAILED or KILLED whatever happens inside.
 
     Ending the run goes through the logger's buffer, so an unreachable server at that moment
     neither hides the exception that is propagating nor fails a run that succeeded.
     """
-    logger = RunLogger(client, run_id, spill_dir)
+    logger = RunLogger(client, run_id, spill_dir, create=create)
     status = RunStatus.to_string(RunStatus.FAILED)
     try:
         yield logger
