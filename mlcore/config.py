@@ -39,6 +39,10 @@ class SynthConfig:
     """Latent scenes of the built-in label model; each makes a group of classes co-occur."""
     mean_objects: float = 2.5
     """Mean number of objects per image (at least one)."""
+    tail_exponent: float = 0.8
+    """Class frequencies of the built-in label model fall like 1/rank^s: 0.8 is a mild tail
+    (the demo: 135 to 647 training images per class); about 2 gives a COCO-LT-like long tail
+    with classes of a handful of images (the DB loss study)."""
     labels_from: str | None = None
     """Optional ``.npz`` with real label statistics: a ``labels`` matrix (sampled per image) or
     ``class_counts`` + ``pair_counts`` (sampled pairwise); class names from ``class_names``."""
@@ -53,6 +57,7 @@ class SynthConfig:
         _check(16 <= self.image_size <= 512, "data.synth.image_size must be in [16, 512]")
         _check(self.num_topics >= 1, "data.synth.num_topics must be >= 1")
         _check(self.mean_objects >= 1, "data.synth.mean_objects must be >= 1")
+        _check(self.tail_exponent >= 0, "data.synth.tail_exponent must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)

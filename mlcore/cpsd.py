@@ -59,7 +59,7 @@ from mlcore.distill import (
 )
 from mlcore.experiment import resolve_dataset, train_classifier, training_fingerprint
 from mlcore.fingerprint import split_digest
-from mlcore.metrics import multilabel_report
+from mlcore.metrics import bucket_map, frequency_buckets, multilabel_report
 from mlcore.models import build_model_from_config
 from mlcore.partition.affinity import affinity
 from mlcore.partition.cooccurrence import cooccurrence_from_manifest
@@ -466,12 +466,18 @@ def evaluate_model(
     outputs = len(class_subset) if class_subset is not None else manifest.num_classes
     model = load_trained(cfg, outputs, checkpoint)
     device = resolve_device(cfg.train.device)
+    counts = manifest.positives_per_class(cfg.data.train_split)
+    buckets = frequency_buckets(counts if class_subset is None else counts[list(class_subset)])
     reports = {}
     for role, split in present.items():
         loader = _eval_loader(cfg, manifest, split, class_subset)
         scores, targets = predict(model.to(device), loader, device)
         np.savez(out / f"scores-{role}.npz", scores=scores, targets=targets)
         reports[role] = multilabel_report(scores, targets)
+        # mAP of head / medium / tail classes by training frequency (the DB paper's buckets)
+        for name, value in bucket_map(scores, targets, buckets).items():
+            if value is not None:
+                reports[role][f"mAP_{name}"] = value
     record_path.write_text(json.dumps({"digest": digest, "reports": reports}, indent=1))
     return reports
 

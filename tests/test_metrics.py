@@ -283,3 +283,20 @@ def test_mean_interval_matches_scipy_and_never_invents_bounds():
     assert not paired_interval([0.6, 0.7, 0.5], [0.65, 0.6, 0.55]).excludes_zero()
     with pytest.raises(ValueError, match="against"):
         paired_interval([0.1], [0.1, 0.2])
+
+
+def test_frequency_buckets_follow_the_db_paper_and_bucket_map_averages_them():
+    from mlcore.metrics import bucket_map, frequency_buckets
+
+    buckets = frequency_buckets([500, 101, 100, 20, 19, 0])
+    assert buckets.tolist() == ["head", "head", "medium", "medium", "tail", "tail"]
+    rng = np.random.default_rng(0)
+    targets = (rng.random((50, 6)) < 0.3).astype(int)
+    targets[:, 5] = 0  # no positive: left out of its bucket's mean
+    scores = rng.random((50, 6))
+    ap = average_precision(scores, targets)
+    got = bucket_map(scores, targets, buckets)
+    assert got["head"] == pytest.approx(ap[:2].mean())
+    assert got["medium"] == pytest.approx(ap[2:4].mean())
+    assert got["tail"] == pytest.approx(ap[4])
+    assert bucket_map(scores, targets, ["head"] * 6)["tail"] is None

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from mlcore import configlib
@@ -166,3 +167,20 @@ def test_every_mode_on_ray(mode, local_ray, tiny_overrides, tmp_path):
     assert [r["name"] for r in summary.rows] == [r["name"] for r in reference.rows]
     assert summary.rows[-1]["test_mAP"] == pytest.approx(reference.rows[-1]["test_mAP"], abs=1e-9)
     assert Path(tmp_path / "storage" / "tiny" / "summary" / "summary.png").is_file()
+
+
+def test_device_follows_the_gpus_ray_assigned(local_ray, tiny_config):
+    from mlcore import configlib
+    from mlcore.configlib import ConfigError
+    from workflows.runtime import device_for_task
+
+    def device(cfg, gpus):
+        task = ray.remote(lambda c: device_for_task(c, "probe").train.device)
+        return ray.get(task.options(num_gpus=gpus, num_cpus=0).remote(cfg))
+
+    assert device(tiny_config, 0) == "cpu"  # never a silent share of cuda:0
+    # With a (logical) GPU it would be cuda on a CUDA machine; this one has no CUDA.
+    assert device(tiny_config, 1) == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ray.exceptions.RayTaskError) as err:
+        device(configlib.replace(tiny_config, ["train.device=cuda"]), 0)
+    assert isinstance(err.value.cause, ConfigError) and "requested no GPU" in str(err.value)

@@ -130,6 +130,13 @@ class StudyConfig:
     grid: dict[str, list[Any]] = field(default_factory=dict)
     """Dotted config key -> the values to try, e.g. ``cpsd.mode: [baseline, cgpd, cpsd]``;
     the variants are every combination of the keys' values."""
+    variants: tuple[dict[str, Any], ...] = ()
+    """Explicit variants, each a mapping of dotted keys to values, for combinations a grid
+    cannot express (``{loss.name: db, data.class_aware_sampling: true}``); crossed with
+    ``grid`` when both are set."""
+    reference: str | None = None
+    """Variant the others are compared with, paired by seed (e.g. ``loss=bce``); None: each
+    variant's own baseline (the plain model trained with the same seed)."""
     seeds: tuple[int, ...] = (0, 1, 2)
     """Each variant runs once per seed; a seed sets ``train.seed`` and ``cpsd.partition_seed``
     (and the generated data's seed with ``vary_data_seed``)."""
@@ -144,6 +151,9 @@ class StudyConfig:
         for key, values in self.grid.items():
             if not isinstance(values, list | tuple) or not values:
                 raise ConfigError(f"study.grid.{key}: needs a non-empty list of values")
+        for i, variant in enumerate(self.variants):
+            if not variant:
+                raise ConfigError(f"study.variants[{i}]: an empty variant")
 
 
 @dataclass(frozen=True, kw_only=True)

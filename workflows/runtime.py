@@ -15,6 +15,7 @@ left alone). What remains: orphans stay until the next local start on that machi
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+from mlcore.configlib import ConfigError
 from workflows.config import Config
 
 STOP = threading.Event()
@@ -63,6 +65,34 @@ def init_ray(cfg: Config) -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _stop_requested)
         signal.signal(signal.SIGINT, _stop_requested)
+
+
+def device_for_task(cfg: Config, what: str) -> Config:
+    """``cfg`` with ``train.device`` following the GPUs Ray gave this task or trial.
+
+    A task that requested no GPU trains on the CPU even where CUDA is visible: left to
+    ``auto`` it would silently share ``cuda:0`` with the tasks that did request it (Ray does not
+    hide the devices from a task without GPUs). A task that holds GPUs uses them (Ray's
+    ``CUDA_VISIBLE_DEVICES`` makes the first assigned one ``cuda:0``). ``train.device``
+    naming CUDA in a task without a GPU is a clear error, not a silent share.
+
+    Raises:
+        ConfigError: ``train.device`` asks for CUDA but the task holds no GPU.
+    """
+    import ray
+    import torch
+
+    device = cfg.train.device
+    holds_gpu = bool(ray.get_gpu_ids())
+    if not holds_gpu and device.startswith("cuda"):
+        raise ConfigError(
+            f"{what}: train.device={device} but this Ray task requested no GPU; request one "
+            "(ray.teacher_gpus / ray.student_gpus, tune.resources_per_trial.GPU) or set "
+            "train.device: auto"
+        )
+    if device == "auto":
+        device = "cuda" if holds_gpu and torch.cuda.is_available() else "cpu"
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from mlcore.fingerprint import split_digest, stable_hash
 from mlcore.partition.cooccurrence import cooccurrence_from_manifest
 from mlcore.train import BEST, LAST, SCORES, TrainResult, load_checkpoint
 from workflows.config import Config
+from workflows.runtime import device_for_task
 from workflows.storage import Storage, WorkDir
 from workflows.tracking import Tracker, child_run, flat_params, git_commit
 
@@ -286,7 +287,12 @@ def _final_metrics(record: dict[str, Any]) -> dict[str, float]:
 # Teachers, their logits, the baseline and the student
 
 
+def _on_assigned_device(ctx: JobContext, what: str) -> JobContext:
+    return dataclasses.replace(ctx, cfg=device_for_task(ctx.cfg, what))
+
+
 def teacher_stage(ctx: JobContext, spec: TeacherSpec, key: str) -> dict[str, Any]:
+    ctx = _on_assigned_device(ctx, spec.name)
     cfg = teacher_config(ctx.cfg, spec)
     names = read_info(resolve_dataset(cfg.data)).class_names
     params = {
@@ -312,6 +318,7 @@ def teacher_stage(ctx: JobContext, spec: TeacherSpec, key: str) -> dict[str, Any
 
 def logits_stage(ctx: JobContext, spec: TeacherSpec, teacher: dict[str, Any]) -> dict[str, Any]:
     """The teacher's logits on every training image; runs as soon as that teacher is done."""
+    ctx = _on_assigned_device(ctx, f"{spec.name}-logits")
     storage = Storage(ctx.storage_uri)
     rel = f"{teacher['rel']}/logits"
     done = storage.done(rel)
@@ -332,6 +339,7 @@ def logits_stage(ctx: JobContext, spec: TeacherSpec, teacher: dict[str, Any]) ->
 
 
 def baseline_stage(ctx: JobContext, key: str) -> dict[str, Any]:
+    ctx = _on_assigned_device(ctx, "baseline")
     return _train_stage(
         ctx,
         "baseline",
@@ -352,6 +360,7 @@ def student_stage(
     baseline: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """The student, distilled from the teachers' cached logits or the teachers themselves."""
+    ctx = _on_assigned_device(ctx, "student")
     storage = Storage(ctx.storage_uri)
     cfg = ctx.cfg
     c = cfg.cpsd

@@ -56,7 +56,15 @@ from workflows.tracking import (
 
 # Metrics of a run's final model, its baseline and its ensembles that the tables report.
 REPORTED = ("test_mAP", "test_CF1", "test_OF1", "shift_mAP", "val_mAP")
-PAIRED = ("test_mAP", "test_CF1", "test_OF1", "shift_mAP")
+PAIRED = (
+    "test_mAP",
+    "test_CF1",
+    "test_OF1",
+    "shift_mAP",
+    "test_mAP_head",
+    "test_mAP_medium",
+    "test_mAP_tail",
+)
 
 
 @dataclass(frozen=True)
@@ -88,8 +96,9 @@ def expand(cfg: Config) -> list[Run]:
     study = cfg.study
     keys = list(study.grid)
     runs = []
-    for combo in itertools.product(*(study.grid[k] for k in keys)):
-        values = dict(zip(keys, combo, strict=True))
+    combos = [dict(zip(keys, c, strict=True)) for c in itertools.product(*study.grid.values())]
+    explicit = [dict(v) for v in study.variants] or [{}]
+    for values in ({**g, **v} for g in combos for v in explicit):
         for seed in study.seeds:
             overrides = [f"{k}={json.dumps(v)}" for k, v in values.items()]
             overrides += [
@@ -104,6 +113,11 @@ def expand(cfg: Config) -> list[Run]:
             run_cfg = configlib.replace(cfg, overrides)
             preflight(run_cfg)
             runs.append(Run(variant_name(values), values, seed, run_cfg))
+    names = {r.variant for r in runs}
+    if study.reference is not None and study.reference not in names:
+        raise configlib.ConfigError(
+            f"study.reference {study.reference!r} is not a variant ({', '.join(sorted(names))})"
+        )
     return runs
 
 
@@ -234,6 +248,11 @@ def _row(
     for metric in REPORTED:
         row[metric] = final.get(metric)
         row[f"baseline_{metric}"] = baseline.get(metric)
+    final_test = records[final["name"]].get("held_out", {}).get("test", {})
+    base_test = records["baseline"].get("held_out", {}).get("test", {})
+    for bucket in ("head", "medium", "tail"):
+        row[f"test_mAP_{bucket}"] = final_test.get(f"mAP_{bucket}")
+        row[f"baseline_test_mAP_{bucket}"] = base_test.get(f"mAP_{bucket}")
     for ens in (r for r in summary.rows if r["role"] == "ensemble"):
         for metric in ("test_mAP", "val_mAP"):
             row[f"{ens['name'].replace('-', '_')}_{metric}"] = ens.get(metric)
@@ -248,13 +267,14 @@ def _row(
 
 
 def summarise_rows(
-    rows: Sequence[dict[str, Any]], variants: Sequence[str]
+    rows: Sequence[dict[str, Any]], variants: Sequence[str], reference: str | None = None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Per-variant t-intervals of every metric, and paired differences against the baseline."""
+    """Per-variant t-intervals of every metric, and paired differences (by seed) against each
+    variant's own baseline, or against the ``reference`` variant's final model."""
     metrics = [
         k
         for k in rows[0]
-        if k.endswith(("_mAP", "_CF1", "_OF1")) and any(r.get(k) is not None for r in rows)
+        if ("_mAP" in k or k.endswith(("_CF1", "_OF1"))) and any(r.get(k) is not None for r in rows)
     ]
     summary, paired = [], []
     for variant in variants:
@@ -263,15 +283,16 @@ def summarise_rows(
             values = [r.get(metric) for r in mine if r.get(metric) is not None]
             if values:
                 summary.append(_interval_row(variant, metric, mean_interval(values)))
+        against = {r["seed"]: r for r in rows if r["variant"] == reference}
         for metric in PAIRED:
-            pairs = [
-                (r[metric], r[f"baseline_{metric}"])
-                for r in mine
-                if r.get(metric) is not None and r.get(f"baseline_{metric}") is not None
-            ]
+            if reference is None:
+                pairs = [(r.get(metric), r.get(f"baseline_{metric}")) for r in mine]
+            else:
+                pairs = [(r.get(metric), against.get(r["seed"], {}).get(metric)) for r in mine]
+            pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
             if pairs:
                 diff = paired_interval([a for a, _ in pairs], [b for _, b in pairs])
-                paired.append(_interval_row(variant, f"{metric} - baseline", diff))
+                paired.append(_interval_row(variant, f"{metric} - {reference or 'baseline'}", diff))
     return summary, paired
 
 
@@ -295,9 +316,14 @@ def _write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
 
 
 def markdown_table(
-    summary: Sequence[dict[str, Any]], paired: Sequence[dict[str, Any]], variants: Sequence[str]
+    summary: Sequence[dict[str, Any]],
+    paired: Sequence[dict[str, Any]],
+    variants: Sequence[str],
+    reference: str | None = None,
 ) -> str:
-    """Variant | n | test mAP | Δ test mAP vs baseline | test CF1 | test OF1 | shift mAP."""
+    """Variant | n | test mAP | Δ test mAP | test CF1 | test OF1 | shift mAP | Δ shift mAP,
+    then mAP by training-frequency bucket (head / medium / tail) with its Δ."""
+    against = reference or "baseline"
 
     def cell(rows, variant, metric) -> str:
         found = next((r for r in rows if r["variant"] == variant and r["metric"] == metric), None)
@@ -311,7 +337,7 @@ def markdown_table(
         )
 
     lines = [
-        "| variant | n | test mAP | Δ test mAP vs baseline (paired) | test CF1 | test OF1 "
+        f"| variant | n | test mAP | Δ test mAP vs {against} | test CF1 | test OF1 "
         "| shift mAP | Δ shift mAP |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -319,10 +345,27 @@ def markdown_table(
         n = next((r["n"] for r in summary if r["variant"] == v and r["metric"] == "test_mAP"), 0)
         lines.append(
             f"| {v} | {n} | {cell(summary, v, 'test_mAP')} | "
-            f"{cell(paired, v, 'test_mAP - baseline')} | {cell(summary, v, 'test_CF1')} | "
+            f"{cell(paired, v, f'test_mAP - {against}')} | {cell(summary, v, 'test_CF1')} | "
             f"{cell(summary, v, 'test_OF1')} | {cell(summary, v, 'shift_mAP')} | "
-            f"{cell(paired, v, 'shift_mAP - baseline')} |"
+            f"{cell(paired, v, f'shift_mAP - {against}')} |"
         )
+    buckets = ("head", "medium", "tail")
+    if any(r["metric"].startswith("test_mAP_") for r in summary):
+        lines += [
+            "",
+            f"test mAP by training frequency (DB paper's buckets), and Δ vs {against}:",
+            "",
+            "| variant | " + " | ".join(f"{b} | Δ {b}" for b in buckets) + " |",
+            "|---|" + "---|---|" * len(buckets),
+        ]
+        for v in variants:
+            cells = [
+                cell(summary, v, f"test_mAP_{b}")
+                + " | "
+                + cell(paired, v, f"test_mAP_{b} - {against}")
+                for b in buckets
+            ]
+            lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -330,16 +373,23 @@ def write_study(
     rows: list[dict[str, Any]], variants: Sequence[str], out: Path, cfg: Config
 ) -> StudyResult:
     out.mkdir(parents=True, exist_ok=True)
-    summary, paired = summarise_rows(rows, variants)
+    summary, paired = summarise_rows(rows, variants, cfg.study.reference)
     _write_csv(rows, out / "study.csv")
     _write_csv(summary, out / "study_summary.csv")
     _write_csv(paired, out / "study_paired.csv")
-    table = markdown_table(summary, paired, variants)
+    table = markdown_table(summary, paired, variants, cfg.study.reference)
     grid = ", ".join(f"`{k}` ∈ {list(v)}" for k, v in cfg.study.grid.items()) or "none"
+    if cfg.study.variants:
+        grid += "; variants " + "; ".join(variant_name(dict(v)) for v in cfg.study.variants)
+    compared = (
+        "the baseline trained with the same seed"
+        if cfg.study.reference is None
+        else f"variant {cfg.study.reference} at the same seed"
+    )
     (out / "study.md").write_text(
         f"# Study {cfg.name}\n\nGrid: {grid}; seeds {list(cfg.study.seeds)}. Mean over seeds "
-        "with 95% t-intervals, in %; Δ is the per-seed paired difference to the baseline "
-        "trained with the same seed. Selected on val, reported on the held-out test split.\n\n"
+        f"with 95% t-intervals, in %; Δ is the per-seed paired difference to {compared}. "
+        "Selected on val, reported on the held-out test split.\n\n"
         f"{table}\n"
     )
     plot_study(rows, summary, paired, cfg, out)
@@ -372,7 +422,7 @@ def plot_study(rows, summary, paired, cfg: Config, out: Path) -> list[Path]:
     errors = list(zip(*(err(stat(v, "test_mAP")) for v in variants), strict=True))
     ax.bar(range(len(variants)), means, yerr=errors, capsize=4, color="#3182bd")
     base = stat(variants[0], "baseline_test_mAP")
-    if base is not None:
+    if base is not None and cfg.study.reference is None:
         ax.axhline(100 * base["mean"], color="#636363", ls="--", lw=1, label="baseline")
         ax.legend(fontsize=8)
     ax.set_xticks(range(len(variants)), variants, rotation=30, ha="right", fontsize=8)
@@ -380,7 +430,8 @@ def plot_study(rows, summary, paired, cfg: Config, out: Path) -> list[Path]:
     lo = min(m - e for m, e in zip(means, errors[0], strict=True))
     ax.set_ylim(max(0.0, lo - 5), None)
     ax.set_title("final model, mean ± 95% CI over seeds", fontsize=9)
-    deltas = [stat(v, "test_mAP - baseline", paired) for v in variants]
+    against = cfg.study.reference or "baseline"
+    deltas = [stat(v, f"test_mAP - {against}", paired) for v in variants]
     ax2.bar(
         range(len(variants)),
         [100 * d["mean"] if d else 0.0 for d in deltas],
@@ -390,7 +441,7 @@ def plot_study(rows, summary, paired, cfg: Config, out: Path) -> list[Path]:
     )
     ax2.axhline(0.0, color="black", lw=0.8)
     ax2.set_xticks(range(len(variants)), variants, rotation=30, ha="right", fontsize=8)
-    ax2.set_ylabel("Δ test mAP vs baseline (pts)")
+    ax2.set_ylabel(f"Δ test mAP vs {against} (pts)")
     ax2.set_title("paired by seed", fontsize=9)
     fig.suptitle(f"{cfg.name}: held-out test split", fontsize=10)
     fig.savefig(out / "study_modes.png", dpi=120, bbox_inches="tight")

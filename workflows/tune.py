@@ -33,7 +33,7 @@ from mlcore import configlib
 from mlcore.configlib import ConfigError
 from mlcore.experiment import resolve_dataset, train_classifier
 from workflows.config import USER_ERRORS, Config, SweepConfig, config_path, load_config
-from workflows.runtime import init_ray
+from workflows.runtime import device_for_task, init_ray
 from workflows.storage import Storage
 from workflows.tracking import (
     RunLogger,
@@ -154,7 +154,7 @@ def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
     from ray import tune
 
     trial = tune.get_context()
-    cfg = apply_params(ctx.cfg, params)
+    cfg = device_for_task(apply_params(ctx.cfg, params), f"trial {trial.get_trial_id()}")
     # Inside Tune's local trial dir (artifact sync is off): Tune may end the trial's process
     # right after its last report, and the Ray session owns and removes that directory.
     work = Path(trial.get_trial_dir()) / "run"
