@@ -65,6 +65,14 @@ def preflight(cfg: Config) -> int:
     return num_classes
 
 
+def spill_dir_for(storage: Storage, name: str) -> Path:
+    """Where the job's own unsent MLflow records go: its storage folder, or on object
+    storage a local folder of the driver (``./mlflow-unsent/<name>``)."""
+    if storage.is_local:
+        return Path(storage.path(name))
+    return Path.cwd() / "mlflow-unsent" / name
+
+
 def run_pipeline(cfg: Config, *, log: Callable[[str], None] = print) -> RunSummary:
     """Run every stage of ``cfg`` on Ray; returns the summary (also written and logged)."""
     num_classes = preflight(cfg)
@@ -76,7 +84,7 @@ def run_pipeline(cfg: Config, *, log: Callable[[str], None] = print) -> RunSumma
         "loss_source": cfg.loss.source or "config",
     }
     tracking = (
-        parent_run(cfg.mlflow, cfg.name, params, tags)
+        parent_run(cfg.mlflow, cfg.name, params, tags, spill_dir=spill_dir_for(storage, cfg.name))
         if cfg.mlflow.enabled
         else contextlib.nullcontext((None, NullRunLogger()))
     )

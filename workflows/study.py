@@ -40,7 +40,7 @@ from mlcore.experiment import resolve_dataset
 from mlcore.stats import mean_interval, paired_interval
 from workflows.config import USER_ERRORS, Config, config_path, load_config
 from workflows.graph import ConfigRefs, StageGraph
-from workflows.pipeline import preflight
+from workflows.pipeline import preflight, spill_dir_for
 from workflows.report import collect, final_keys, summarise, write_summary
 from workflows.runtime import init_ray
 from workflows.stages import JobContext
@@ -141,7 +141,13 @@ def run_study(cfg: Config, *, log: Callable[[str], None] = print) -> StudyResult
     storage = Storage(cfg.storage_path)
     params = {**flat_params(cfg), "git_commit": git_commit()}
     tracking = (
-        parent_run(cfg.mlflow, cfg.name, params, {"cpsd.study": cfg.name})
+        parent_run(
+            cfg.mlflow,
+            cfg.name,
+            params,
+            {"cpsd.study": cfg.name},
+            spill_dir=spill_dir_for(storage, cfg.name),
+        )
         if cfg.mlflow.enabled
         else contextlib.nullcontext((None, NullRunLogger()))
     )

@@ -402,7 +402,11 @@ def _terminating(
 
 
 def start_parent(
-    cfg: MlflowConfig, name: str, params: Mapping[str, Any], tags: Mapping[str, str]
+    cfg: MlflowConfig,
+    name: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str],
+    spill_dir: str | os.PathLike | None = None,
 ) -> tuple[Tracker, RunLogger]:
     """Check the store, create the job's parent run; returns the tracker for children."""
     uri = resolve_tracking_uri(cfg)
@@ -414,17 +418,24 @@ def start_parent(
     except Exception as err:
         raise TrackingUnavailable(f"MLflow at {uri} failed: {err}") from err
     log_params(client, run.info.run_id, params)
-    return Tracker(uri, exp, run.info.run_id), RunLogger(client, run.info.run_id)
+    return Tracker(uri, exp, run.info.run_id), RunLogger(client, run.info.run_id, spill_dir)
 
 
 @contextlib.contextmanager
 def parent_run(
-    cfg: MlflowConfig, name: str, params: Mapping[str, Any], tags: Mapping[str, str]
+    cfg: MlflowConfig,
+    name: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str],
+    spill_dir: str | os.PathLike | None = None,
 ) -> Iterator[tuple[Tracker, RunLogger]]:
-    """The job's parent run; on any exit, children left RUNNING are marked KILLED."""
+    """The job's parent run; on any exit, children left RUNNING are marked KILLED.
+
+    ``spill_dir``: where the parent's unsent records go if the server never comes back.
+    """
     tracker, logger = start_parent(cfg, name, params, tags)
     try:
-        with _terminating(logger.client, logger.run_id) as buffered:
+        with _terminating(logger.client, logger.run_id, spill_dir) as buffered:
             yield tracker, buffered
     finally:
         with contextlib.suppress(Exception):  # never hide the job's own outcome
