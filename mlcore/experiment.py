@@ -2,11 +2,13 @@
 
 ``train_classifier`` is the one entry point that trains a model (a baseline, a CPSD teacher on a
 label subset, or anything else) from config: dataset, loaders, model, loss, adaptive controller.
+Every model it trains leaves a model bundle (``mlcore.bundle``) next to its ``best.pt``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from mlcore.bundle import BUNDLE_FILE, ModelBundle, Preprocessing, class_embeddings_of
 from mlcore.config import DataConfig, ExperimentConfig, LossConfig, TrainConfig
 from mlcore.data.dataset import MultiLabelDataset, build_transform
 from mlcore.data.manifest import Manifest
@@ -21,7 +24,14 @@ from mlcore.data.sampler import ClassAwareSampler
 from mlcore.data.synth import ensure_generated
 from mlcore.losses import build_asymmetry_controller, build_loss
 from mlcore.models import build_model_from_config
-from mlcore.train import MetricsCallback, Objective, Supervised, TrainResult, train
+from mlcore.train import (
+    MetricsCallback,
+    Objective,
+    Supervised,
+    TrainResult,
+    load_checkpoint,
+    train,
+)
 
 
 def resolve_dataset(cfg: DataConfig) -> Path:
@@ -126,7 +136,7 @@ def train_classifier(
     model = build_model_from_config(cfg.model, num_outputs)
     loss = build_criterion(cfg.loss, manifest, cfg.data, class_subset)
     controller = build_asymmetry_controller(cfg.loss, loss)
-    return train(
+    result = train(
         model,
         train_loader,
         val_loader,
@@ -139,3 +149,50 @@ def train_classifier(
         on_step=on_step,
         log=log,
     )
+    write_training_bundle(cfg, manifest, model, result, class_subset, train_loader)
+    return result
+
+
+def write_training_bundle(
+    cfg: ExperimentConfig,
+    manifest: Manifest,
+    model: torch.nn.Module,
+    result: TrainResult,
+    class_subset: Sequence[int] | None,
+    train_loader: DataLoader,
+) -> Path:
+    """``model.bundle.pt`` beside ``best.pt``: the selected weights and all that describes them.
+
+    The metadata records the training positives per output class, which ``cpsd evaluate``
+    buckets into head/medium/tail, and the dataset, which it evaluates on by default.
+    """
+    names = manifest.class_names
+    subset = list(class_subset) if class_subset is not None else list(range(len(names)))
+    positives = train_loader.dataset.targets.sum(0).long().tolist()
+    metadata = {
+        "best_epoch": result.best_epoch,
+        # JSON has no NaN: metrics that were undefined in an epoch are left out.
+        "best_epoch_metrics": {
+            k: float(v)
+            for k, v in result.best_metrics.items()
+            if isinstance(v, int | float) and math.isfinite(v)
+        },
+        "train_positives": positives,
+        "train_images": len(train_loader.dataset),
+        "dataset": {
+            "name": manifest.info.name,
+            "root": str(Path(manifest.root).resolve()),
+            "class_indices": subset,
+            "train_split": cfg.data.train_split,
+            "val_split": cfg.data.val_split,
+        },
+    }
+    bundle = ModelBundle(
+        model=cfg.model,
+        class_names=tuple(names[c] for c in subset),
+        preprocessing=Preprocessing(image_size=cfg.data.image_size),
+        state_dict=load_checkpoint(result.best_checkpoint)["model"],
+        class_embeddings=class_embeddings_of(model),
+        metadata=metadata,
+    )
+    return bundle.save(result.out_dir / BUNDLE_FILE)
