@@ -47,7 +47,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -270,18 +270,21 @@ def read_image(source: ImageSource) -> Image.Image:
     """Decode a path or encoded bytes to an RGB image.
 
     Raises:
-        UnreadableImage: Missing file, not an image, truncated or otherwise undecodable.
+        UnreadableImage: Missing file, not an image, truncated or otherwise undecodable; the
+            message says which, without repeating the source.
     """
-    where = f"{len(source)} bytes" if isinstance(source, bytes) else str(source)
     try:
-        handle = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
-        with handle, Image.open(handle) as image:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             return image.convert("RGB")
+    except FileNotFoundError as err:
+        raise UnreadableImage("no such file") from err
+    except UnidentifiedImageError as err:
+        raise UnreadableImage("not an image file (or a format Pillow cannot read)") from err
     # Image decoders raise many exception types for hostile or broken files (OSError,
     # SyntaxError from PNG chunks, DecompressionBombError, struct.error, ...); every one of them
     # means "this input is not a usable image", which callers report and skip.
     except Exception as err:
-        raise UnreadableImage(f"{where}: {type(err).__name__}: {err}") from err
+        raise UnreadableImage(f"cannot decode ({type(err).__name__}: {err})") from err
 
 
 class _Sources(Dataset):

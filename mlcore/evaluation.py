@@ -285,7 +285,7 @@ def plot_pr_curves(
         ax.set_ylabel("precision")
         ax.set_title(f"{len(chosen)} {label} classes by AP")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     if title:
         fig.suptitle(title)
     path = Path(path)
@@ -320,7 +320,7 @@ def plot_threshold_sweep(sweep: dict[str, np.ndarray], path: str | os.PathLike, 
     ax.set_xlabel("global threshold on the sigmoid probability")
     ax.set_ylabel("score")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2, loc="lower center")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(title or "Thresholded metrics against the global threshold")
     path = Path(path)
     fig.savefig(path, dpi=120, bbox_inches="tight")

@@ -310,10 +310,17 @@ def describe_run(client: MlflowClient, run_id: str, *, role: str, description: s
     client.log_batch(run_id, tags=[RunTag(ROLE_TAG, role), RunTag(NOTE_TAG, description)])
 
 
-def describe_experiment(client: MlflowClient, experiment_id: str, description: str) -> None:
-    """Set the experiment's description and make the UI open it on its training runs."""
-    client.set_experiment_tag(experiment_id, NOTE_TAG, description)
+def describe_experiment(
+    client: MlflowClient, experiment_id: str, description: str | None = None
+) -> None:
+    """Make the UI open the experiment on its training runs; set its description if given.
+
+    MLflow 3.17 opens experiments on the GenAI overview unless ``mlflow.experimentKind`` says
+    the experiment is model training.
+    """
     client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    if description is not None:
+        client.set_experiment_tag(experiment_id, NOTE_TAG, description)
 
 
 def final_metrics(

@@ -9,29 +9,75 @@ from pathlib import Path
 import yaml
 
 from mlcore import configlib
-from mlcore.experiment import train_classifier
+from mlcore.bundle import BUNDLE_FILE
+from mlcore.cpsd import evaluate_split
+from mlcore.data.manifest import read_info
+from mlcore.experiment import resolve_dataset, train_classifier
 from mlcore.train import TrainResult
 from workflows.config import Config
-from workflows.tracking import NullRunLogger, flat_params, git_commit, parent_run
+from workflows.tracking import (
+    NullRunLogger,
+    describe_experiment,
+    describe_run,
+    final_metrics,
+    flat_params,
+    git_commit,
+    log_dataset_input,
+    log_final_metrics,
+    parent_run,
+    runs_page_link,
+    source_tags,
+)
+
+ROLE = "train"
+
+
+def run_description(cfg: Config, num_classes: int, dataset: str) -> str:
+    """What the run's numbers cover (shown as the run's description in MLflow)."""
+    return (
+        f"cpsd train: {cfg.model.backbone} with a {cfg.model.head} head and {cfg.loss.name} "
+        f"loss on all {num_classes} classes of '{dataset}'. val_mAP is the selected weights' "
+        "mAP each epoch (the better of val_mAP_plain, the trained weights, and val_mAP_ema, "
+        "their moving average); best_val_mAP and best_epoch are the kept epoch; test_mAP and "
+        "shift_mAP evaluate it on the 'test' and 'test_shift' splits when the dataset has them; "
+        "num_classes_evaluated is how many classes every mAP averages over."
+    )
 
 
 def train_one(cfg: Config, out_dir: str | Path | None = None) -> TrainResult:
     """Train the configured model on all classes; write config, metrics and scores.
 
-    With ``mlflow.enabled`` the run is logged as ``<name>-train`` (params, per-epoch metrics
-    under the pipeline's names, the best checkpoint).
+    With ``mlflow.enabled`` the run ``<name>-train`` gets params, per-epoch metrics, the final
+    keys, its datasets, the best checkpoint, an MLflow model (``mlflow.log_models``) and a
+    Model Registry version with alias ``train`` (``mlflow.registered_model``).
     """
     out = Path(out_dir) if out_dir else Path(cfg.storage_path) / cfg.name / "train"
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(configlib.to_dict(cfg), sort_keys=False))
     params = {**flat_params(cfg), "git_commit": git_commit()}
+    tags = {"cpsd.kind": "train", **source_tags("cpsd train")}
     tracking = (
-        parent_run(cfg.mlflow, f"{cfg.name}-train", params, {"cpsd.kind": "train"})
+        parent_run(cfg.mlflow, f"{cfg.name}-train", params, tags)
         if cfg.mlflow.enabled
         else contextlib.nullcontext((None, NullRunLogger()))
     )
     history: list[dict[str, float]] = []
-    with tracking as (_, run):
+    with tracking as (tracker, run):
+        dataset = resolve_dataset(cfg.data)
+        info = read_info(dataset)
+        if tracker is not None:
+            describe_experiment(run.client, tracker.experiment_id)
+            describe_run(
+                run.client,
+                run.run_id,
+                role=ROLE,
+                description=run_description(cfg, info.num_classes, info.name),
+            )
+            for split, context in (
+                (cfg.data.train_split, "training"),
+                (cfg.data.val_split, "validation"),
+            ):
+                log_dataset_input(run.client, run.run_id, dataset, split, context=context)
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             history.append({"epoch": epoch, **metrics})
@@ -40,6 +86,41 @@ def train_one(cfg: Config, out_dir: str | Path | None = None) -> TrainResult:
 
         result = train_classifier(cfg, out, on_epoch=on_epoch)
         (out / "metrics.json").write_text(json.dumps(result.history, indent=1))
+        test = evaluate_split(cfg, result.best_checkpoint, "test")
+        shift = evaluate_split(cfg, result.best_checkpoint, "test_shift")
+        final = final_metrics(
+            best_val_mAP=result.best_metrics["val_mAP"],
+            best_epoch=result.best_epoch,
+            num_classes_evaluated=info.num_classes,
+            test_mAP=test and test["mAP"],
+            shift_mAP=shift and shift["mAP"],
+        )
+        (out / "final.json").write_text(json.dumps(final, indent=1))
+        if tracker is None:
+            return result
+        if test is not None:
+            log_dataset_input(run.client, run.run_id, dataset, "test", context="test")
+        log_final_metrics(run.client, run.run_id, final, step=result.best_epoch)
         if cfg.mlflow.log_checkpoints:
             run.artifact(result.best_checkpoint, "checkpoints")
+        if cfg.mlflow.log_models:
+            from workflows.mlflow_model import log_model, register_model
+
+            model_id = log_model(
+                tracker.uri, run.run_id, out / BUNDLE_FILE, step=result.best_epoch, tags=tags
+            )
+            if cfg.mlflow.registered_model:
+                version = register_model(
+                    tracker.uri,
+                    model_id,
+                    cfg.mlflow.registered_model,
+                    alias=ROLE,
+                    tags={"cpsd.role": ROLE, **final},
+                )
+                name = cfg.mlflow.registered_model
+                print(f"registered models:/{name}/{version.version} = models:/{name}@{ROLE}")
+        link = runs_page_link(tracker.uri, tracker.experiment_id)
+        if not tracker.uri.startswith(("http://", "https://")):
+            link += f"  (after: mlflow ui --backend-store-uri {tracker.uri})"
+        print(f"MLflow runs: {link}")
     return result
