@@ -204,7 +204,7 @@ def save_model(
 
 @contextlib.contextmanager
 def _global_tracking(uri: str) -> Iterator[None]:
-    """``Model.log`` reads MLflow's process-wide tracking URI."""
+    """Point MLflow's process-wide tracking URI at ``uri`` for APIs that read only that."""
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
@@ -276,13 +276,15 @@ def register_model(
     with contextlib.suppress(MlflowException):  # it exists already: add a version to it
         client.create_registered_model(name)
     logged = client.get_logged_model(model_id)
-    version = client.create_model_version(
-        name,
-        source=logged.artifact_location,
-        run_id=logged.source_run_id,
-        tags={k: str(v) for k, v in (tags or {}).items()},
-        model_id=model_id,
-    )
+    # The registry resolves a models:/<id> source through the process-wide tracking URI.
+    with _global_tracking(tracking_uri):
+        version = client.create_model_version(
+            name,
+            source=f"models:/{model_id}",
+            run_id=logged.source_run_id,
+            tags={k: str(v) for k, v in (tags or {}).items()},
+            model_id=model_id,
+        )
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
     return version
@@ -343,9 +345,11 @@ def open_bundle(ref: str, tracking_uri: str | None = None) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="cpsd-model-") as scratch:
         store = tracking_uri or mlflow.get_tracking_uri()
         try:
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=uri, dst_path=scratch, tracking_uri=store, registry_uri=store
-            )
+            # runs:/ URIs find the run's logged model through the process-wide tracking URI.
+            with _global_tracking(store):
+                local = mlflow.artifacts.download_artifacts(
+                    artifact_uri=uri, dst_path=scratch, tracking_uri=store, registry_uri=store
+                )
         except MlflowException as err:
             raise FileNotFoundError(f"--model {ref}: {err.message}") from err
         yield find_bundle(local)

@@ -41,7 +41,7 @@ class Inputs:
         self.sources.append(source)
 
 
-def collect_images(arguments: Iterable[str], stdin: TextIO = sys.stdin) -> Inputs:
+def collect_images(arguments: Iterable[str], stdin: TextIO | None = None) -> Inputs:
     """Files as given, directories searched recursively for image files, ``-``: paths on stdin.
 
     A file named explicitly is taken whatever its suffix (it is reported if it does not
@@ -51,7 +51,7 @@ def collect_images(arguments: Iterable[str], stdin: TextIO = sys.stdin) -> Input
     inputs = Inputs()
     for argument in arguments:
         if argument == "-":
-            for line in stdin:
+            for line in stdin or sys.stdin:
                 if line.strip():
                     _add_path(inputs, line.strip())
         else:

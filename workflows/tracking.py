@@ -13,6 +13,7 @@ Metric names are the same on every run (``val_mAP``, ``val_CF1``, ``val_OF1``, `
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -398,12 +399,62 @@ def log_dataset_input(
     client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
 
 
-def runs_page_link(tracking_uri: str, experiment_id: str, ui_url: str | None = None) -> str:
-    """Deep link to the experiment's runs in model-training mode.
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # where the MLflow UI looks up a shared view
+
+
+def share_runs_view(
+    client: MlflowClient,
+    experiment_id: str,
+    *,
+    group_by_tag: str = ROLE_TAG,
+    metrics: tuple[str, ...] = FINAL_KEYS,
+) -> str:
+    """Save a runs-table view in the experiment: grouped by ``cpsd.role``, final keys shown.
+
+    The MLflow UI opens a runs page whose URL carries ``viewStateShareKey=<key>`` with the view
+    stored in the experiment tag ``mlflow.sharedViewState.<key>`` (what its Share button
+    writes). The key hashes the view, so sharing the same view again reuses it.
+
+    Returns:
+        The share key for :func:`runs_page_link`.
+    """
+    columns = [f"metrics.`{m}`" for m in metrics] + [
+        "attributes.`Models`",
+        "attributes.`Dataset`",
+        "attributes.`Source`",
+    ]
+    view = {
+        "searchFilter": "",
+        "orderByKey": "attributes.start_time",
+        "orderByAsc": False,
+        "startTime": "ALL",
+        "lifecycleFilter": "Active",
+        "datasetsFilter": [],
+        "modelVersionFilter": "All Runs",
+        "selectedColumns": columns,
+        # The final keys first: without an order the table appends metrics after every
+        # attribute column, off screen.
+        "columnOrder": columns,
+        "groupBy": {
+            "aggregateFunction": "average",
+            "groupByKeys": [{"mode": "tag", "groupByData": group_by_tag}],
+        },
+    }
+    text = json.dumps(view, sort_keys=True)
+    key = "cpsd-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+    client.set_experiment_tag(experiment_id, VIEW_TAG_PREFIX + key, text)
+    return key
+
+
+def runs_page_link(
+    tracking_uri: str, experiment_id: str, ui_url: str | None = None, view: str | None = None
+) -> str:
+    """Deep link to the experiment's runs in model-training mode (optionally a shared view).
 
     A server URI links to that server; a local store links to ``ui_url`` (default
-    ``mlflow ui``'s http://127.0.0.1:5000).
+    ``mlflow ui``'s http://127.0.0.1:5000). ``view`` is a key from :func:`share_runs_view`.
     """
     base = tracking_uri if tracking_uri.startswith(("http://", "https://")) else ui_url
     base = (base or LOCAL_UI).rstrip("/")
-    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    link = f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return link + (f"&viewStateShareKey={view}" if view else "")

@@ -26,6 +26,7 @@ from workflows.tracking import (
     log_final_metrics,
     parent_run,
     runs_page_link,
+    share_runs_view,
     source_tags,
 )
 
@@ -119,7 +120,8 @@ def train_one(cfg: Config, out_dir: str | Path | None = None) -> TrainResult:
                 )
                 name = cfg.mlflow.registered_model
                 print(f"registered models:/{name}/{version.version} = models:/{name}@{ROLE}")
-        link = runs_page_link(tracker.uri, tracker.experiment_id)
+        view = share_runs_view(run.client, tracker.experiment_id)
+        link = runs_page_link(tracker.uri, tracker.experiment_id, view=view)
         if not tracker.uri.startswith(("http://", "https://")):
             link += f"  (after: mlflow ui --backend-store-uri {tracker.uri})"
         print(f"MLflow runs: {link}")
