@@ -359,3 +359,68 @@ def read_logged_bundle(ref: str, tracking_uri: str | None = None) -> ModelBundle
     """The bundle behind any ``--model`` form, read into memory."""
     with open_bundle(ref, tracking_uri) as path:
         return load_bundle(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# One call per trained model
+
+
+def record_trained_model(
+    tracking_uri: str,
+    run_id: str,
+    *,
+    role: str,
+    description: str,
+    bundle: str | os.PathLike,
+    final: Mapping[str, float],
+    best_epoch: int,
+    dataset_root: str | os.PathLike | None = None,
+    splits: Mapping[str, str] | None = None,
+    log_models: bool = True,
+    registered_model: str | None = None,
+) -> str | None:
+    """Everything MLflow shows about one trained model, on its (still open) run.
+
+    Sets the description and ``cpsd.role``, logs the dataset splits as inputs, the final keys
+    at the best epoch, then the MLflow model (linked to those metrics), and registers it under
+    ``registered_model`` with the role as alias and the final keys as version tags.
+
+    Args:
+        tracking_uri: The run's tracking store.
+        run_id: The run.
+        role: ``teacher``, ``student``, ``baseline``, ``train`` or ``trial``.
+        description: What the run's numbers cover (``mlflow.note.content``).
+        bundle: The model's ``model.bundle.pt``.
+        final: From ``workflows.tracking.final_metrics``.
+        best_epoch: The step the model and the final keys are logged at.
+        dataset_root: Dataset directory whose splits are logged as inputs (None: none).
+        splits: Split name -> context (``training``, ``validation``, ``test``).
+        log_models: Log the MLflow model (config ``mlflow.log_models``).
+        registered_model: Registry name (config ``mlflow.registered_model``; None: skip).
+
+    Returns:
+        The logged model's id, or None when ``log_models`` is off.
+    """
+    from workflows.tracking import describe_run, log_dataset_input, log_final_metrics
+
+    client = mlflow.MlflowClient(tracking_uri)
+    describe_run(client, run_id, role=role, description=description)
+    for split, context in (splits or {}).items():
+        log_dataset_input(client, run_id, dataset_root, split, context=context)
+    log_final_metrics(client, run_id, final, step=best_epoch)
+    if not log_models:
+        return None
+    model_id = log_model(tracking_uri, run_id, bundle, step=best_epoch, tags={"cpsd.role": role})
+    if registered_model:
+        version = register_model(
+            tracking_uri,
+            model_id,
+            registered_model,
+            alias=role,
+            tags={"cpsd.role": role, **final},
+        )
+        print(
+            f"registered models:/{registered_model}/{version.version} = "
+            f"models:/{registered_model}@{role}"
+        )
+    return model_id

@@ -15,15 +15,13 @@ from mlcore.data.manifest import read_info
 from mlcore.experiment import resolve_dataset, train_classifier
 from mlcore.train import TrainResult
 from workflows.config import Config
+from workflows.mlflow_model import record_trained_model
 from workflows.tracking import (
     NullRunLogger,
     describe_experiment,
-    describe_run,
     final_metrics,
     flat_params,
     git_commit,
-    log_dataset_input,
-    log_final_metrics,
     parent_run,
     runs_page_link,
     share_runs_view,
@@ -68,17 +66,6 @@ def train_one(cfg: Config, out_dir: str | Path | None = None) -> TrainResult:
         info = read_info(dataset)
         if tracker is not None:
             describe_experiment(run.client, tracker.experiment_id)
-            describe_run(
-                run.client,
-                run.run_id,
-                role=ROLE,
-                description=run_description(cfg, info.num_classes, info.name),
-            )
-            for split, context in (
-                (cfg.data.train_split, "training"),
-                (cfg.data.val_split, "validation"),
-            ):
-                log_dataset_input(run.client, run.run_id, dataset, split, context=context)
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             history.append({"epoch": epoch, **metrics})
@@ -99,27 +86,24 @@ def train_one(cfg: Config, out_dir: str | Path | None = None) -> TrainResult:
         (out / "final.json").write_text(json.dumps(final, indent=1))
         if tracker is None:
             return result
-        if test is not None:
-            log_dataset_input(run.client, run.run_id, dataset, "test", context="test")
-        log_final_metrics(run.client, run.run_id, final, step=result.best_epoch)
         if cfg.mlflow.log_checkpoints:
             run.artifact(result.best_checkpoint, "checkpoints")
-        if cfg.mlflow.log_models:
-            from workflows.mlflow_model import log_model, register_model
-
-            model_id = log_model(
-                tracker.uri, run.run_id, out / BUNDLE_FILE, step=result.best_epoch, tags=tags
-            )
-            if cfg.mlflow.registered_model:
-                version = register_model(
-                    tracker.uri,
-                    model_id,
-                    cfg.mlflow.registered_model,
-                    alias=ROLE,
-                    tags={"cpsd.role": ROLE, **final},
-                )
-                name = cfg.mlflow.registered_model
-                print(f"registered models:/{name}/{version.version} = models:/{name}@{ROLE}")
+        splits = {cfg.data.train_split: "training", cfg.data.val_split: "validation"}
+        if test is not None:
+            splits["test"] = "test"
+        record_trained_model(
+            tracker.uri,
+            run.run_id,
+            role=ROLE,
+            description=run_description(cfg, info.num_classes, info.name),
+            bundle=out / BUNDLE_FILE,
+            final=final,
+            best_epoch=result.best_epoch,
+            dataset_root=dataset,
+            splits=splits,
+            log_models=cfg.mlflow.log_models,
+            registered_model=cfg.mlflow.registered_model,
+        )
         view = share_runs_view(run.client, tracker.experiment_id)
         link = runs_page_link(tracker.uri, tracker.experiment_id, view=view)
         if not tracker.uri.startswith(("http://", "https://")):
