@@ -32,6 +32,7 @@ from mlcore.data.dataset import MultiLabelDataset
 from mlcore.data.manifest import Manifest, manifest_digest
 from mlcore.evaluation import read_thresholds
 from mlcore.export import HEAD_ADAPTERS, ExportError, export_bundle
+from mlcore.metrics import multilabel_report
 from mlcore.models import build_model_from_config
 from mlcore.train import predict
 from workflows.cli import run
@@ -386,3 +387,34 @@ def test_final_keys_and_links():
         "http://10.0.0.2:5000/#/experiments/7/runs?workflowType=machine_learning&"
         "viewStateShareKey=k"
     )
+
+
+def test_a_teacher_bundle_evaluates_on_its_own_classes(trained, tiny_config, tmp_path, capsys):
+    """A model on a label subset keeps its class order; evaluate matches classes by name."""
+    from mlcore.experiment import train_classifier
+
+    subset = [3, 1]
+    train_classifier(tiny_config, tmp_path / "teacher", class_subset=subset, epochs=1)
+    bundle = load_bundle(tmp_path / "teacher" / BUNDLE_FILE)
+    names = trained.manifest.class_names
+    assert bundle.class_names == (names[3], names[1])
+    assert bundle.metadata["dataset"]["class_indices"] == subset
+    out = tmp_path / "eval"
+    assert cli("evaluate", "--model", str(tmp_path / "teacher"), "--out", str(out)) == 0
+    rows = list(csv.DictReader((out / "per_class.csv").open()))
+    assert sorted(r["class"] for r in rows) == sorted(bundle.class_names)
+    saved = np.load(tmp_path / "teacher" / "val_scores.npz")
+    report = json.loads((out / "report.json").read_text())
+    assert report["classes"] == 2
+    assert report["metrics"]["mAP"] == pytest.approx(
+        multilabel_report(saved["scores"], saved["targets"])["mAP"], abs=1e-6
+    )
+
+
+def test_registered_model_config_is_checked():
+    from workflows.config import ConfigError, MlflowConfig
+
+    with pytest.raises(ConfigError, match=r"needs mlflow\.log_models"):
+        MlflowConfig(registered_model="m", log_models=False)
+    with pytest.raises(ConfigError, match="non-empty"):
+        MlflowConfig(registered_model=" ")

@@ -34,6 +34,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +98,10 @@ class BundlePyfunc:
                 sources.append(source)
                 positions.append(i)
         for batch in self.classifier.iter_scores(sources):
-            for index, row_scores in zip(batch.indices, batch.scores, strict=True):
-                chosen = decision.select(row_scores[None, :])[0]
+            chosen_rows = decision.select(batch.scores)
+            for index, row_scores, chosen in zip(
+                batch.indices, batch.scores, chosen_rows, strict=True
+            ):
                 labels[positions[index]] = [names[c] for c in chosen]
                 scores[positions[index]] = [float(row_scores[c]) for c in chosen]
             for index, reason in batch.failures:
@@ -365,6 +368,14 @@ def read_logged_bundle(ref: str, tracking_uri: str | None = None) -> ModelBundle
 # One call per trained model
 
 
+@dataclass(frozen=True)
+class RecordedModel:
+    """What :func:`record_trained_model` created (None where switched off)."""
+
+    model_id: str | None
+    registered: str | None  # ``models:/<name>/<version>``
+
+
 def record_trained_model(
     tracking_uri: str,
     run_id: str,
@@ -378,7 +389,7 @@ def record_trained_model(
     splits: Mapping[str, str] | None = None,
     log_models: bool = True,
     registered_model: str | None = None,
-) -> str | None:
+) -> RecordedModel:
     """Everything MLflow shows about one trained model, on its (still open) run.
 
     Sets the description and ``cpsd.role``, logs the dataset splits as inputs, the final keys
@@ -397,9 +408,6 @@ def record_trained_model(
         splits: Split name -> context (``training``, ``validation``, ``test``).
         log_models: Log the MLflow model (config ``mlflow.log_models``).
         registered_model: Registry name (config ``mlflow.registered_model``; None: skip).
-
-    Returns:
-        The logged model's id, or None when ``log_models`` is off.
     """
     from workflows.tracking import describe_run, log_dataset_input, log_final_metrics
 
@@ -409,18 +417,12 @@ def record_trained_model(
         log_dataset_input(client, run_id, dataset_root, split, context=context)
     log_final_metrics(client, run_id, final, step=best_epoch)
     if not log_models:
-        return None
+        return RecordedModel(None, None)
     model_id = log_model(tracking_uri, run_id, bundle, step=best_epoch, tags={"cpsd.role": role})
+    registered = None
     if registered_model:
         version = register_model(
-            tracking_uri,
-            model_id,
-            registered_model,
-            alias=role,
-            tags={"cpsd.role": role, **final},
+            tracking_uri, model_id, registered_model, alias=role, tags={"cpsd.role": role, **final}
         )
-        print(
-            f"registered models:/{registered_model}/{version.version} = "
-            f"models:/{registered_model}@{role}"
-        )
-    return model_id
+        registered = f"models:/{registered_model}/{version.version}"
+    return RecordedModel(model_id, registered)

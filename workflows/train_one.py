@@ -91,7 +91,7 @@ def train_one(cfg: Config, out_dir: str | Path | None = None) -> TrainResult:
         splits = {cfg.data.train_split: "training", cfg.data.val_split: "validation"}
         if test is not None:
             splits["test"] = "test"
-        record_trained_model(
+        recorded = record_trained_model(
             tracker.uri,
             run.run_id,
             role=ROLE,
@@ -104,6 +104,10 @@ def train_one(cfg: Config, out_dir: str | Path | None = None) -> TrainResult:
             log_models=cfg.mlflow.log_models,
             registered_model=cfg.mlflow.registered_model,
         )
+        if recorded.registered:
+            print(
+                f"registered {recorded.registered} = models:/{cfg.mlflow.registered_model}@{ROLE}"
+            )
         view = share_runs_view(run.client, tracker.experiment_id)
         link = runs_page_link(tracker.uri, tracker.experiment_id, view=view)
         if not tracker.uri.startswith(("http://", "https://")):
