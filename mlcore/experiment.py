@@ -2,10 +2,12 @@
 
 ``train_classifier`` is the one entry point that trains a model (a baseline, a CPSD teacher on a
 label subset, or anything else) from config: dataset, loaders, model, loss, adaptive controller.
+Every model it trains leaves a model bundle (``mlcore.bundle``) next to its ``best.pt``.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from mlcore.bundle import BUNDLE_FILE, ModelBundle, Preprocessing, class_embeddings_of
 from mlcore.config import DataConfig, ExperimentConfig, LossConfig, TrainConfig
 from mlcore.data.dataset import MultiLabelDataset, build_transform
 from mlcore.data.manifest import Manifest
@@ -172,7 +175,7 @@ def train_classifier(
         batch_size=train_cfg.batch_size,
         lr_warmup_steps=round(train_cfg.pct_start * train_cfg.epochs * len(train_loader)),
     )
-    return train(
+    result = train(
         model,
         train_loader,
         val_loader,
@@ -186,3 +189,50 @@ def train_classifier(
         fingerprint=training_fingerprint(cfg, class_subset=class_subset, extra=fingerprint_extra),
         log=log,
     )
+    write_training_bundle(cfg, manifest, model, result, class_subset, train_loader)
+    return result
+
+
+def write_training_bundle(
+    cfg: ExperimentConfig,
+    manifest: Manifest,
+    model: torch.nn.Module,
+    result: TrainResult,
+    class_subset: Sequence[int] | None,
+    train_loader: DataLoader,
+) -> Path:
+    """``model.bundle.pt`` beside ``best.pt``: the selected weights and all that describes them.
+
+    The metadata records the training positives per output class, which ``cpsd evaluate``
+    buckets into head/medium/tail, and the dataset, which it evaluates on by default.
+    """
+    names = manifest.class_names
+    subset = list(class_subset) if class_subset is not None else list(range(len(names)))
+    positives = train_loader.dataset.targets.sum(0).long().tolist()
+    metadata = {
+        "best_epoch": result.best_epoch,
+        # JSON has no NaN: metrics that were undefined in an epoch are left out.
+        "best_epoch_metrics": {
+            k: float(v)
+            for k, v in result.best_metrics.items()
+            if isinstance(v, int | float) and math.isfinite(v)
+        },
+        "train_positives": positives,
+        "train_images": len(train_loader.dataset),
+        "dataset": {
+            "name": manifest.info.name,
+            "root": str(Path(manifest.root).resolve()),
+            "class_indices": subset,
+            "train_split": cfg.data.train_split,
+            "val_split": cfg.data.val_split,
+        },
+    }
+    bundle = ModelBundle(
+        model=cfg.model,
+        class_names=tuple(names[c] for c in subset),
+        preprocessing=Preprocessing(image_size=cfg.data.image_size),
+        state_dict=load_checkpoint(result.best_checkpoint)["model"],
+        class_embeddings=class_embeddings_of(model),
+        metadata=metadata,
+    )
+    return bundle.save(result.out_dir / BUNDLE_FILE)

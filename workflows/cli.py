@@ -8,8 +8,9 @@ prints a traceback for user error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from workflows.config import USER_ERRORS, config_path
@@ -218,6 +219,154 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# using a trained model
+
+
+@contextlib.contextmanager
+def _model_errors() -> Iterator[None]:
+    """Model, thresholds and export errors are the user's input: one line, exit 2."""
+    from mlcore.bundle import BundleError
+    from mlcore.evaluation import ThresholdsError
+    from mlcore.export import ExportError
+
+    try:
+        yield
+    except (BundleError, ThresholdsError, ExportError) as err:
+        raise UsageError(str(err)) from err
+
+
+def _tracking_uri(args: argparse.Namespace) -> str:
+    from workflows.config import MlflowConfig
+    from workflows.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(MlflowConfig(tracking_uri=args.tracking_uri))
+
+
+def _load_model(args: argparse.Namespace):
+    from mlcore.bundle import Classifier, load_bundle
+    from workflows.mlflow_model import open_bundle
+
+    with open_bundle(args.model, _tracking_uri(args)) as path:
+        return Classifier(load_bundle(path), args.device)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from workflows.model_commands import (
+        OUTPUT_SUFFIXES,
+        collect_images,
+        decision_from_args,
+        manifest_inputs,
+        run_predict,
+    )
+
+    if (args.manifest is None) == (not args.images):
+        raise UsageError("give either --images PATH... ('-': paths on stdin) or --manifest DIR")
+    if Path(args.out).suffix.lower() not in OUTPUT_SUFFIXES:
+        raise UsageError(f"--out must end in .jsonl or .csv, got {args.out!r}")
+    with _model_errors():
+        classifier = _load_model(args)
+        decision = decision_from_args(
+            classifier.bundle, args.threshold, args.thresholds, args.top_k
+        )
+    if args.manifest is not None:
+        inputs = manifest_inputs(args.manifest, args.split)
+    else:
+        inputs = collect_images(args.images)
+    print(
+        f"labelling {len(inputs.sources)} images ({len(classifier.class_names)} classes) on "
+        f"{classifier.device}",
+        file=sys.stderr,
+    )
+    summary = run_predict(
+        classifier,
+        inputs,
+        args.out,
+        decision,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        report=lambda line: print(line, file=sys.stderr),
+    )
+    print(summary.line())
+    # Exit 1 tells scripts that inputs were skipped; the output holds every other image.
+    return 1 if summary.skipped else 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from workflows.model_commands import format_report, run_evaluate
+
+    with _model_errors():
+        classifier = _load_model(args)
+        files = run_evaluate(
+            classifier,
+            args.out,
+            manifest_dir=args.manifest,
+            split=args.split,
+            threshold=args.threshold,
+            thresholds_file=args.thresholds,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+        )
+    print(f"{args.split}, {len(classifier.class_names)} classes, threshold {args.threshold}:")
+    print(format_report(files.report))
+    for path in files.paths():
+        print(f"wrote {path}")
+    print(
+        "thresholds.json: per-class F1-maximising thresholds fitted on this split; use them on "
+        "other splits (predict/evaluate --thresholds), never to report this one"
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mlcore.export import export_bundle
+
+    with _model_errors():
+        bundle = _load_model(args).bundle
+        result = export_bundle(bundle, args.format, args.out, atol=args.atol)
+    print(
+        f"wrote {result.path} ({result.format}, dynamic batch axis); parity with eager PyTorch "
+        f"at batch sizes {list(result.batch_sizes)}: max abs diff {result.max_abs_diff:.3g} "
+        f"<= {result.atol:g}"
+    )
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text}")
+    return value
+
+
+MODEL_HELP = (
+    "a model bundle file, a training output directory (cpsd train --out, a pipeline stage), "
+    "runs:/<run_id>/model, or models:/<name>/<version or alias>"
+)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow store for runs:/ and models:/ (default: MLFLOW_TRACKING_URI, else "
+        "sqlite:///./mlflow.db)",
+    )
+
+
+def _add_inference_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="image decoding processes")
+    p.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cpu, cuda, cuda:N")
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -339,6 +488,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(study, default="study_cpsd_tiny")
     study.set_defaults(func=cmd_study)
+
+    # using a trained model -------------------------------------------------------------------
+    pred = sub.add_parser("predict", help="label images with a trained model")
+    _add_model_args(pred)
+    pred.add_argument(
+        "--images",
+        nargs="+",
+        metavar="PATH",
+        help="image files or directories (searched recursively); '-' reads paths from stdin",
+    )
+    pred.add_argument("--manifest", metavar="DIR", help="label a dataset split instead")
+    pred.add_argument("--split", default="test", help="split of --manifest (default: test)")
+    pred.add_argument("--out", required=True, help="output file: .jsonl or .csv")
+    rule = pred.add_mutually_exclusive_group()
+    rule.add_argument("--threshold", type=_probability, default=0.5, help="global (default 0.5)")
+    rule.add_argument("--thresholds", metavar="FILE", help="per-class thresholds (cpsd evaluate)")
+    rule.add_argument("--top-k", type=_positive_int, help="the k most likely classes per image")
+    _add_inference_args(pred)
+    pred.set_defaults(func=cmd_predict)
+
+    evaluate = sub.add_parser(
+        "evaluate", help="report, per-class table, PR curves, threshold sweep, thresholds"
+    )
+    _add_model_args(evaluate)
+    evaluate.add_argument(
+        "--manifest", metavar="DIR", help="dataset (default: the one the model was trained on)"
+    )
+    evaluate.add_argument("--split", default="val", help="split to evaluate (default: val)")
+    evaluate.add_argument("--out", required=True, help="output directory")
+    evaluate.add_argument("--threshold", type=_probability, default=0.5, help="global threshold")
+    evaluate.add_argument(
+        "--thresholds",
+        metavar="FILE",
+        help="also report CP..OF1 with per-class thresholds chosen on another split",
+    )
+    _add_inference_args(evaluate)
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    export = sub.add_parser("export", help="ONNX or TorchScript, with a parity check")
+    _add_model_args(export)
+    export.add_argument("--format", choices=["onnx", "torchscript"], required=True)
+    export.add_argument("--out", required=True, help="output file")
+    export.add_argument(
+        "--atol", type=float, default=1e-4, help="parity tolerance on the logits (default 1e-4)"
+    )
+    export.set_defaults(func=cmd_export, device="cpu")
 
     demo = sub.add_parser(
         "demo", help="generate the benchmark data and run the full CPSD pipeline (default job)"

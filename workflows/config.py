@@ -72,6 +72,18 @@ class MlflowConfig:
     """MLflow experiment name."""
     log_checkpoints: bool = True
     """Upload each run's best checkpoint as an artifact."""
+    log_models: bool = True
+    """Log each trained model as an MLflow model (PyTorch flavour + an image pyfunc; see
+    ``workflows.mlflow_model``), linked to its run at the best epoch."""
+    registered_model: str | None = None
+    """Register trained models in the Model Registry under this name, with an alias per role
+    (``models:/<name>@train``, ``@student``, ``@baseline``); None: do not register."""
+
+    def __post_init__(self) -> None:
+        if self.registered_model is not None and not self.registered_model.strip():
+            raise ConfigError("mlflow.registered_model must be a non-empty name or null")
+        if self.registered_model is not None and not self.log_models:
+            raise ConfigError("mlflow.registered_model needs mlflow.log_models: true")
 
 
 @dataclass(frozen=True, kw_only=True)

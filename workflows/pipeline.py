@@ -41,7 +41,7 @@ from workflows.report import (
 from workflows.runtime import init_ray
 from workflows.stages import JobContext
 from workflows.storage import Storage
-from workflows.tracking import NullRunLogger, flat_params, git_commit, parent_run
+from workflows.tracking import NullRunLogger, flat_params, git_commit, parent_run, source_tags
 
 
 def preflight(cfg: Config) -> int:
@@ -77,7 +77,16 @@ def run_pipeline(cfg: Config, *, log: Callable[[str], None] = print) -> RunSumma
     """Run every stage of ``cfg`` on Ray; returns the summary (also written and logged)."""
     num_classes = preflight(cfg)
     storage = Storage(cfg.storage_path)
-    tags = {"cpsd.mode": cfg.cpsd.mode, "cpsd.dataset": cfg.data.root or "synth"}
+    tags = {
+        "cpsd.mode": cfg.cpsd.mode,
+        "cpsd.dataset": cfg.data.root or "synth",
+        "mlflow.note.content": (
+            f"CPSD pipeline, mode {cfg.cpsd.mode}: its stages are the child runs (group by "
+            "cpsd.role). `student.*` and `baseline.*` are their final keys; teachers cover only "
+            "their own subset of the classes (num_classes_evaluated)."
+        ),
+        **source_tags("cpsd pipeline"),
+    }
     params = {
         **flat_params(cfg),
         "git_commit": git_commit(),
@@ -132,7 +141,7 @@ def run_pipeline(cfg: Config, *, log: Callable[[str], None] = print) -> RunSumma
                     )
             storage.write_json(f"{cfg.name}/summary/summary.json", summary.rows)
             if tracker is not None:
-                log(f"MLflow: {mlflow_link(tracker.uri, tracker.experiment_id)}")
+                log(f"MLflow runs: {mlflow_link(tracker)}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return summary

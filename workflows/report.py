@@ -19,7 +19,15 @@ from mlcore.cpsd import (
 from workflows.graph import ConfigRefs, StageGraph
 from workflows.stages import download_scores
 from workflows.storage import Storage
-from workflows.tracking import RunLogger, Tracker
+from workflows.tracking import (
+    Tracker,
+    describe_experiment,
+    describe_run,
+    final_metrics_of,
+    log_final_metrics,
+    runs_page_link,
+    share_runs_view,
+)
 
 
 def collect(graph: StageGraph, refs: ConfigRefs) -> dict[str, dict[str, Any]]:
@@ -99,49 +107,49 @@ def write_summary(summary: RunSummary, out: Path, title: str = "") -> list[Path]
     return [out / "summary.md", out / "summary.csv", out / "summary.png"]
 
 
-def log_ensembles(
-    tracker: Tracker | None, summary: RunSummary, parent: RunLogger | None = None
-) -> None:
+def log_ensembles(tracker: Tracker | None, summary: RunSummary) -> None:
     """Each merged ensemble as a run of its own (role ``ensemble``) with the final keys."""
     if tracker is None:
         return
+    client = tracker.client
     for row in summary.rows:
         if row["role"] != "ensemble":
             continue
-        run_id = tracker.client.create_run(
+        run_id = client.create_run(
             tracker.experiment_id,
             run_name=row["name"],
-            tags={
-                "mlflow.parentRunId": tracker.parent_run_id or "",
-                "cpsd.role": "ensemble",
-                "mlflow.note.content": (
-                    f"{row['name']}: the merged logits of its teachers, over all "
-                    f"{row['classes']} classes; selected on val by each teacher, never trained."
-                ),
-            },
+            tags={"mlflow.parentRunId": tracker.parent_run_id or ""},
         ).info.run_id
-        logger = RunLogger(tracker.client, run_id)
-        logger.metrics(final_keys(row), step=0)
-        logger.finish("FINISHED")
+        describe_run(
+            client,
+            run_id,
+            role="ensemble",
+            description=(
+                f"{row['name']}: its teachers' logits merged over all {row['classes']} classes; "
+                "no training of its own (each teacher was selected on val)."
+            ),
+        )
+        log_final_metrics(client, run_id, final_keys(row), step=0)
+        client.set_terminated(run_id)
 
 
 def final_keys(row: dict[str, Any]) -> dict[str, float]:
-    """The metric keys every run ends with, from a summary row."""
-    out = {"best_val_mAP": row["val_mAP"], "num_classes": row["classes"]}
-    for key in ("test_mAP", "test_CF1", "test_OF1", "shift_mAP"):
-        if row.get(key) is not None:
-            out[key] = row[key]
-    if row.get("best_epoch") is not None:
-        out["best_epoch"] = row["best_epoch"]
-    return out
+    """The final keys every run ends with, from a summary row."""
+    held_out = {
+        "test": {"mAP": row["test_mAP"], "CF1": row["test_CF1"], "OF1": row["test_OF1"]}
+        if row.get("test_mAP") is not None
+        else None,
+        "shift": {"mAP": row["shift_mAP"]} if row.get("shift_mAP") is not None else None,
+    }
+    return final_metrics_of(row["val_mAP"], row.get("best_epoch"), row["classes"], held_out)
 
 
-def mlflow_link(uri: str, experiment_id: str) -> str:
-    """Where a person looks at the runs: the runs page in model-training mode."""
-    page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-    if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/{page}"
-    return (
-        f"mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri {uri}   then open "
-        f"http://127.0.0.1:5000/{page}"
-    )
+def mlflow_link(tracker: Tracker) -> str:
+    """The runs page grouped by ``cpsd.role`` with the final keys first (a saved view)."""
+    client = tracker.client
+    describe_experiment(client, tracker.experiment_id)
+    view = share_runs_view(client, tracker.experiment_id)
+    link = runs_page_link(tracker.uri, tracker.experiment_id, view=view)
+    if not tracker.uri.startswith(("http://", "https://")):
+        link += f"  (after: mlflow ui --host 127.0.0.1 --backend-store-uri {tracker.uri})"
+    return link

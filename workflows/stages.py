@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlcore.bundle import BUNDLE_FILE
 from mlcore.cpsd import (
     Partition,
     TeacherSpec,
@@ -46,9 +47,10 @@ from mlcore.fingerprint import split_digest, stable_hash
 from mlcore.partition.cooccurrence import cooccurrence_from_manifest
 from mlcore.train import BEST, LAST, SCORES, TrainResult, load_checkpoint
 from workflows.config import Config
+from workflows.mlflow_model import record_trained_model
 from workflows.runtime import device_for_task
 from workflows.storage import Storage, WorkDir
-from workflows.tracking import Tracker, child_run, flat_params, git_commit
+from workflows.tracking import Tracker, child_run, final_metrics_of, flat_params, git_commit
 
 
 @dataclass(frozen=True)
@@ -198,6 +200,7 @@ def _train_stage(
     run: Callable[[Path, Callable[[int, dict], None], Callable[[str], None]], TrainResult],
     *,
     role: str,
+    classes: int,
     class_subset: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Skip when done, else train (resuming), log, evaluate on held-out splits, mark done.
@@ -217,7 +220,7 @@ def _train_stage(
             logger.tags({"cpsd.stage": stage, "cpsd.role": role, "cpsd.reused_from": rel})
             for row in done["history"]:
                 logger.metrics(row, step=int(row["epoch"]))
-            logger.metrics(_final_metrics(done), step=done["best_epoch"])
+            logger.metrics(_final(done), step=done["best_epoch"])
         return {**done, "reused": True}
     work = WorkDir(storage, rel)
     try:
@@ -252,6 +255,7 @@ def _train_stage(
             record = {
                 "stage": stage,
                 "role": role,
+                "classes": classes,
                 "key": key,
                 "rel": rel,
                 "best_epoch": result.best_epoch,
@@ -263,7 +267,7 @@ def _train_stage(
                 "run_id": logger.run_id,
                 "finished": time.time(),
             }
-            logger.metrics(_final_metrics(record), step=result.best_epoch)
+            _record_model(ctx, logger, record, model_cfg, work.path, role)
             if ctx.cfg.mlflow.log_checkpoints:
                 logger.artifact(result.best_checkpoint, "checkpoints")
         work.sync()
@@ -273,14 +277,57 @@ def _train_stage(
         work.close()
 
 
-def _final_metrics(record: dict[str, Any]) -> dict[str, float]:
+def _final(record: dict[str, Any]) -> dict[str, float]:
     """The keys every stage run ends with, so runs compare side by side."""
-    out = {"best_val_mAP": record["metrics"]["val_mAP"], "best_epoch": record["best_epoch"]}
-    for role, report in (record.get("held_out") or {}).items():
-        out[f"{role}_mAP"] = report["mAP"]
-        if role == "test":
-            out.update(test_CF1=report["CF1"], test_OF1=report["OF1"])
-    return out
+    return final_metrics_of(
+        record["metrics"]["val_mAP"], record["best_epoch"], record["classes"], record["held_out"]
+    )
+
+
+def _record_model(
+    ctx: JobContext,
+    logger: Any,
+    record: dict[str, Any],
+    cfg: Config,
+    workdir: Path,
+    role: str,
+) -> None:
+    """Description, datasets, final keys, the MLflow model and (student, baseline) a registry
+    version on the stage's run. Tracking never fails a trained stage: the bundle is in storage."""
+    if ctx.tracker is None:
+        return
+    if not logger.send_backlog() or logger.run_id is None:
+        _print(f"MLflow unreachable: the {role} model of {record['rel']} was not logged")
+        logger.metrics(_final(record), step=record["best_epoch"])
+        return
+    data = cfg.data
+    splits = {data.train_split: "training", data.val_split: "validation"}
+    if "test" in record["held_out"]:
+        splits[data.test_split] = "test"
+    what = "its own subset of" if role == "teacher" else "all"
+    try:
+        record_trained_model(
+            ctx.tracker.uri,
+            logger.run_id,
+            role=role,
+            description=(
+                f"{role}: {record['classes']} classes ({what} the task's classes). "
+                "best_val_mAP is the selected epoch on val (the better of val_mAP_plain, the "
+                "trained weights, and val_mAP_ema, their moving average); test_* and shift_mAP "
+                "score that epoch on the held-out splits, over num_classes_evaluated classes."
+            ),
+            bundle=workdir / BUNDLE_FILE,
+            final=_final(record),
+            best_epoch=record["best_epoch"],
+            dataset_root=resolve_dataset(data),
+            splits=splits,
+            log_models=ctx.cfg.mlflow.log_models,
+            registered_model=(
+                ctx.cfg.mlflow.registered_model if role in ("student", "baseline") else None
+            ),
+        )
+    except Exception as err:  # the server went away between the check and the calls
+        _print(f"MLflow: the {role} model of {record['rel']} was not logged ({err})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,6 +358,7 @@ def teacher_stage(ctx: JobContext, spec: TeacherSpec, key: str) -> dict[str, Any
         cfg,
         lambda path, on_epoch, log: train_teacher(ctx.cfg, spec, path, on_epoch=on_epoch, log=log),
         role="teacher",
+        classes=len(spec.subset),
         class_subset=spec.subset,
     )
     return {**record, "subset": list(spec.subset), "kind": spec.kind}
@@ -348,6 +396,7 @@ def baseline_stage(ctx: JobContext, key: str) -> dict[str, Any]:
         ctx.cfg,
         lambda path, on_epoch, log: train_classifier(ctx.cfg, path, on_epoch=on_epoch, log=log),
         role="baseline",
+        classes=read_info(resolve_dataset(ctx.cfg.data)).num_classes,
     )
 
 
@@ -408,7 +457,10 @@ def student_stage(
         "cls_weight": c.cls_weight,
         "kd_alpha": c.kd_alpha,
     }
-    return _train_stage(ctx, "student", key, params, student_config(cfg), run, role="student")
+    classes = read_info(resolve_dataset(cfg.data)).num_classes
+    return _train_stage(
+        ctx, "student", key, params, student_config(cfg), run, role="student", classes=classes
+    )
 
 
 def download_scores(storage: Storage, record: dict[str, Any], scratch: Path) -> Path:

@@ -41,7 +41,7 @@ from mlcore.stats import mean_interval, paired_interval
 from workflows.config import USER_ERRORS, Config, config_path, load_config
 from workflows.graph import ConfigRefs, StageGraph
 from workflows.pipeline import preflight, spill_dir_for
-from workflows.report import collect, final_keys, summarise, write_summary
+from workflows.report import collect, final_keys, mlflow_link, summarise, write_summary
 from workflows.runtime import init_ray
 from workflows.stages import JobContext
 from workflows.storage import Storage
@@ -52,6 +52,7 @@ from workflows.tracking import (
     flat_params,
     git_commit,
     parent_run,
+    source_tags,
 )
 
 # Metrics of a run's final model, its baseline and its ensembles that the tables report.
@@ -145,7 +146,7 @@ def run_study(cfg: Config, *, log: Callable[[str], None] = print) -> StudyResult
             cfg.mlflow,
             cfg.name,
             params,
-            {"cpsd.study": cfg.name},
+            {"cpsd.study": cfg.name, **source_tags("cpsd study")},
             spill_dir=spill_dir_for(storage, cfg.name),
         )
         if cfg.mlflow.enabled
@@ -196,6 +197,8 @@ def run_study(cfg: Config, *, log: Callable[[str], None] = print) -> StudyResult
                 parent.artifact(path, "study")
                 storage.upload(path, f"{cfg.name}/study/{path.name}")
             result.out_dir = storage.uri_of(f"{cfg.name}/study")
+            if tracker is not None:
+                log(f"MLflow runs: {mlflow_link(tracker)}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return result

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -298,6 +299,10 @@ class RunLogger:
                 f"every {RETRY_INTERVAL_S:.0f}s (training continues)"
             )
 
+    def send_backlog(self) -> bool:
+        """Try once to send what is buffered; True when nothing is left (the server answers)."""
+        return self._drain()
+
     def metrics(self, values: Mapping[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         batch = [
@@ -473,3 +478,216 @@ def child_run(
     if tracker is None:
         return contextlib.nullcontext(NullRunLogger())
     return tracker.child(key, name, params, reused=reused, spill_dir=spill_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the MLflow UI shows: descriptions, roles, final keys, data, source, links
+
+ROLE_TAG = "cpsd.role"
+NOTE_TAG = "mlflow.note.content"
+# MLflow 3 opens an experiment on its GenAI overview unless the experiment says otherwise.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+ROLES = ("teacher", "ensemble", "student", "baseline", "train", "trial")
+FINAL_KEYS = (
+    "best_val_mAP",
+    "best_epoch",
+    "test_mAP",
+    "test_CF1",
+    "test_OF1",
+    "shift_mAP",
+    "num_classes_evaluated",
+)
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default
+
+
+def source_tags(entry_point: str) -> dict[str, str]:
+    """The tags that fill MLflow's Source column and its git link."""
+    return {
+        "mlflow.source.git.commit": git_commit(),
+        "mlflow.source.name": entry_point,
+        "mlflow.source.type": "LOCAL",
+    }
+
+
+def describe_run(client: MlflowClient, run_id: str, *, role: str, description: str) -> None:
+    """Set a run's description (``mlflow.note.content``) and its ``cpsd.role`` tag.
+
+    The description should say what the run's numbers cover, e.g. "teacher: 4 of 20 classes".
+    """
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; choose from {ROLES}")
+    client.log_batch(run_id, tags=[RunTag(ROLE_TAG, role), RunTag(NOTE_TAG, description)])
+
+
+def describe_experiment(
+    client: MlflowClient, experiment_id: str, description: str | None = None
+) -> None:
+    """Make the UI open the experiment on its training runs; set its description if given.
+
+    MLflow 3.17 opens experiments on the GenAI overview unless ``mlflow.experimentKind`` says
+    the experiment is model training.
+    """
+    client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    if description is not None:
+        client.set_experiment_tag(experiment_id, NOTE_TAG, description)
+
+
+def final_metrics(
+    *,
+    best_val_mAP: float,
+    best_epoch: int,
+    num_classes_evaluated: int,
+    test_mAP: float | None = None,
+    test_CF1: float | None = None,
+    test_OF1: float | None = None,
+    shift_mAP: float | None = None,
+) -> dict[str, float]:
+    """The keys every run ends with, so one column compares teachers, students and baselines.
+
+    ``num_classes_evaluated`` is how many classes the mAPs average over (a teacher's subset);
+    ``test_*``/``shift_mAP`` are left out when the dataset has no such split.
+    """
+    values = {
+        "best_val_mAP": best_val_mAP,
+        "best_epoch": best_epoch,
+        "num_classes_evaluated": num_classes_evaluated,
+        "test_mAP": test_mAP,
+        "test_CF1": test_CF1,
+        "test_OF1": test_OF1,
+        "shift_mAP": shift_mAP,
+    }
+    return {k: float(v) for k, v in values.items() if v is not None}
+
+
+def log_final_metrics(
+    client: MlflowClient,
+    run_id: str,
+    values: Mapping[str, float],
+    *,
+    step: int,
+    model_id: str | None = None,
+) -> None:
+    """Log :func:`final_metrics` at ``step`` (the best epoch, which a logged model links to)."""
+    unknown = set(values) - set(FINAL_KEYS)
+    if unknown:
+        raise ValueError(f"not final keys: {sorted(unknown)} (final keys: {FINAL_KEYS})")
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), now, step, model_id=model_id) for k, v in values.items()],
+    )
+
+
+def log_dataset_input(
+    client: MlflowClient, run_id: str, dataset_root: str | os.PathLike, split: str, *, context: str
+) -> None:
+    """Record one split of a manifest dataset as an input of the run (the Dataset column).
+
+    The dataset is named ``<name>:<split>`` and identified by the manifest's digest; its profile
+    holds the split's size and class count.
+
+    Args:
+        client: Client of the run's tracking store.
+        run_id: The run.
+        dataset_root: Directory holding ``manifest.parquet``.
+        split: Split name.
+        context: What the run did with it: ``training``, ``validation`` or ``test``.
+    """
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from mlcore.data.manifest import Manifest, manifest_digest
+
+    manifest = Manifest.load(dataset_root, with_bytes=False)
+    size = int(manifest.split_rows(split).size)
+    root = Path(dataset_root).resolve()
+    dataset = Dataset(
+        name=f"{manifest.info.name}:{split}",
+        digest=manifest_digest(root),
+        source_type="local",
+        source=json.dumps({"uri": root.as_uri()}),
+        profile=json.dumps({"split": split, "num_rows": size, "num_classes": manifest.num_classes}),
+    )
+    tags = [InputTag("mlflow.data.context", context), InputTag("cpsd.split", split)]
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
+
+
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # where the MLflow UI looks up a shared view
+
+
+def share_runs_view(
+    client: MlflowClient,
+    experiment_id: str,
+    *,
+    group_by_tag: str = ROLE_TAG,
+    metrics: tuple[str, ...] = FINAL_KEYS,
+) -> str:
+    """Save a runs-table view in the experiment: grouped by ``cpsd.role``, final keys shown.
+
+    The MLflow UI opens a runs page whose URL carries ``viewStateShareKey=<key>`` with the view
+    stored in the experiment tag ``mlflow.sharedViewState.<key>`` (what its Share button
+    writes). The key hashes the view, so sharing the same view again reuses it.
+
+    Returns:
+        The share key for :func:`runs_page_link`.
+    """
+    columns = [f"metrics.`{m}`" for m in metrics] + [
+        "attributes.`Models`",
+        "attributes.`Dataset`",
+        "attributes.`Source`",
+    ]
+    view = {
+        "searchFilter": "",
+        "orderByKey": "attributes.start_time",
+        "orderByAsc": False,
+        "startTime": "ALL",
+        "lifecycleFilter": "Active",
+        "datasetsFilter": [],
+        "modelVersionFilter": "All Runs",
+        "selectedColumns": columns,
+        # The final keys first: without an order the table appends metrics after every
+        # attribute column, off screen.
+        "columnOrder": columns,
+        "groupBy": {
+            "aggregateFunction": "average",
+            "groupByKeys": [{"mode": "tag", "groupByData": group_by_tag}],
+        },
+    }
+    text = json.dumps(view, sort_keys=True)
+    key = "cpsd-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+    client.set_experiment_tag(experiment_id, VIEW_TAG_PREFIX + key, text)
+    return key
+
+
+def runs_page_link(
+    tracking_uri: str, experiment_id: str, ui_url: str | None = None, view: str | None = None
+) -> str:
+    """Deep link to the experiment's runs in model-training mode (optionally a shared view).
+
+    A server URI links to that server; a local store links to ``ui_url`` (default
+    ``mlflow ui``'s http://127.0.0.1:5000). ``view`` is a key from :func:`share_runs_view`.
+    """
+    base = tracking_uri if tracking_uri.startswith(("http://", "https://")) else ui_url
+    base = (base or LOCAL_UI).rstrip("/")
+    link = f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return link + (f"&viewStateShareKey={view}" if view else "")
+
+
+def final_metrics_of(
+    best_val_mAP: float,
+    best_epoch: int | None,
+    classes: int,
+    held_out: Mapping[str, Mapping[str, float] | None],
+) -> dict[str, float]:
+    """:func:`final_metrics` from a validation mAP and ``mlcore.cpsd.evaluate_model`` reports."""
+    test = held_out.get("test") or {}
+    shift = held_out.get("shift") or {}
+    return final_metrics(
+        best_val_mAP=best_val_mAP,
+        best_epoch=-1 if best_epoch is None else best_epoch,
+        num_classes_evaluated=classes,
+        test_mAP=test.get("mAP"),
+        test_CF1=test.get("CF1"),
+        test_OF1=test.get("OF1"),
+        shift_mAP=shift.get("mAP"),
+    )

@@ -9,10 +9,38 @@ from pathlib import Path
 import yaml
 
 from mlcore import configlib
-from mlcore.experiment import train_classifier, training_fingerprint
+from mlcore.bundle import BUNDLE_FILE
+from mlcore.cpsd import evaluate_model
+from mlcore.data.manifest import read_info
+from mlcore.experiment import resolve_dataset, train_classifier, training_fingerprint
 from mlcore.train import TrainResult, check_resumable
 from workflows.config import Config
-from workflows.tracking import NullRunLogger, flat_params, git_commit, parent_run
+from workflows.mlflow_model import record_trained_model
+from workflows.tracking import (
+    NullRunLogger,
+    describe_experiment,
+    final_metrics,
+    flat_params,
+    git_commit,
+    parent_run,
+    runs_page_link,
+    share_runs_view,
+    source_tags,
+)
+
+ROLE = "train"
+
+
+def run_description(cfg: Config, num_classes: int, dataset: str) -> str:
+    """What the run's numbers cover (shown as the run's description in MLflow)."""
+    return (
+        f"cpsd train: {cfg.model.backbone} with a {cfg.model.head} head and {cfg.loss.name} "
+        f"loss on all {num_classes} classes of '{dataset}'. val_mAP is the selected weights' "
+        "mAP each epoch (the better of val_mAP_plain, the trained weights, and val_mAP_ema, "
+        "their moving average); best_val_mAP and best_epoch are the kept epoch; test_mAP and "
+        "shift_mAP evaluate it on the 'test' and 'test_shift' splits when the dataset has them; "
+        "num_classes_evaluated is how many classes every mAP averages over."
+    )
 
 
 def train_one(cfg: Config, out_dir: str | Path | None = None) -> TrainResult:
@@ -21,8 +49,10 @@ def train_one(cfg: Config, out_dir: str | Path | None = None) -> TrainResult:
     The output goes to ``out_dir``, by default ``<storage_path>/<name>/train-<fingerprint>``:
     the same config resumes its own run, another config gets another folder. An ``out_dir``
     holding another config's checkpoint is refused before anything is written
-    (``ResumeMismatchError``). With ``mlflow.enabled`` the run is logged as ``<name>-train``
-    (params, per-epoch metrics under the pipeline's names, the best checkpoint).
+    (``ResumeMismatchError``). With ``mlflow.enabled`` the run ``<name>-train`` gets params,
+    per-epoch metrics, the final keys, its datasets, the best checkpoint, an MLflow model
+    (``mlflow.log_models``) and a Model Registry version with alias ``train``
+    (``mlflow.registered_model``).
     """
     fingerprint = training_fingerprint(cfg)
     out = Path(out_dir) if out_dir else Path(cfg.storage_path) / cfg.name / f"train-{fingerprint}"
@@ -30,13 +60,18 @@ def train_one(cfg: Config, out_dir: str | Path | None = None) -> TrainResult:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(configlib.to_dict(cfg), sort_keys=False))
     params = {**flat_params(cfg), "git_commit": git_commit()}
+    tags = {"cpsd.kind": "train", **source_tags("cpsd train")}
     tracking = (
-        parent_run(cfg.mlflow, f"{cfg.name}-train", params, {"cpsd.kind": "train"})
+        parent_run(cfg.mlflow, f"{cfg.name}-train", params, tags)
         if cfg.mlflow.enabled
         else contextlib.nullcontext((None, NullRunLogger()))
     )
     history: list[dict[str, float]] = []
-    with tracking as (_, run):
+    with tracking as (tracker, run):
+        dataset = resolve_dataset(cfg.data)
+        info = read_info(dataset)
+        if tracker is not None:
+            describe_experiment(run.client, tracker.experiment_id)
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             history.append({"epoch": epoch, **metrics})
@@ -45,6 +80,43 @@ def train_one(cfg: Config, out_dir: str | Path | None = None) -> TrainResult:
 
         result = train_classifier(cfg, out, on_epoch=on_epoch)
         (out / "metrics.json").write_text(json.dumps(result.history, indent=1))
+        held_out = evaluate_model(cfg, result.best_checkpoint, out)
+        test, shift = held_out.get("test"), held_out.get("shift")
+        final = final_metrics(
+            best_val_mAP=result.best_metrics["val_mAP"],
+            best_epoch=result.best_epoch,
+            num_classes_evaluated=info.num_classes,
+            test_mAP=test and test["mAP"],
+            shift_mAP=shift and shift["mAP"],
+        )
+        (out / "final.json").write_text(json.dumps(final, indent=1))
+        if tracker is None:
+            return result
         if cfg.mlflow.log_checkpoints:
             run.artifact(result.best_checkpoint, "checkpoints")
+        splits = {cfg.data.train_split: "training", cfg.data.val_split: "validation"}
+        if test is not None:
+            splits[cfg.data.test_split] = "test"
+        recorded = record_trained_model(
+            tracker.uri,
+            run.run_id,
+            role=ROLE,
+            description=run_description(cfg, info.num_classes, info.name),
+            bundle=out / BUNDLE_FILE,
+            final=final,
+            best_epoch=result.best_epoch,
+            dataset_root=dataset,
+            splits=splits,
+            log_models=cfg.mlflow.log_models,
+            registered_model=cfg.mlflow.registered_model,
+        )
+        if recorded.registered:
+            print(
+                f"registered {recorded.registered} = models:/{cfg.mlflow.registered_model}@{ROLE}"
+            )
+        view = share_runs_view(run.client, tracker.experiment_id)
+        link = runs_page_link(tracker.uri, tracker.experiment_id, view=view)
+        if not tracker.uri.startswith(("http://", "https://")):
+            link += f"  (after: mlflow ui --backend-store-uri {tracker.uri})"
+        print(f"MLflow runs: {link}")
     return result

@@ -31,6 +31,7 @@ disk) store the absolute root, so no image is copied.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -203,6 +204,21 @@ def write_manifest(
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def manifest_digest(root: str | os.PathLike) -> str:
+    """Content identity of a dataset: sha256 of its manifest file (first 16 hex digits).
+
+    ``write_manifest`` is byte-deterministic, so the same rows and metadata give the same digest.
+    """
+    path = manifest_path(root)
+    if not path.is_file():
+        raise ManifestError(f"no {MANIFEST_FILE} in {root}: not a dataset directory")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def read_info(root: str | os.PathLike) -> ManifestInfo:
