@@ -80,7 +80,7 @@ def tiny_overrides_args(overrides):
 def test_pipeline_reproduces_reference_then_skips_and_reruns_what_changed(
     local_ray, tiny_overrides, tmp_path
 ):
-    cfg = _config(tiny_overrides, tmp_path)
+    cfg = _config(tiny_overrides, tmp_path, "mlflow.registered_model=tiny-cpsd")
     reference = run_local(cfg, tmp_path / "reference", log=lambda _: None)
     first = run_pipeline(cfg, log=lambda _: None)
     assert [r["name"] for r in first.rows] == [r["name"] for r in reference.rows]
@@ -124,6 +124,16 @@ def test_pipeline_reproduces_reference_then_skips_and_reruns_what_changed(
     assert {"val_mAP", "val_CF1", "val_OF1", "train_loss"} <= set(first_student.data.metrics)
     assert {"best_val_mAP", "best_epoch", "test_mAP", "test_CF1"} <= set(first_student.data.metrics)
     assert first_student.data.params["teacher_mode"] == "cached"
+    assert first_student.data.tags["mlflow.note.content"].startswith("student: 10 classes")
+    assert {d.dataset.name for d in first_student.inputs.dataset_inputs} == {
+        "synth:train",
+        "synth:val",
+        "synth:test",
+    }
+    version = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_model_version_by_alias(
+        "tiny-cpsd", "student"
+    )
+    assert version.tags["cpsd.role"] == "student" and float(version.tags["test_mAP"]) > 0
     client = MlflowClient(uri)
     assert [a.path for a in client.list_artifacts(parents[0].info.run_id)] == [
         "partitions",

@@ -19,7 +19,7 @@ from workflows.mlflow_model import record_trained_model
 from workflows.tracking import (
     NullRunLogger,
     describe_experiment,
-    final_metrics,
+    final_metrics_of,
     flat_params,
     git_commit,
     parent_run,
@@ -81,13 +81,9 @@ def train_one(cfg: Config, out_dir: str | Path | None = None) -> TrainResult:
         result = train_classifier(cfg, out, on_epoch=on_epoch)
         (out / "metrics.json").write_text(json.dumps(result.history, indent=1))
         held_out = evaluate_model(cfg, result.best_checkpoint, out)
-        test, shift = held_out.get("test"), held_out.get("shift")
-        final = final_metrics(
-            best_val_mAP=result.best_metrics["val_mAP"],
-            best_epoch=result.best_epoch,
-            num_classes_evaluated=info.num_classes,
-            test_mAP=test and test["mAP"],
-            shift_mAP=shift and shift["mAP"],
+        test = held_out.get("test")
+        final = final_metrics_of(
+            result.best_metrics["val_mAP"], result.best_epoch, info.num_classes, held_out
         )
         (out / "final.json").write_text(json.dumps(final, indent=1))
         if tracker is None:
