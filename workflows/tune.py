@@ -391,8 +391,9 @@ def _finish(cfg, results, parsed, tracker, parent, storage, out_dir) -> SweepOut
         }
         table.append(row)
         if tracker is not None and row["trial_id"]:
-            run_id = tracker.find_child(row["trial_id"])
-            if run_id is not None:
+            found = tracker.find_run(row["trial_id"])
+            if found is not None:
+                run_id = found.info.run_id
                 client = tracker.client
                 client.set_tag(run_id, "tune.status", "ERROR" if row["error"] else "TERMINATED")
                 client.set_tag(run_id, "tune.early_stopped", str(row["early_stopped"]).lower())
