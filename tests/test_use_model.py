@@ -10,7 +10,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -46,6 +45,8 @@ from workflows.tracking import (
     log_final_metrics,
     runs_page_link,
 )
+
+from .conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 REGISTERED = "cpsd-test"
@@ -316,12 +317,6 @@ def test_pyfunc_takes_bytes_or_paths_and_pytorch_flavour_gives_logits(trained, t
         assert torch.allclose(network(images), expected, atol=1e-5)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: dict) -> dict:
     request = urllib.request.Request(
         url, json.dumps(body).encode(), {"Content-Type": "application/json"}
@@ -332,7 +327,7 @@ def _post(url: str, body: dict) -> dict:
 
 def test_mlflow_models_serve_answers_an_image_with_labels(trained, tmp_path):
     (path,) = image_folder(trained, tmp_path, count=1)
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": trained.uri,

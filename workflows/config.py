@@ -7,6 +7,7 @@ different working directory.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -228,6 +229,14 @@ def config_path(name: str | None) -> Path | None:
     raise ConfigError(f"config {name!r} not found (bundled configs: {available})")
 
 
+def config_arg_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The ``--config FILE --set key=value ...`` arguments every ``python -m workflows.X`` takes."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", required=True, help="YAML config (or a bundled name)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return parser
+
+
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:
     """Load, override, check and resolve a config; errors are :class:`ConfigError`."""
     return resolve_paths(configlib.load(Config, path, overrides))
@@ -243,6 +252,7 @@ __all__ = [
     "StudyConfig",
     "SweepConfig",
     "TrackingUnavailable",
+    "config_arg_parser",
     "config_path",
     "load_config",
     "resolve_paths",

@@ -22,7 +22,6 @@ Everything is chosen on ``val`` inside each run and reported on the held-out ``t
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import itertools
@@ -38,7 +37,7 @@ from typing import Any
 from mlcore import configlib
 from mlcore.experiment import resolve_dataset
 from mlcore.stats import mean_interval, paired_interval
-from workflows.config import USER_ERRORS, Config, config_path, load_config
+from workflows.config import USER_ERRORS, Config, config_arg_parser, config_path, load_config
 from workflows.graph import ConfigRefs, StageGraph
 from workflows.pipeline import preflight, spill_dir_for
 from workflows.report import collect, final_keys, mlflow_link, summarise, write_summary
@@ -492,12 +491,9 @@ def plot_study(rows, summary, paired, cfg: Config, out: Path) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m workflows.study", description="Run an ablation study on Ray."
-    )
-    parser.add_argument("--config", required=True, help="YAML config (or a bundled name)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
+    args = config_arg_parser(
+        "python -m workflows.study", "Run an ablation study on Ray."
+    ).parse_args(argv)
     try:
         cfg = load_config(config_path(args.config), args.overrides)
         if not cfg.study.grid and len(cfg.study.seeds) < 2:

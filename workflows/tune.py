@@ -15,7 +15,6 @@ rerun, unfinished ones continue from their last epoch checkpoint, and their MLfl
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import shutil
@@ -32,7 +31,14 @@ from mlflow import MlflowClient
 from mlcore import configlib
 from mlcore.configlib import ConfigError
 from mlcore.experiment import resolve_dataset, train_classifier
-from workflows.config import USER_ERRORS, Config, SweepConfig, config_path, load_config
+from workflows.config import (
+    USER_ERRORS,
+    Config,
+    SweepConfig,
+    config_arg_parser,
+    config_path,
+    load_config,
+)
 from workflows.runtime import device_for_task, init_ray
 from workflows.storage import Storage
 from workflows.tracking import (
@@ -468,11 +474,7 @@ def plot_sweep(table: list[dict[str, Any]], keys: list[str], metric: str, path: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m workflows.tune", description="Run a Ray Tune loss sweep."
-    )
-    parser.add_argument("--config", required=True, help="sweep YAML (or a bundled name)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser = config_arg_parser("python -m workflows.tune", "Run a Ray Tune loss sweep.")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     parser.add_argument("--out", help="where to write best_loss.yaml, results.csv, sweep.png")
     args = parser.parse_args(argv)
