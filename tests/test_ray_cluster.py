@@ -174,7 +174,8 @@ def test_ray_job_submit_then_job_stop(ray_head, tmp_path, tiny_overrides):
             for r in _runs(tmp_path)
             if r.info.status == "RUNNING" and r.info.start_time > max(x.info.end_time for x in runs)
         }
-        if "baseline" in running and any(n.startswith("teacher") for n in running):
+        checkpointed = list((tmp_path / "storage" / "long" / "stages").glob("teacher-*/last.pt"))
+        if "baseline" in running and checkpointed:
             break
         time.sleep(0.5)
     assert "baseline" in running, client.get_job_logs("cpsd-stop")[-3000:]
