@@ -56,12 +56,17 @@ class DataConfig:
     """Where the images and labels come from and how they are fed to the model."""
 
     root: str | None = None
-    """Dataset directory holding ``manifest.parquet`` (see ``mlcore.data.manifest``)."""
+    """Dataset directory holding ``manifest.parquet`` (see ``mlcore.data.manifest``): a local
+    path or an object-store URI (``s3://bucket/prefix``, ``gs://...``)."""
     synth: SynthConfig | None = None
     """Generate the dataset instead (cached under ``cache_dir`` by content hash); with neither
     ``root`` nor ``synth`` set, the default generated dataset is used."""
     cache_dir: str = ".cache/cpsd"
-    """Where generated datasets are cached; relative paths are resolved against the cwd."""
+    """Where generated datasets (and copies of remote ones) are cached; relative paths are
+    resolved against the cwd."""
+    cache_remote: bool = True
+    """Copy a remote dataset's manifest and images into ``cache_dir`` on first read (per node),
+    so later epochs and stages read local files."""
     train_split: str = "train"
     """Split used for training and label statistics."""
     val_split: str = "val"
@@ -78,8 +83,13 @@ class DataConfig:
     """Cutout: side of the erased square as a fraction of the image side (0 disables)."""
     class_aware_sampling: bool = False
     """Draw training images with the DB paper's class-aware re-sampling."""
-    num_workers: int = 0
-    """DataLoader worker processes (0 decodes in the training process)."""
+    num_workers: int | Literal["auto"] = "auto"
+    """DataLoader worker processes (0 decodes in the training process). ``auto``: one less than
+    the CPUs the training process holds (its Ray task's ``ray.teacher_cpus`` /
+    ``ray.student_cpus``, or this machine's CPUs outside Ray), at most 8."""
+    decoder: Literal["pil", "torchvision", "simplejpeg"] = "simplejpeg"
+    """Image decoder (``mlcore.data.dataset.DECODERS``); all give the same pixels, see
+    ``docs/benchmarks.md`` for their speed."""
 
     def __post_init__(self) -> None:
         _check(
@@ -90,7 +100,10 @@ class DataConfig:
             object.__setattr__(self, "synth", SynthConfig())
         _check(self.image_size >= 16, "data.image_size must be >= 16")
         _check(0.0 <= self.cutout < 1.0, "data.cutout must be in [0, 1)")
-        _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+        _check(
+            self.num_workers == "auto" or self.num_workers >= 0,
+            "data.num_workers must be >= 0 or 'auto'",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -273,6 +286,9 @@ class CPSDConfig:
     once per training image (eval transform) and read back by index."""
     teacher_epochs: int | None = None
     """Teacher training epochs (None: train.epochs; the paper: 20 for teachers, 80 student)."""
+    logits_dtype: Literal["float32", "float16"] = "float32"
+    """Storage type of cached teacher logits (``teacher_mode: cached``); float16 halves their
+    disk and I/O at a precision of about 1e-3 relative."""
     cls_weight: float = 0.5
     """Weight of the student's classification loss (authors' code: 0.5)."""
     kd_alpha: float = 0.5

@@ -31,24 +31,31 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader
 
 from mlcore.config import ExperimentConfig
-from mlcore.data.dataset import MultiLabelDataset, build_transform
-from mlcore.data.manifest import Manifest
+from mlcore.data.manifest import Manifest, read_info
 from mlcore.distill import (
+    LOGIT_STORE,
     CachedTeachers,
     DistillationLoss,
     DistillationObjective,
     Ensemble,
     OnlineTeachers,
+    iter_logits,
     load_cached_ensemble,
     merge_logits,
-    predict_logits,
     write_logits,
 )
-from mlcore.experiment import resolve_dataset, train_classifier
+from mlcore.experiment import (
+    load_manifest,
+    loader_workers,
+    resolve_dataset,
+    split_dataset,
+    train_classifier,
+)
 from mlcore.metrics import multilabel_report
 from mlcore.models import build_model_from_config
 from mlcore.partition.affinity import affinity
@@ -56,7 +63,15 @@ from mlcore.partition.cooccurrence import cooccurrence_from_manifest
 from mlcore.partition.random_partition import random_partition
 from mlcore.partition.report import label_stats_hash, partition_report, plot_affinity_heatmap
 from mlcore.partition.spectral import normalized_cut, spectral_partition
-from mlcore.train import MetricsCallback, TrainResult, load_checkpoint, predict, resolve_device
+from mlcore.train import (
+    LOCAL,
+    MetricsCallback,
+    Placement,
+    TrainResult,
+    load_checkpoint,
+    predict,
+    resolve_device,
+)
 
 # Teacher ensembles per mode, in (first, second) slot order of the distillation loss.
 ENSEMBLES: dict[str, tuple[str, ...]] = {
@@ -160,7 +175,7 @@ def compute_partitions(
     kinds = ENSEMBLES[cfg.cpsd.mode]
     if not kinds:
         return {}
-    names = Manifest.load(root, with_bytes=False).class_names
+    names = read_info(root).class_names
     c = cfg.cpsd
     if any(kind != "full" for kind in kinds) and c.k > len(names):
         raise ValueError(f"cpsd.k = {c.k} is larger than the number of classes ({len(names)})")
@@ -201,6 +216,7 @@ def train_teacher(
     out_dir: str | os.PathLike,
     *,
     on_epoch: MetricsCallback | None = None,
+    placement: Placement = LOCAL,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train one teacher on all training images with targets restricted to its subset."""
@@ -210,6 +226,7 @@ def train_teacher(
         class_subset=list(spec.subset),
         epochs=cfg.cpsd.teacher_epochs or cfg.train.epochs,
         on_epoch=on_epoch,
+        placement=placement,
         log=lambda line: log(f"[{spec.name}] {line}"),
     )
 
@@ -222,9 +239,13 @@ def load_trained(cfg: ExperimentConfig, num_outputs: int, checkpoint: str | os.P
 
 
 def _eval_loader(cfg: ExperimentConfig, manifest: Manifest, split: str) -> DataLoader:
-    dataset = MultiLabelDataset(manifest, split, build_transform(cfg.data, train=False))
-    batch = cfg.train.eval_batch_size or 2 * cfg.train.batch_size
-    return DataLoader(dataset, batch_size=batch, num_workers=cfg.data.num_workers)
+    dataset = split_dataset(manifest, cfg.data, split, train=False)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.train.eval_batch_size or 2 * cfg.train.batch_size,
+        collate_fn=dataset.collate_fn,
+        num_workers=loader_workers(cfg.data, None),
+    )
 
 
 def cache_teacher_logits(
@@ -233,12 +254,15 @@ def cache_teacher_logits(
     checkpoint: str | os.PathLike,
     out_path: str | os.PathLike,
 ) -> Path:
-    """Logits of one teacher on every training image (eval transform) -> Parquet."""
-    manifest = Manifest.load(resolve_dataset(cfg.data))
+    """Logits of one teacher on every training image (eval transform) -> a logit store,
+    written batch by batch in ``cpsd.logits_dtype``."""
+    manifest = load_manifest(cfg.data)
     loader = _eval_loader(cfg, manifest, cfg.data.train_split)
     model = load_trained(cfg, len(spec.subset), checkpoint)
-    logits = predict_logits(model, loader, resolve_device(cfg.train.device))
-    return write_logits(out_path, loader.dataset.image_ids, logits, spec.subset)
+    logits = iter_logits(model, loader, resolve_device(cfg.train.device))
+    return write_logits(
+        out_path, loader.dataset.ids, logits, spec.subset, dtype=cfg.cpsd.logits_dtype
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,33 +290,34 @@ def train_student(
     teacher_logits: Sequence[str | os.PathLike] | None = None,
     on_epoch: MetricsCallback | None = None,
     on_step: MetricsCallback | None = None,
+    placement: Placement = LOCAL,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Distil the teacher ensembles into a student on all classes (Eq. 7).
 
-    ``cpsd.teacher_mode: cached`` reads ``teacher_logits`` (one Parquet file per teacher, in
-    ``specs`` order); ``online`` loads every teacher checkpoint and runs them on each batch.
-    With no teachers (mode ``baseline``) this is plain training.
+    ``cpsd.teacher_mode: cached`` reads ``teacher_logits`` (one logit store per teacher, in
+    ``specs`` order) a batch at a time; ``online`` loads every teacher checkpoint and runs them
+    on each batch. With no teachers (mode ``baseline``) this is plain training.
     """
     if not specs:
-        return train_classifier(cfg, out_dir, on_epoch=on_epoch, on_step=on_step, log=log)
-    manifest = Manifest.load(resolve_dataset(cfg.data), with_bytes=False)
+        return train_classifier(
+            cfg, out_dir, on_epoch=on_epoch, on_step=on_step, placement=placement, log=log
+        )
+    manifest = load_manifest(cfg.data, with_bytes=False)
     num_classes = manifest.num_classes
     cached = cfg.cpsd.teacher_mode == "cached"
     if cached:
         if teacher_logits is None or len(teacher_logits) != len(specs):
-            raise ValueError("cached teacher mode needs one logit file per teacher")
-        image_ids = (
-            manifest.table.column("image_id")
-            .take(manifest.split_rows(cfg.data.train_split))
-            .to_pylist()
+            raise ValueError("cached teacher mode needs one logit store per teacher")
+        image_ids = manifest.table.column("image_id").take(
+            pa.array(manifest.split_rows(cfg.data.train_split))
         )
-        tables = [
+        stores = [
             load_cached_ensemble(paths, image_ids, num_classes)
             for _, paths in _ensembles(specs, teacher_logits)
         ]
         teachers: OnlineTeachers | CachedTeachers = CachedTeachers(
-            *tables, *[None] * (2 - len(tables))
+            *stores, *[None] * (2 - len(stores))
         )
     else:
         ensembles = [
@@ -317,6 +342,7 @@ def train_student(
         return_index=cached,
         on_epoch=on_epoch,
         on_step=on_step,
+        placement=placement,
         log=log,
     )
 
@@ -351,7 +377,7 @@ def evaluate_split(
     cfg: ExperimentConfig, checkpoint: str | os.PathLike, split: str
 ) -> dict[str, float] | None:
     """Report of a full-label model on another split (e.g. ``test_shift``); None if absent."""
-    manifest = Manifest.load(resolve_dataset(cfg.data))
+    manifest = load_manifest(cfg.data)
     if split not in manifest.splits():
         return None
     model = load_trained(cfg, manifest.num_classes, checkpoint)
@@ -433,7 +459,7 @@ def run_local(
     """The whole algorithm in this process, sequentially: the reference the pipeline matches."""
     out = Path(out_dir)
     root = resolve_dataset(cfg.data)
-    num_classes = Manifest.load(root, with_bytes=False).num_classes
+    num_classes = load_manifest(cfg.data, with_bytes=False).num_classes
     log(f"mode {cfg.cpsd.mode}: label statistics and partitions")
     partitions = compute_partitions(cfg, root, out / "partitions")
     specs = plan_teachers(partitions)
@@ -445,7 +471,7 @@ def run_local(
         teacher_metrics.append(result.best_metrics)
         checkpoints.append(result.best_checkpoint)
         if cfg.cpsd.teacher_mode == "cached":
-            path = teacher_dir / "logits.parquet"
+            path = teacher_dir / LOGIT_STORE
             logits.append(cache_teacher_logits(cfg, spec, result.best_checkpoint, path))
     name = "student" if specs else "baseline"
     log(f"{name}: training on all {num_classes} classes")

@@ -12,24 +12,74 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from mlcore.config import DataConfig, ExperimentConfig, LossConfig, TrainConfig
+from mlcore.configlib import ConfigError
 from mlcore.data.dataset import MultiLabelDataset, build_transform
-from mlcore.data.manifest import Manifest
+from mlcore.data.manifest import Manifest, is_uri
 from mlcore.data.sampler import ClassAwareSampler
 from mlcore.data.synth import ensure_generated
 from mlcore.losses import build_asymmetry_controller, build_loss
 from mlcore.models import build_model_from_config
-from mlcore.train import MetricsCallback, Objective, Supervised, TrainResult, train
+from mlcore.train import (
+    LOCAL,
+    MetricsCallback,
+    Objective,
+    Placement,
+    Supervised,
+    TrainResult,
+    train,
+)
+
+MAX_AUTO_WORKERS = 8
 
 
-def resolve_dataset(cfg: DataConfig) -> Path:
-    """The dataset directory: ``data.root``, or the generated ``data.synth`` (cached)."""
+def resolve_dataset(cfg: DataConfig) -> str | Path:
+    """The dataset directory (a path or a URI): ``data.root``, or the generated ``data.synth``."""
     if cfg.root is not None:
-        return Path(cfg.root).expanduser()
+        return cfg.root if is_uri(cfg.root) else Path(cfg.root).expanduser()
     assert cfg.synth is not None  # DataConfig guarantees exactly one
     return ensure_generated(cfg.synth, cfg.cache_dir)
+
+
+def load_manifest(cfg: DataConfig, *, with_bytes: bool = True) -> Manifest:
+    """The configured dataset's manifest (a remote one through the local cache if enabled)."""
+    return Manifest.load(resolve_dataset(cfg), with_bytes=with_bytes, cache_dir=_remote_cache(cfg))
+
+
+def _remote_cache(cfg: DataConfig) -> str | None:
+    return cfg.cache_dir if cfg.cache_remote else None
+
+
+def loader_workers(data: DataConfig, cpus: float | None) -> int:
+    """``data.num_workers`` with ``auto`` resolved: one less than ``cpus`` (None: this machine's
+    CPUs), at most :data:`MAX_AUTO_WORKERS`; the training process itself needs one."""
+    if data.num_workers != "auto":
+        return data.num_workers
+    available = cpus if cpus is not None else (os.cpu_count() or 1)
+    return max(0, min(MAX_AUTO_WORKERS, int(available) - 1))
+
+
+def split_dataset(
+    manifest: Manifest,
+    data: DataConfig,
+    split: str,
+    *,
+    train: bool,
+    class_subset: Sequence[int] | None = None,
+    return_index: bool = False,
+) -> MultiLabelDataset:
+    """One split with the configured transform, decoder and image cache."""
+    return MultiLabelDataset(
+        manifest,
+        split,
+        build_transform(data, train=train),
+        class_subset=class_subset,
+        return_index=return_index,
+        decoder=data.decoder,
+        cache_dir=_remote_cache(data),
+    )
 
 
 def build_loaders(
@@ -39,39 +89,65 @@ def build_loaders(
     *,
     class_subset: Sequence[int] | None = None,
     return_index: bool = False,
+    placement: Placement = LOCAL,
 ) -> tuple[DataLoader, DataLoader]:
-    """Training and validation loaders over ``class_subset`` (None: all classes)."""
-    train_set = MultiLabelDataset(
+    """Training and validation loaders over ``class_subset`` (None: all classes).
+
+    The training loader yields this rank's share of each global batch of
+    ``train_cfg.batch_size``: every rank draws the same global order for the epoch (a seeded
+    permutation, or the class-aware sequence) and takes positions ``rank, rank + world, ...``.
+    So one process, or ``world`` ranks together, see the same samples in the same global
+    batches. Every rank validates on the whole validation split.
+
+    Raises:
+        ConfigError: ``train.batch_size`` is not a multiple of the number of ranks.
+    """
+    world, rank = placement.world_size, placement.rank
+    if train_cfg.batch_size % world:
+        raise ConfigError(
+            f"train.batch_size = {train_cfg.batch_size} must be a multiple of the {world} "
+            "data-parallel workers (each takes an equal share of every batch)"
+        )
+    train_set = split_dataset(
         manifest,
+        data,
         data.train_split,
-        build_transform(data, train=True),
+        train=True,
         class_subset=class_subset,
         return_index=return_index,
     )
-    val_set = MultiLabelDataset(
-        manifest, data.val_split, build_transform(data, train=False), class_subset=class_subset
-    )
-    sampler = None
+    val_set = split_dataset(manifest, data, data.val_split, train=False, class_subset=class_subset)
     if data.class_aware_sampling:
         sampler = ClassAwareSampler(
-            train_set.label_lists, manifest.num_classes, seed=train_cfg.seed
+            train_set.label_csr,
+            train_set.num_classes,
+            seed=train_cfg.seed,
+            num_replicas=world,
+            rank=rank,
         )
+    else:
+        sampler = DistributedSampler(
+            train_set, num_replicas=world, rank=rank, shuffle=True, seed=train_cfg.seed
+        )
+    workers = loader_workers(data, placement.cpus)
     pin = torch.cuda.is_available()
+    batch_size = train_cfg.batch_size // world
     train_loader = DataLoader(
         train_set,
-        batch_size=train_cfg.batch_size,
-        shuffle=sampler is None,
+        batch_size=batch_size,
         sampler=sampler,
-        num_workers=data.num_workers,
+        collate_fn=train_set.collate_fn,
+        num_workers=workers,
         pin_memory=pin,
-        drop_last=len(train_set) > train_cfg.batch_size,
-        persistent_workers=data.num_workers > 0,
+        drop_last=len(sampler) > batch_size,
+        persistent_workers=workers > 0,
     )
     val_loader = DataLoader(
         val_set,
         batch_size=train_cfg.eval_batch_size or 2 * train_cfg.batch_size,
         shuffle=False,
-        num_workers=data.num_workers,
+        collate_fn=val_set.collate_fn,
+        num_workers=workers,
         pin_memory=pin,
     )
     return train_loader, val_loader
@@ -98,6 +174,7 @@ def train_classifier(
     return_index: bool = False,
     on_epoch: MetricsCallback | None = None,
     on_step: MetricsCallback | None = None,
+    placement: Placement = LOCAL,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train one model from config, on all classes or on ``class_subset``.
@@ -112,14 +189,20 @@ def train_classifier(
         return_index: Training batches carry the row index (cached-teacher lookup).
         on_epoch: Per-epoch metrics callback.
         on_step: Step metrics callback (adaptive asymmetry).
+        placement: This process's rank and CPUs (data-parallel training, loader workers).
         log: Progress lines.
     """
     train_cfg = cfg.train
     if epochs is not None and epochs != train_cfg.epochs:
         train_cfg = dataclasses.replace(train_cfg, epochs=epochs)
-    manifest = Manifest.load(resolve_dataset(cfg.data), with_bytes=True)
+    manifest = load_manifest(cfg.data)
     train_loader, val_loader = build_loaders(
-        manifest, cfg.data, train_cfg, class_subset=class_subset, return_index=return_index
+        manifest,
+        cfg.data,
+        train_cfg,
+        class_subset=class_subset,
+        return_index=return_index,
+        placement=placement,
     )
     num_outputs = len(class_subset) if class_subset is not None else manifest.num_classes
     torch.manual_seed(train_cfg.seed)  # identical initial weights for identical configs
@@ -137,5 +220,6 @@ def train_classifier(
         observe_every=cfg.loss.adaptive.log_every,
         on_epoch=on_epoch,
         on_step=on_step,
+        placement=placement,
         log=log,
     )

@@ -54,8 +54,9 @@ from mlcore.cpsd import (
     train_student,
     train_teacher,
 )
-from mlcore.data.manifest import MANIFEST_FILE, read_info
+from mlcore.data.manifest import manifest_digest, read_info
 from mlcore.data.synth import config_hash
+from mlcore.distill import LOGIT_STORE
 from mlcore.experiment import resolve_dataset, train_classifier
 from workflows.config import USER_ERRORS, Config, config_path, load_config
 from workflows.runtime import STOP, init_ray
@@ -77,11 +78,7 @@ def dataset_id(cfg: Config) -> str:
     """Content identity of the dataset: the synth config hash, or the manifest's bytes."""
     if cfg.data.synth is not None:
         return "synth-" + config_hash(cfg.data.synth)
-    digest = hashlib.sha256()
-    with open(Path(cfg.data.root) / MANIFEST_FILE, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return manifest_digest(cfg.data.root)
 
 
 # Fields that change how fast or where something runs, not what it computes.
@@ -136,6 +133,7 @@ def compute_keys(cfg: Config, data_id: str, specs: Sequence[TeacherSpec]) -> Key
         c.teacher_mode,
         c.cls_weight,
         c.kd_alpha,
+        c.logits_dtype if c.teacher_mode == "cached" else None,
         [teachers[s.name] for s in specs],
     )
     return Keys(partitions, teachers, student, stage_key("baseline", *full))
@@ -310,17 +308,17 @@ def teacher_stage(ctx: JobContext, spec: TeacherSpec, key: str) -> dict[str, Any
 
 def logits_stage(ctx: JobContext, spec: TeacherSpec, teacher: dict[str, Any]) -> dict[str, Any]:
     storage = Storage(ctx.storage_uri)
-    rel = f"{teacher['rel']}/logits"
+    rel = f"{teacher['rel']}/logits-{ctx.cfg.cpsd.logits_dtype}"
     done = storage.done(rel)
     if done is not None:
         return done
     work = WorkDir(storage, rel)
     try:
         checkpoint = storage.download(f"{teacher['rel']}/best.pt", work.path / "teacher.pt")
-        cache_teacher_logits(ctx.cfg, spec, checkpoint, work.path / "logits.parquet")
+        cache_teacher_logits(ctx.cfg, spec, checkpoint, work.path / LOGIT_STORE)
         checkpoint.unlink()
         work.sync()
-        record = {"rel": rel, "file": f"{rel}/logits.parquet"}
+        record = {"rel": rel, "file": f"{rel}/{LOGIT_STORE}"}
         storage.mark_done(rel, record)
         return record
     finally:

@@ -1,24 +1,43 @@
 """A torch Dataset over a manifest split, with the papers' train/val transforms.
 
-``MultiLabelDataset[i]`` is ``(image, target)``: a normalised float tensor (3, S, S) and a
-multi-hot float vector over the dataset's classes, or over ``class_subset`` (in that order) —
-the CPSD teachers train on label subsets. ``return_index=True`` appends the row's position in
-the split, which the cached-teacher distillation uses to look up stored logits.
+``MultiLabelDataset[i]`` is ``(image, labels)``: a normalised float tensor (3, S, S) and the
+row's class positions (int64, over the dataset's classes or over ``class_subset`` in that
+order: the CPSD teachers train on label subsets). ``return_index=True`` appends the row's
+position in the split, which the cached-teacher distillation uses to look up stored logits.
+
+Labels stay sparse: the dataset holds them as CSR arrays (offsets, positions), so it costs
+O(N + number of labels), never O(N x C). :class:`MultiHotCollate` (the dataset's
+``collate_fn``) builds the dense multi-hot rows one batch at a time: every loader over this
+dataset must use it.
+
+Images are read from the manifest's embedded bytes or from files under its image root (a local
+directory or an object-store URI, see :class:`ImageFiles`) and decoded by one of
+:data:`DECODERS` into a uint8 tensor (3, H, W); the transform takes it from there.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
-from collections.abc import Sequence
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import simplejpeg
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from mlcore.config import DataConfig
-from mlcore.data.manifest import Manifest, ManifestError
+from mlcore.data.manifest import Manifest, ManifestError, filesystem, is_uri
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -43,18 +62,161 @@ def build_transform(cfg: DataConfig, *, train: bool) -> v2.Compose:
     return v2.Compose(ops)
 
 
+# ---------------------------------------------------------------------------------------------
+# Decoders: encoded bytes -> uint8 tensor (3, H, W) at the stored resolution. All three give
+# the same pixels for a JPEG (libjpeg-turbo underneath, default settings); they differ in speed
+# (bench/bench_decode.py, docs/benchmarks.md): simplejpeg, the default, is the fastest per core.
+# torchvision's decoders are deprecated upstream since 0.29 (TorchCodec replaces them).
+
+
+def decode_pil(data: bytes) -> torch.Tensor:
+    """PIL (any format PIL reads)."""
+    return pil_to_tensor(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def decode_torchvision(data: bytes) -> torch.Tensor:
+    """``torchvision.io.decode_image`` (JPEG, PNG, WebP, GIF); other formats through PIL."""
+    try:
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB)
+    except RuntimeError:
+        return decode_pil(data)
+
+
+def decode_simplejpeg(data: bytes) -> torch.Tensor:
+    """simplejpeg for JPEGs; other formats (the generated PNGs), and JPEGs it cannot convert to
+    RGB (CMYK), through PIL."""
+    if simplejpeg.is_jpeg(data):
+        try:
+            return torch.from_numpy(simplejpeg.decode_jpeg(data, colorspace="RGB")).permute(2, 0, 1)
+        except ValueError:
+            pass
+    return decode_pil(data)
+
+
+DECODERS: dict[str, Callable[[bytes], torch.Tensor]] = {
+    "pil": decode_pil,
+    "torchvision": decode_torchvision,
+    "simplejpeg": decode_simplejpeg,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Image files
+
+
+class ImageFiles:
+    """Reads image files under a root: a local directory or an object-store URI.
+
+    With ``cache_dir``, a remote file is copied there on first read (atomically, so concurrent
+    readers on one node never see half a file) and read locally from then on; the cache is
+    keyed by the root URI. The pyarrow filesystem is opened lazily in each process: S3 clients
+    must not cross a fork into DataLoader workers.
+    """
+
+    def __init__(self, root: str, cache_dir: str | os.PathLike | None = None):
+        self.root = root
+        self.remote = is_uri(root)
+        self.cache = None
+        if self.remote and cache_dir is not None:
+            key = hashlib.sha256(root.encode()).hexdigest()[:16]
+            self.cache = Path(cache_dir).expanduser() / "remote-images" / key
+        self._fs: tuple[int, pafs.FileSystem, str] | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fs": None}
+
+    def _filesystem(self) -> tuple[pafs.FileSystem, str]:
+        if self._fs is None or self._fs[0] != os.getpid():
+            self._fs = (os.getpid(), *filesystem(self.root))
+        return self._fs[1], self._fs[2]
+
+    def read(self, rel: str) -> bytes:
+        if not self.remote:
+            return (Path(self.root) / rel).read_bytes()
+        if self.cache is not None:
+            local = self.cache / rel
+            if local.is_file():
+                return local.read_bytes()
+        fs, base = self._filesystem()
+        with fs.open_input_stream(f"{base}/{rel}") as f:
+            data = f.read()
+        if self.cache is not None:
+            local.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=local.parent, prefix=f".{local.name}.")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, local)
+        return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels and batches
+
+
+def label_csr(
+    labels: pa.ListArray | pa.ChunkedArray, class_subset: Sequence[int] | None, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row label positions as CSR ``(offsets (N + 1,) int64, positions int32)``.
+
+    With ``class_subset``, labels outside it are dropped and the rest become positions in it.
+    """
+    if isinstance(labels, pa.ChunkedArray):
+        labels = labels.combine_chunks()
+    lengths = pc.list_value_length(labels).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = labels.flatten().to_numpy(zero_copy_only=False).astype(np.int32)
+    if class_subset is not None:
+        position = np.full(num_classes, -1, dtype=np.int32)
+        position[np.asarray(class_subset, dtype=np.int64)] = np.arange(
+            len(class_subset), dtype=np.int32
+        )
+        mapped = position[values]
+        keep = mapped >= 0
+        row_of_value = np.repeat(np.arange(lengths.size), lengths)
+        lengths = np.bincount(row_of_value[keep], minlength=lengths.size).astype(np.int64)
+        values = mapped[keep]
+    offsets = np.zeros(lengths.size + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets, values
+
+
+class MultiHotCollate:
+    """Batches ``(image, labels[, index])`` items into ``(images, multi-hot targets[, indices])``.
+
+    The only place a dense (B, C) target exists: one batch at a time.
+    """
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+
+    def __call__(self, items: list[tuple]) -> list[torch.Tensor]:
+        images = torch.stack([item[0] for item in items])
+        labels = [item[1] for item in items]
+        rows = torch.repeat_interleave(
+            torch.arange(len(items)), torch.tensor([len(x) for x in labels], dtype=torch.long)
+        )
+        targets = torch.zeros(len(items), self.num_classes)
+        targets[rows, torch.cat(labels)] = 1.0
+        out = [images, targets]
+        if len(items[0]) > 2:
+            out.append(torch.tensor([item[2] for item in items], dtype=torch.long))
+        return out
+
+
 class MultiLabelDataset(Dataset):
-    """Images and multi-hot targets of one split of a manifest.
+    """Images and sparse labels of one split of a manifest.
 
     Args:
         manifest: The loaded dataset.
         split: Split name (``train``, ``val``, ...).
-        transform: Callable on a PIL image returning a tensor.
-        class_subset: Class indices the target covers, in this order (None: all classes).
+        transform: Callable on a uint8 image tensor (3, H, W) returning a tensor.
+        class_subset: Class indices the labels cover, in this order (None: all classes).
         return_index: Also return the position of the item within the split.
+        decoder: Name in :data:`DECODERS`.
+        cache_dir: Local cache for images under a remote image root (None: no cache).
 
     Raises:
-        ManifestError: The split is empty or a subset index is out of range.
+        ManifestError: The split is empty, a subset index is out of range or the decoder is
+            unknown.
     """
 
     def __init__(
@@ -65,6 +227,8 @@ class MultiLabelDataset(Dataset):
         *,
         class_subset: Sequence[int] | None = None,
         return_index: bool = False,
+        decoder: str = "simplejpeg",
+        cache_dir: str | os.PathLike | None = None,
     ):
         rows = manifest.split_rows(split)
         if rows.size == 0:
@@ -76,44 +240,52 @@ class MultiLabelDataset(Dataset):
             bad = [c for c in class_subset if not 0 <= c < num_classes]
             if bad or len(set(class_subset)) != len(class_subset):
                 raise ManifestError(f"class_subset {list(class_subset)} invalid for {num_classes}")
+        if decoder not in DECODERS:
+            raise ManifestError(f"unknown decoder {decoder!r}; choose from {sorted(DECODERS)}")
         self.manifest = manifest
         self.split = split
         self.rows = rows
         self.transform = transform
         self.return_index = return_index
-        self.image_root = manifest.image_root
-        table = manifest.table.take(rows)
-        self.image_ids = table.column("image_id").to_pylist()
-        self.paths = table.column("path").to_pylist()
+        self.decode = DECODERS[decoder]
+        self.files = ImageFiles(manifest.image_root, cache_dir)
+        # Arrow columns, not Python lists: compact, and DataLoader workers forked from this
+        # process share them without copy-on-access.
+        table = manifest.table.take(pa.array(rows))
+        self.ids = table.column("image_id").combine_chunks()
+        self.paths = table.column("path").combine_chunks()
         self.blobs = (
-            table.column("image_bytes").to_pylist()
+            table.column("image_bytes").combine_chunks()
             if "image_bytes" in table.column_names
-            else [None] * len(rows)
+            else None
         )
-        full = manifest.multi_hot(rows).astype(np.float32)
         self.class_subset = None if class_subset is None else list(class_subset)
-        self.targets = torch.from_numpy(full if class_subset is None else full[:, class_subset])
-        self.label_lists = manifest.label_lists(rows)
+        self.num_classes = num_classes if class_subset is None else len(class_subset)
+        self.label_csr = label_csr(table.column("labels"), class_subset, num_classes)
+        self.collate_fn = MultiHotCollate(self.num_classes)
 
     @property
-    def num_classes(self) -> int:
-        return self.targets.shape[1]
+    def image_ids(self) -> list[str]:
+        return self.ids.to_pylist()
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def load_image(self, i: int) -> Image.Image:
-        blob = self.blobs[i]
+    def labels(self, i: int) -> torch.Tensor:
+        offsets, values = self.label_csr
+        return torch.from_numpy(values[offsets[i] : offsets[i + 1]].astype(np.int64))
+
+    def load_image(self, i: int) -> torch.Tensor:
+        blob = None if self.blobs is None else self.blobs[i].as_py()
+        path = self.paths[i].as_py()
         try:
-            if blob is not None:
-                image = Image.open(io.BytesIO(blob))
-            else:
-                image = Image.open(self.image_root / self.paths[i])
-            return image.convert("RGB")
-        except (OSError, ValueError) as err:
-            where = self.paths[i] if blob is None else "embedded bytes"
+            if blob is None:
+                blob = self.files.read(path)
+            return self.decode(blob)
+        except (OSError, ValueError, RuntimeError) as err:
+            where = path if path is not None else "embedded bytes"
             raise ManifestError(
-                f"{self.split} row {i} (image_id={self.image_ids[i]!r}): cannot read image "
+                f"{self.split} row {i} (image_id={self.ids[i].as_py()!r}): cannot read image "
                 f"{where}: {err}"
             ) from err
 
@@ -122,5 +294,5 @@ class MultiLabelDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         if self.return_index:
-            return image, self.targets[i], i
-        return image, self.targets[i]
+            return image, self.labels(i), i
+        return image, self.labels(i)
