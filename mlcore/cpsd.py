@@ -216,6 +216,7 @@ def train_teacher(
     out_dir: str | os.PathLike,
     *,
     on_epoch: MetricsCallback | None = None,
+    on_step: MetricsCallback | None = None,
     placement: Placement = LOCAL,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
@@ -226,6 +227,7 @@ def train_teacher(
         class_subset=list(spec.subset),
         epochs=cfg.cpsd.teacher_epochs or cfg.train.epochs,
         on_epoch=on_epoch,
+        on_step=on_step,
         placement=placement,
         log=lambda line: log(f"[{spec.name}] {line}"),
     )

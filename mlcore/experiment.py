@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from mlcore.config import DataConfig, ExperimentConfig, LossConfig, TrainConfig
 from mlcore.configlib import ConfigError
-from mlcore.data.dataset import MultiLabelDataset, build_transform
+from mlcore.data.dataset import MultiLabelDataset, SeededSampler, build_transform
 from mlcore.data.manifest import Manifest, is_uri
 from mlcore.data.sampler import ClassAwareSampler
 from mlcore.data.synth import ensure_generated
@@ -97,7 +97,8 @@ def build_loaders(
     ``train_cfg.batch_size``: every rank draws the same global order for the epoch (a seeded
     permutation, or the class-aware sequence) and takes positions ``rank, rank + world, ...``.
     So one process, or ``world`` ranks together, see the same samples in the same global
-    batches. Every rank validates on the whole validation split.
+    batches, with the same augmentation (seeded per sample, see ``SeededSampler``). Every rank
+    validates on the whole validation split.
 
     Raises:
         ConfigError: ``train.batch_size`` is not a multiple of the number of ranks.
@@ -118,7 +119,7 @@ def build_loaders(
     )
     val_set = split_dataset(manifest, data, data.val_split, train=False, class_subset=class_subset)
     if data.class_aware_sampling:
-        sampler = ClassAwareSampler(
+        order: ClassAwareSampler | DistributedSampler = ClassAwareSampler(
             train_set.label_csr,
             train_set.num_classes,
             seed=train_cfg.seed,
@@ -126,9 +127,10 @@ def build_loaders(
             rank=rank,
         )
     else:
-        sampler = DistributedSampler(
+        order = DistributedSampler(
             train_set, num_replicas=world, rank=rank, shuffle=True, seed=train_cfg.seed
         )
+    sampler = SeededSampler(order, train_cfg.seed, rank=rank, world_size=world)
     workers = loader_workers(data, placement.cpus)
     pin = torch.cuda.is_available()
     batch_size = train_cfg.batch_size // world

@@ -59,6 +59,7 @@ from mlcore.data.synth import config_hash
 from mlcore.distill import LOGIT_STORE
 from mlcore.experiment import resolve_dataset, train_classifier
 from workflows.config import USER_ERRORS, Config, config_path, load_config
+from workflows.distributed import Role, TrainingRun, model_resources, task_options, train_stage
 from workflows.runtime import STOP, init_ray
 from workflows.storage import Storage, WorkDir
 from workflows.tracking import (
@@ -192,13 +193,15 @@ def _train_stage(
     stage: str,
     key: str,
     params: dict[str, Any],
-    run: Callable[[Path, Callable[[int, dict], None], Callable[[str], None]], Any],
+    run: TrainingRun,
     finish: Callable[[Path, Any], dict[str, Any]],
+    role: Role = "student",
 ) -> dict[str, Any]:
     """Shared shell of every training stage: skip when done, resume, log, sync, mark done.
 
-    ``run(workdir, on_epoch, log)`` trains and returns a TrainResult; ``finish(workdir,
-    result)`` adds stage-specific fields to the record.
+    ``run(workdir, on_epoch=, on_step=, placement=, log=)`` trains (in this task or on a Ray
+    Train worker group, see ``workflows.distributed``) and returns a TrainResult;
+    ``finish(workdir, result)`` adds stage-specific fields to the record.
     """
     storage = Storage(ctx.storage_uri)
     rel = ctx.stage_rel(stage, key)
@@ -239,7 +242,17 @@ def _train_stage(
                 logger.metrics(metrics, step=epoch)
                 work.sync()
 
-            result = run(work.path, on_epoch, _print)
+            result = train_stage(
+                ctx.cfg,
+                role,
+                run,
+                work.path,
+                storage=storage,
+                rel=rel,
+                on_epoch=on_epoch,
+                logger=logger,
+                log=_print,
+            )
             if ctx.cfg.mlflow.log_checkpoints:
                 logger.artifact(result.best_checkpoint, "checkpoints")
             record = {
@@ -301,8 +314,9 @@ def teacher_stage(ctx: JobContext, spec: TeacherSpec, key: str) -> dict[str, Any
         spec.name,
         key,
         params,
-        lambda path, on_epoch, log: train_teacher(ctx.cfg, spec, path, on_epoch=on_epoch, log=log),
+        lambda path, **hooks: train_teacher(ctx.cfg, spec, path, **hooks),
         lambda path, result: {"subset": list(spec.subset), "kind": spec.kind},
+        role="teacher",
     )
 
 
@@ -346,7 +360,7 @@ def student_stage(
                 out.append(storage.download(rel, scratch / f"{i}-{Path(rel).name}"))
         return out
 
-    def run(path: Path, on_epoch, log):
+    def run(path: Path, **hooks):
         scratch = path / "inputs"
         checkpoints = fetch([f"{t['rel']}/best.pt" for t in teachers], scratch)
         logit_files = fetch([r["file"] for r in logits], scratch) if logits else None
@@ -357,8 +371,7 @@ def student_stage(
             checkpoints,
             path,
             teacher_logits=logit_files,
-            on_epoch=on_epoch,
-            log=log,
+            **hooks,
         )
 
     def finish(path: Path, result) -> dict[str, Any]:
@@ -380,7 +393,7 @@ def baseline_stage(ctx: JobContext, key: str) -> dict[str, Any]:
         "baseline",
         key,
         _common_params(ctx),
-        lambda path, on_epoch, log: train_classifier(ctx.cfg, path, on_epoch=on_epoch, log=log),
+        lambda path, **hooks: train_classifier(ctx.cfg, path, **hooks),
         lambda path, result: {
             "shift": evaluate_split(ctx.cfg, result.best_checkpoint, "test_shift")
         },
@@ -410,14 +423,6 @@ def preflight(cfg: Config) -> int:
             f"cpsd.k = {cfg.cpsd.k} is larger than the number of classes ({num_classes})"
         )
     return num_classes
-
-
-def _resources(gpus: float | None, cpus: float) -> dict[str, float]:
-    import ray
-
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    return {"num_gpus": gpus, "num_cpus": cpus}
 
 
 def _wait_all(refs: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
@@ -533,16 +538,10 @@ def run_pipeline(cfg: Config, *, log: Callable[[str], None] = print) -> RunSumma
                 specs = plan_teachers(partitions)
                 keys = compute_keys(cfg, data_id, specs)
 
-                teacher_res = _resources(cfg.ray.teacher_gpus, cfg.ray.teacher_cpus)
-                student_res = _resources(
-                    cfg.ray.student_gpus
-                    if cfg.ray.student_gpus is not None
-                    else cfg.ray.teacher_gpus,
-                    cfg.ray.student_cpus,
-                )
+                teacher_res = model_resources(cfg, "teacher")
                 refs = {
                     s.name: task(teacher_stage)
-                    .options(name=s.name, **teacher_res)
+                    .options(name=s.name, **task_options(cfg, "teacher"))
                     .remote(ctx, s, keys.teachers[s.name])
                     for s in specs
                 }
@@ -550,7 +549,7 @@ def run_pipeline(cfg: Config, *, log: Callable[[str], None] = print) -> RunSumma
                 if specs and cfg.cpsd.train_baseline:
                     baseline_ref = (
                         task(baseline_stage)
-                        .options(name="baseline", **student_res)
+                        .options(name="baseline", **task_options(cfg, "student"))
                         .remote(ctx, keys.baseline)
                     )
                 outstanding = [*refs.values(), *([baseline_ref] if baseline_ref else [])]
@@ -575,7 +574,7 @@ def run_pipeline(cfg: Config, *, log: Callable[[str], None] = print) -> RunSumma
                 student_key = keys.student if specs else keys.baseline
                 student_ref = (
                     task(student_stage)
-                    .options(name=student_name, **student_res)
+                    .options(name=student_name, **task_options(cfg, "student"))
                     .remote(ctx, specs, teacher_records, logit_records, student_key)
                 )
                 outstanding = [student_ref, *([baseline_ref] if baseline_ref else [])]

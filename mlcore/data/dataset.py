@@ -10,6 +10,12 @@ O(N + number of labels), never O(N x C). :class:`MultiHotCollate` (the dataset's
 ``collate_fn``) builds the dense multi-hot rows one batch at a time: every loader over this
 dataset must use it.
 
+Random augmentation is seeded per sample: a training loader's sampler is wrapped in
+:class:`SeededSampler`, which hands the dataset ``(index, seed)`` with the seed a function of
+(base seed, epoch, position in the epoch's global order). An image's augmentation therefore does
+not depend on which DataLoader worker or data-parallel rank loads it, so ``num_workers`` and the
+number of ranks change nothing about what is trained on.
+
 Images are read from the manifest's embedded bytes or from files under its image root (a local
 directory or an object-store URI, see :class:`ImageFiles`) and decoded by one of
 :data:`DECODERS` into a uint8 tensor (3, H, W); the transform takes it from there.
@@ -31,7 +37,7 @@ import pyarrow.fs as pafs
 import simplejpeg
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor
@@ -202,6 +208,35 @@ class MultiHotCollate:
         return out
 
 
+class SeededSampler(Sampler[tuple[int, int]]):
+    """Pairs each index of a (rank's) sampler with its sample's augmentation seed.
+
+    The k-th index of rank ``rank`` sits at position ``rank + k * world_size`` of the epoch's
+    global order (how ``DistributedSampler`` and ``ClassAwareSampler`` shard), and its seed is a
+    function of (``seed``, epoch, that position) only.
+    """
+
+    def __init__(self, sampler: Sampler[int], seed: int, *, rank: int = 0, world_size: int = 1):
+        self.sampler = sampler
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+
+    def __iter__(self):
+        base = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, np.uint64)[0]
+        for k, index in enumerate(self.sampler):
+            position = self.rank + k * self.world_size
+            yield index, int((int(base) + position) % 2**63)
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]
+
+
 class MultiLabelDataset(Dataset):
     """Images and sparse labels of one split of a manifest.
 
@@ -289,10 +324,19 @@ class MultiLabelDataset(Dataset):
                 f"{where}: {err}"
             ) from err
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        """Item ``key``: an index, or ``(index, augmentation seed)`` from :class:`SeededSampler`."""
+        i, seed = key if isinstance(key, tuple) else (key, None)
         image = self.load_image(i)
         if self.transform is not None:
-            image = self.transform(image)
+            if seed is None:
+                image = self.transform(image)
+            else:
+                # The transforms draw from torch's global RNG: give them this sample's stream
+                # without disturbing the training process's (dropout, shuffling).
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    image = self.transform(image)
         if self.return_index:
             return image, self.labels(i), i
         return image, self.labels(i)
