@@ -313,7 +313,8 @@ def fit_group(
         max_failures: Worker-group restarts before ``fit`` gives up.
         logger: The MLflow run rank 0 logs to.
         storage: Where Ray Train keeps its checkpoints (every node must reach it).
-        rel: Ray Train's run directory under ``storage``; the same ``rel`` resumes a run.
+        rel: Ray Train's run directory under ``storage``; the same ``rel`` resumes a run. It is
+            removed once the run has finished.
         callbacks: Extra ``RunConfig`` callbacks (Tune's ``TuneReportCallback``).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -346,6 +347,9 @@ def fit_group(
         raise RuntimeError(f"Ray Train run {storage.uri_of(rel)} ended without a checkpoint")
     out_dir.mkdir(parents=True, exist_ok=True)
     result.checkpoint.to_directory(out_dir)
+    # Finished: the outputs are in ``out_dir``, the Ray Train run is no longer needed.
+    with contextlib.suppress(OSError):
+        storage.fs.delete_dir(storage.path(rel))
     return TrainResult.from_dir(out_dir)
 
 
@@ -381,9 +385,7 @@ def train_stage(
         storage=storage,
         rel=f"{rel}/ray_train",
     )
-    # Done: the stage directory has the outputs, the Ray Train run is no longer needed (also
-    # not in a remote stage's local working copy, which is uploaded after this).
-    with contextlib.suppress(OSError):
-        storage.fs.delete_dir(storage.path(f"{rel}/ray_train"))
+    # A remote stage's local working copy may hold an earlier attempt's run; it is uploaded
+    # after this.
     shutil.rmtree(out_dir / "ray_train", ignore_errors=True)
     return result
