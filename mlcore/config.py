@@ -90,6 +90,10 @@ class DataConfig:
     decoder: Literal["pil", "torchvision", "simplejpeg"] = "simplejpeg"
     """Image decoder (``mlcore.data.dataset.DECODERS``); all give the same pixels, see
     ``docs/benchmarks.md`` for their speed."""
+    decode_on: Literal["loader", "device"] = "loader"
+    """Where images are decoded and transformed: ``loader`` (DataLoader workers, on CPUs) or
+    ``device`` (the training device, a batch at a time: JPEGs through nvjpeg on a GPU; on a CPU
+    device, or for other formats, with ``decoder`` on the CPU)."""
 
     def __post_init__(self) -> None:
         _check(

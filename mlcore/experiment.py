@@ -16,7 +16,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from mlcore.config import DataConfig, ExperimentConfig, LossConfig, TrainConfig
 from mlcore.configlib import ConfigError
-from mlcore.data.dataset import MultiLabelDataset, SeededSampler, build_transform
+from mlcore.data.dataset import (
+    DeviceDecodedLoader,
+    MultiLabelDataset,
+    SeededSampler,
+    build_transform,
+)
 from mlcore.data.manifest import Manifest, is_uri
 from mlcore.data.sampler import ClassAwareSampler
 from mlcore.data.synth import ensure_generated
@@ -29,6 +34,7 @@ from mlcore.train import (
     Placement,
     Supervised,
     TrainResult,
+    resolve_device,
     train,
 )
 
@@ -69,6 +75,7 @@ def split_dataset(
     train: bool,
     class_subset: Sequence[int] | None = None,
     return_index: bool = False,
+    encoded: bool = False,
 ) -> MultiLabelDataset:
     """One split with the configured transform, decoder and image cache."""
     return MultiLabelDataset(
@@ -79,6 +86,7 @@ def split_dataset(
         return_index=return_index,
         decoder=data.decoder,
         cache_dir=_remote_cache(data),
+        encoded=encoded,
     )
 
 
@@ -90,7 +98,7 @@ def build_loaders(
     class_subset: Sequence[int] | None = None,
     return_index: bool = False,
     placement: Placement = LOCAL,
-) -> tuple[DataLoader, DataLoader]:
+) -> tuple[DataLoader | DeviceDecodedLoader, DataLoader | DeviceDecodedLoader]:
     """Training and validation loaders over ``class_subset`` (None: all classes).
 
     The training loader yields this rank's share of each global batch of
@@ -98,7 +106,8 @@ def build_loaders(
     permutation, or the class-aware sequence) and takes positions ``rank, rank + world, ...``.
     So one process, or ``world`` ranks together, see the same samples in the same global
     batches, with the same augmentation (seeded per sample, see ``SeededSampler``). Every rank
-    validates on the whole validation split.
+    validates on the whole validation split. With ``data.decode_on: device`` both loaders
+    yield encoded images that :class:`DeviceDecodedLoader` decodes on the training device.
 
     Raises:
         ConfigError: ``train.batch_size`` is not a multiple of the number of ranks.
@@ -109,6 +118,7 @@ def build_loaders(
             f"train.batch_size = {train_cfg.batch_size} must be a multiple of the {world} "
             "data-parallel workers (each takes an equal share of every batch)"
         )
+    on_device = data.decode_on == "device"
     train_set = split_dataset(
         manifest,
         data,
@@ -116,8 +126,11 @@ def build_loaders(
         train=True,
         class_subset=class_subset,
         return_index=return_index,
+        encoded=on_device,
     )
-    val_set = split_dataset(manifest, data, data.val_split, train=False, class_subset=class_subset)
+    val_set = split_dataset(
+        manifest, data, data.val_split, train=False, class_subset=class_subset, encoded=on_device
+    )
     if data.class_aware_sampling:
         order: ClassAwareSampler | DistributedSampler = ClassAwareSampler(
             train_set.label_csr,
@@ -152,6 +165,12 @@ def build_loaders(
         num_workers=workers,
         pin_memory=pin,
     )
+    if on_device:
+        device = resolve_device(train_cfg.device)
+        return (
+            DeviceDecodedLoader(train_loader, train_set.transform, device, data.decoder),
+            DeviceDecodedLoader(val_loader, val_set.transform, device, data.decoder),
+        )
     return train_loader, val_loader
 
 

@@ -115,6 +115,21 @@ def test_decoders_read_png_and_grayscale():
                 assert (out.float() - expected.float()).abs().mean() < 1.0, (decoder, fmt)
 
 
+def test_device_decoding_gives_the_loader_path_batches(tiny_config):
+    """``decode_on: device`` on this CPU runs the same batched code path a GPU runs (nvjpeg is
+    then used for JPEGs); on a CPU device it must reproduce the loader path exactly."""
+    manifest = Manifest.load(resolve_dataset(tiny_config.data))
+    data = dataclasses.replace(tiny_config.data, randaugment=True)
+    on_device = dataclasses.replace(data, decode_on="device")
+    loaders = build_loaders(manifest, data, tiny_config.train, return_index=True)
+    device_loaders = build_loaders(manifest, on_device, tiny_config.train, return_index=True)
+    for loader, device_loader in zip(loaders, device_loaders, strict=True):
+        assert len(device_loader) == len(loader)
+        for batch, device_batch in zip(loader, device_loader, strict=True):
+            for a, b in zip(batch, device_batch, strict=True):
+                assert torch.equal(a, b)
+
+
 def test_num_workers_auto_follows_the_cpus_held(tiny_config):
     auto = dataclasses.replace(tiny_config.data, num_workers="auto")
     assert loader_workers(auto, 1.0) == 0  # the training process needs its CPU

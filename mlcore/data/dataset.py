@@ -18,7 +18,9 @@ number of ranks change nothing about what is trained on.
 
 Images are read from the manifest's embedded bytes or from files under its image root (a local
 directory or an object-store URI, see :class:`ImageFiles`) and decoded by one of
-:data:`DECODERS` into a uint8 tensor (3, H, W); the transform takes it from there.
+:data:`DECODERS` into a uint8 tensor (3, H, W); the transform takes it from there. With
+``encoded=True`` the dataset hands out the encoded bytes instead and :class:`DeviceDecodedLoader`
+decodes and transforms whole batches on the training device (nvjpeg on a GPU).
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ import pyarrow.fs as pafs
 import simplejpeg
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
-from torchvision.io import ImageReadMode, decode_image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor
 
@@ -186,26 +188,104 @@ def label_csr(
 
 
 class MultiHotCollate:
-    """Batches ``(image, labels[, index])`` items into ``(images, multi-hot targets[, indices])``.
+    """Batches ``(image, labels[, index])`` items into ``[images, multi-hot targets[, indices]]``.
 
-    The only place a dense (B, C) target exists: one batch at a time.
+    The only place a dense (B, C) target exists: one batch at a time. With ``encoded``, items
+    are ``(encoded bytes, labels, seed[, index])`` and batches ``[list of encoded images,
+    targets, seeds[, indices]]`` (for :class:`DeviceDecodedLoader`).
     """
 
-    def __init__(self, num_classes: int):
+    def __init__(self, num_classes: int, *, encoded: bool = False):
         self.num_classes = num_classes
+        self.encoded = encoded
 
-    def __call__(self, items: list[tuple]) -> list[torch.Tensor]:
-        images = torch.stack([item[0] for item in items])
+    def __call__(self, items: list[tuple]) -> list:
         labels = [item[1] for item in items]
         rows = torch.repeat_interleave(
             torch.arange(len(items)), torch.tensor([len(x) for x in labels], dtype=torch.long)
         )
         targets = torch.zeros(len(items), self.num_classes)
         targets[rows, torch.cat(labels)] = 1.0
-        out = [images, targets]
-        if len(items[0]) > 2:
+        images = [item[0] for item in items]
+        out = [images if self.encoded else torch.stack(images), targets]
+        extra = 3 if self.encoded else 2  # seed, then index
+        if self.encoded:
             out.append(torch.tensor([item[2] for item in items], dtype=torch.long))
+        if len(items[0]) > extra:
+            out.append(torch.tensor([item[extra] for item in items], dtype=torch.long))
         return out
+
+
+def seeded(transform: Callable, image: torch.Tensor, seed: int | None) -> torch.Tensor:
+    """``transform(image)``, its random draws from ``seed``'s stream when given.
+
+    The transforms draw from torch's global (CPU) RNG, also for images on a GPU; forking it
+    leaves the training process's stream (dropout, shuffling) undisturbed.
+    """
+    if seed is None:
+        return transform(image)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transform(image)
+
+
+def _is_jpeg(encoded: torch.Tensor) -> bool:
+    return encoded.numel() > 2 and encoded[0] == 0xFF and encoded[1] == 0xD8
+
+
+def decode_batch(
+    encoded: Sequence[torch.Tensor], device: torch.device, decoder: str
+) -> list[torch.Tensor]:
+    """Decode a batch onto ``device``: JPEGs with nvjpeg when it is a GPU (one batched call);
+    the rest, and everything for a CPU device, with ``decoder`` on the CPU."""
+    images: list[torch.Tensor | None] = [None] * len(encoded)
+    on_gpu = [k for k, e in enumerate(encoded) if device.type == "cuda" and _is_jpeg(e)]
+    if on_gpu:
+        decoded = decode_jpeg([encoded[k] for k in on_gpu], mode=ImageReadMode.RGB, device=device)
+        for k, image in zip(on_gpu, decoded, strict=True):
+            images[k] = image
+    for k, e in enumerate(encoded):
+        if images[k] is None:
+            images[k] = DECODERS[decoder](e.numpy().tobytes()).to(device)
+    return images  # type: ignore[return-value]
+
+
+class DeviceDecodedLoader:
+    """A loader of encoded images whose batches are decoded and transformed on ``device``.
+
+    Quacks like the wrapped ``DataLoader`` for the training loop (``len``, ``sampler``,
+    iteration yielding ``[images, targets[, indices]]``). Each image keeps its augmentation
+    seed, so the result equals the CPU path's up to the decoder and the resize running on the
+    device.
+    """
+
+    def __init__(self, loader: DataLoader, transform: Callable, device: torch.device, decoder: str):
+        self.loader = loader
+        self.transform = transform
+        self.device = device
+        self.decoder = decoder
+
+    @property
+    def sampler(self):
+        return self.loader.sampler
+
+    @property
+    def dataset(self):
+        return self.loader.dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for encoded, targets, seeds, *rest in self.loader:
+            images = decode_batch(encoded, self.device, self.decoder)
+            batch = torch.stack(
+                [
+                    seeded(self.transform, image, None if seed < 0 else seed)
+                    for image, seed in zip(images, seeds.tolist(), strict=True)
+                ]
+            )
+            yield [batch, targets, *rest]
 
 
 class SeededSampler(Sampler[tuple[int, int]]):
@@ -247,6 +327,8 @@ class MultiLabelDataset(Dataset):
         class_subset: Class indices the labels cover, in this order (None: all classes).
         return_index: Also return the position of the item within the split.
         decoder: Name in :data:`DECODERS`.
+        encoded: Items are ``(encoded bytes as uint8 tensor, labels, seed[, index])``, not
+            decoded (``transform`` is then not applied; seed -1: none).
         cache_dir: Local cache for images under a remote image root (None: no cache).
 
     Raises:
@@ -264,6 +346,7 @@ class MultiLabelDataset(Dataset):
         return_index: bool = False,
         decoder: str = "simplejpeg",
         cache_dir: str | os.PathLike | None = None,
+        encoded: bool = False,
     ):
         rows = manifest.split_rows(split)
         if rows.size == 0:
@@ -297,7 +380,8 @@ class MultiLabelDataset(Dataset):
         self.class_subset = None if class_subset is None else list(class_subset)
         self.num_classes = num_classes if class_subset is None else len(class_subset)
         self.label_csr = label_csr(table.column("labels"), class_subset, num_classes)
-        self.collate_fn = MultiHotCollate(self.num_classes)
+        self.encoded = encoded
+        self.collate_fn = MultiHotCollate(self.num_classes, encoded=encoded)
 
     @property
     def image_ids(self) -> list[str]:
@@ -310,13 +394,14 @@ class MultiLabelDataset(Dataset):
         offsets, values = self.label_csr
         return torch.from_numpy(values[offsets[i] : offsets[i + 1]].astype(np.int64))
 
-    def load_image(self, i: int) -> torch.Tensor:
+    def load_bytes(self, i: int) -> bytes:
         blob = None if self.blobs is None else self.blobs[i].as_py()
+        return blob if blob is not None else self.files.read(self.paths[i].as_py())
+
+    def load_image(self, i: int) -> torch.Tensor:
         path = self.paths[i].as_py()
         try:
-            if blob is None:
-                blob = self.files.read(path)
-            return self.decode(blob)
+            return self.decode(self.load_bytes(i))
         except (OSError, ValueError, RuntimeError) as err:
             where = path if path is not None else "embedded bytes"
             raise ManifestError(
@@ -327,16 +412,12 @@ class MultiLabelDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]):
         """Item ``key``: an index, or ``(index, augmentation seed)`` from :class:`SeededSampler`."""
         i, seed = key if isinstance(key, tuple) else (key, None)
-        image = self.load_image(i)
-        if self.transform is not None:
-            if seed is None:
-                image = self.transform(image)
-            else:
-                # The transforms draw from torch's global RNG: give them this sample's stream
-                # without disturbing the training process's (dropout, shuffling).
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
-                    image = self.transform(image)
-        if self.return_index:
-            return image, self.labels(i), i
-        return image, self.labels(i)
+        if self.encoded:
+            data = torch.frombuffer(bytearray(self.load_bytes(i)), dtype=torch.uint8)
+            item = (data, self.labels(i), -1 if seed is None else seed)
+        else:
+            image = self.load_image(i)
+            if self.transform is not None:
+                image = seeded(self.transform, image, seed)
+            item = (image, self.labels(i))
+        return (*item, i) if self.return_index else item
