@@ -86,7 +86,7 @@ class DataConfig:
     num_workers: int | Literal["auto"] = "auto"
     """DataLoader worker processes (0 decodes in the training process). ``auto``: one less than
     the CPUs the training process holds (its Ray task's ``ray.teacher_cpus`` /
-    ``ray.student_cpus``, or this machine's CPUs outside Ray), at most 8."""
+    ``ray.student_cpus``, or this machine's CPUs outside Ray), at most 16."""
     decoder: Literal["pil", "torchvision", "simplejpeg"] = "simplejpeg"
     """Image decoder (``mlcore.data.dataset.DECODERS``); all give the same pixels, see
     ``docs/benchmarks.md`` for their speed."""

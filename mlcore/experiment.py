@@ -38,7 +38,7 @@ from mlcore.train import (
     train,
 )
 
-MAX_AUTO_WORKERS = 8
+MAX_AUTO_WORKERS = 16
 
 
 def resolve_dataset(cfg: DataConfig) -> str | Path:

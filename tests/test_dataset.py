@@ -134,7 +134,7 @@ def test_num_workers_auto_follows_the_cpus_held(tiny_config):
     auto = dataclasses.replace(tiny_config.data, num_workers="auto")
     assert loader_workers(auto, 1.0) == 0  # the training process needs its CPU
     assert loader_workers(auto, 4.0) == 3
-    assert loader_workers(auto, 64.0) == 8
+    assert loader_workers(auto, 64.0) == 16
     assert loader_workers(dataclasses.replace(auto, num_workers=2), 64.0) == 2
     manifest = Manifest.load(resolve_dataset(tiny_config.data))
     train, val = build_loaders(manifest, auto, tiny_config.train, placement=LocalPlacement(3.0))
