@@ -25,8 +25,8 @@ Ray Train's own run directory lives under ``<stage>/ray_train`` while the stage 
 removed once it is done.
 
 Tune over Train deadlocks when the trial itself holds a CPU that the workers need (trial 1 CPU
-+ 2 workers x 1 CPU, two trials on 2 CPUs: the groups never start); a trial that trains on a
-group therefore holds only :data:`TRIAL_CPUS` (``../shared/notes/ray-mlflow-findings.md`` §3).
++ 2 workers x 1 CPU on 2 CPUs: the group never starts; ``../shared/notes/ray-mlflow-findings.md``
+§3). A trial that trains on a group therefore holds :data:`TRIAL_RESOURCES`: no CPU at all.
 """
 
 from __future__ import annotations
@@ -52,7 +52,10 @@ from workflows.storage import Storage
 from workflows.tracking import NullRunLogger, RunLogger
 
 Role = Literal["teacher", "student"]
-TRIAL_CPUS = 0.01  # what a Tune trial holds while its worker group trains (0 is refused)
+# What a Tune trial holds while its worker group trains. Tune refuses an empty request, and even
+# 0.01 CPU breaks whole-CPU packing (0.01 + two 1-CPU workers do not fit in 2 CPUs); one byte
+# of Ray's ``memory`` resource holds nothing a worker needs.
+TRIAL_RESOURCES = {"CPU": 0, "memory": 1}
 RESULT_FILES = (LAST, BEST, "val_scores.npz")
 # Ray Train checks its workers every 2 s by default; every checkpointed report waits for one
 # check (findings §3: 20 reports took 54 s, 23 s at 0.2 s).

@@ -14,7 +14,7 @@ rerun, unfinished ones continue from their last epoch checkpoint, and their MLfl
 
 With ``ray.train_workers > 1`` each trial trains on a Ray Train worker group
 (``workflows.distributed``): every worker holds ``tune.resources_per_trial`` and the trial
-itself only ``TRIAL_CPUS`` (Tune over Train deadlocks otherwise). Rank 0 logs the trial's
+itself no CPU (``TRIAL_RESOURCES``; Tune over Train deadlocks otherwise). Rank 0 logs the trial's
 metrics; the γ−/Δp plot is not drawn for such trials; an interrupted trial resumes from the
 group's last epoch checkpoint (same Ray Train run).
 """
@@ -39,7 +39,7 @@ from mlcore import configlib
 from mlcore.configlib import ConfigError
 from mlcore.experiment import resolve_dataset, train_classifier
 from workflows.config import USER_ERRORS, Config, SweepConfig, config_path, load_config
-from workflows.distributed import TRIAL_CPUS, fit_group, task_placement
+from workflows.distributed import TRIAL_RESOURCES, fit_group, task_placement
 from workflows.runtime import init_ray
 from workflows.storage import Storage
 from workflows.tracking import (
@@ -340,7 +340,7 @@ def run_sweep(
         resolve_dataset(cfg.data)  # generate the synth data once, before trials start
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, ctx=SweepContext(cfg, tracker)),
-            dict(sweep.resources_per_trial) if cfg.ray.train_workers == 1 else {"CPU": TRIAL_CPUS},
+            dict(sweep.resources_per_trial) if cfg.ray.train_workers == 1 else TRIAL_RESOURCES,
         )
         max_t = cfg.train.epochs
         if sweep.scheduler.name == "asha":
