@@ -366,7 +366,7 @@ class MultiLabelDataset(Dataset):
         self.transform = transform
         self.return_index = return_index
         self.decode = DECODERS[decoder]
-        self.files = ImageFiles(manifest.image_root, cache_dir)
+        self.files = ImageFiles(str(manifest.image_root), cache_dir)
         # Arrow columns, not Python lists: compact, and DataLoader workers forked from this
         # process share them without copy-on-access.
         table = manifest.table.take(pa.array(rows))

@@ -336,14 +336,15 @@ class Manifest:
         return self.info.num_classes
 
     @property
-    def image_root(self) -> str:
-        """Where ``path`` values are relative to: an absolute local path or a URI."""
+    def image_root(self) -> Path | str:
+        """Where ``path`` values are relative to: a local directory, or a URI (a string)."""
         root = self.info.image_root
-        if is_uri(root) or Path(root).is_absolute():
+        if is_uri(root):
             return root
         if is_uri(self.root):
-            return str(self.root).rstrip("/") if root == "." else f"{self.root}/{root}"
-        return str((Path(self.root) / root).resolve())
+            base = str(self.root).rstrip("/")
+            return base if root == "." else f"{base}/{root}"
+        return Path(root) if Path(root).is_absolute() else Path(self.root) / root
 
     def splits(self) -> list[str]:
         return sorted(set(self.table.column("split").to_pylist()))
