@@ -65,15 +65,20 @@ class DataConfig:
     """Where the images and labels come from and how they are fed to the model."""
 
     root: str | None = field(default=None, metadata=NOT_RESULT)
-    """Dataset directory holding ``manifest.parquet`` (see ``mlcore.data.manifest``). Where the
-    data lives is not part of a result's identity: stage keys hash the content of the splits a
-    stage reads (``mlcore.fingerprint``)."""
+    """Dataset directory holding ``manifest.parquet`` (see ``mlcore.data.manifest``): a local
+    path or an object-store URI (``s3://bucket/prefix``, ``gs://...``). Where the data lives is
+    not part of a result's identity: stage keys hash the content of the splits a stage reads
+    (``mlcore.fingerprint``)."""
     synth: SynthConfig | None = field(default=None, metadata=NOT_RESULT)
     """Generate the dataset instead (cached under ``cache_dir`` by content hash); with neither
     ``root`` nor ``synth`` set, the default generated dataset is used. Like ``root``, keyed by
     the content of the splits read, so adding a split leaves training keys unchanged."""
     cache_dir: str = field(default=".cache/cpsd", metadata=NOT_RESULT)
-    """Where generated datasets are cached; relative paths are resolved against the cwd."""
+    """Where generated datasets (and copies of remote ones) are cached; relative paths are
+    resolved against the cwd."""
+    cache_remote: bool = field(default=True, metadata=NOT_RESULT)
+    """Copy a remote dataset's manifest and images into ``cache_dir`` on first read (per node),
+    so later epochs and stages read local files."""
     train_split: str = "train"
     """Split used for training and label statistics."""
     val_split: str = "val"
@@ -95,8 +100,20 @@ class DataConfig:
     """Cutout: side of the erased square as a fraction of the image side (0 disables)."""
     class_aware_sampling: bool = False
     """Draw training images with the DB paper's class-aware re-sampling."""
-    num_workers: int = field(default=0, metadata=NOT_RESULT)
-    """DataLoader worker processes (0 decodes in the training process)."""
+    num_workers: int | Literal["auto"] = field(default="auto", metadata=NOT_RESULT)
+    """DataLoader worker processes (0 decodes in the training process). ``auto``: one less than
+    the CPUs the training process holds (its Ray task's ``ray.teacher_cpus`` /
+    ``ray.student_cpus``, or this machine's CPUs outside Ray), at most 16. Results do not depend
+    on it: each sample's augmentation is seeded by its position in the epoch."""
+    decoder: Literal["pil", "torchvision", "simplejpeg"] = field(
+        default="simplejpeg", metadata=NOT_RESULT
+    )
+    """Image decoder (``mlcore.data.dataset.DECODERS``); all give the same pixels (tested), see
+    ``docs/benchmarks.md`` for their speed."""
+    decode_on: Literal["loader", "device"] = field(default="loader", metadata=NOT_RESULT)
+    """Where images are decoded and transformed: ``loader`` (DataLoader workers, on CPUs) or
+    ``device`` (the training device, a batch at a time: JPEGs through nvjpeg on a GPU; on a CPU
+    device, or for other formats, with ``decoder`` on the CPU)."""
 
     def __post_init__(self) -> None:
         _check(
@@ -107,7 +124,10 @@ class DataConfig:
             object.__setattr__(self, "synth", SynthConfig())
         _check(self.image_size >= 16, "data.image_size must be >= 16")
         _check(0.0 <= self.cutout < 1.0, "data.cutout must be in [0, 1)")
-        _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+        _check(
+            self.num_workers == "auto" or self.num_workers >= 0,
+            "data.num_workers must be >= 0 or 'auto'",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -323,6 +343,9 @@ class CPSDConfig:
     ``model.pretrained``/``model.pretrained_file`` (the authors: ImageNet); ``baseline``: the
     trained baseline's selected weights (our extension, not in the paper; needs
     ``train_baseline``). None: like every model, pretrained when ``model`` says so, else random."""
+    logits_dtype: Literal["float32", "float16"] = "float32"
+    """Storage type of cached teacher logits (``teacher_mode: cached``); float16 halves their
+    disk and I/O at a precision of about 1e-3 relative."""
     cls_weight: float = 0.5
     """Weight of the student's classification loss (authors' code: 0.5)."""
     kd_alpha: float = 0.5

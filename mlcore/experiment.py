@@ -12,32 +12,44 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from mlcore.bundle import BUNDLE_FILE, ModelBundle, Preprocessing, class_embeddings_of
 from mlcore.config import DataConfig, ExperimentConfig, LossConfig, TrainConfig
-from mlcore.data.dataset import MultiLabelDataset, build_transform
-from mlcore.data.manifest import Manifest
-from mlcore.data.sampler import ClassAwareSampler, SeededKeys, ShuffleSampler
+from mlcore.configlib import ConfigError
+from mlcore.data.dataset import (
+    DeviceDecodedLoader,
+    MultiLabelDataset,
+    SeededSampler,
+    build_transform,
+)
+from mlcore.data.manifest import Manifest, is_uri
+from mlcore.data.sampler import ClassAwareSampler
 from mlcore.data.synth import ensure_generated
 from mlcore.fingerprint import config_content, split_digest, stable_hash
 from mlcore.losses import build_asymmetry_controller, build_loss
 from mlcore.models import build_model_from_config
 from mlcore.train import (
+    LOCAL,
     MetricsCallback,
     Objective,
+    Placement,
     Supervised,
     TrainResult,
     load_checkpoint,
+    resolve_device,
     train,
 )
 
+MAX_AUTO_WORKERS = 16
 
-def resolve_dataset(cfg: DataConfig) -> Path:
-    """The dataset directory: ``data.root``, or the generated ``data.synth`` (cached)."""
+
+def resolve_dataset(cfg: DataConfig) -> str | Path:
+    """The dataset directory (a path or a URI): ``data.root``, or the generated ``data.synth``."""
     if cfg.root is not None:
-        return Path(cfg.root).expanduser()
+        return cfg.root if is_uri(cfg.root) else Path(cfg.root).expanduser()
     assert cfg.synth is not None  # DataConfig guarantees exactly one
     return ensure_generated(cfg.synth, cfg.cache_dir)
 
@@ -67,6 +79,47 @@ def training_fingerprint(
     )
 
 
+def load_manifest(cfg: DataConfig, *, with_bytes: bool = True) -> Manifest:
+    """The configured dataset's manifest (a remote one through the local cache if enabled)."""
+    return Manifest.load(resolve_dataset(cfg), with_bytes=with_bytes, cache_dir=_remote_cache(cfg))
+
+
+def _remote_cache(cfg: DataConfig) -> str | None:
+    return cfg.cache_dir if cfg.cache_remote else None
+
+
+def loader_workers(data: DataConfig, cpus: float | None) -> int:
+    """``data.num_workers`` with ``auto`` resolved: one less than ``cpus`` (None: this machine's
+    CPUs), at most :data:`MAX_AUTO_WORKERS`; the training process itself needs one."""
+    if data.num_workers != "auto":
+        return data.num_workers
+    available = cpus if cpus is not None else (os.cpu_count() or 1)
+    return max(0, min(MAX_AUTO_WORKERS, int(available) - 1))
+
+
+def split_dataset(
+    manifest: Manifest,
+    data: DataConfig,
+    split: str,
+    *,
+    train: bool,
+    class_subset: Sequence[int] | None = None,
+    return_index: bool = False,
+    encoded: bool = False,
+) -> MultiLabelDataset:
+    """One split with the configured transform, decoder and image cache."""
+    return MultiLabelDataset(
+        manifest,
+        split,
+        build_transform(data, train=train),
+        class_subset=class_subset,
+        return_index=return_index,
+        decoder=data.decoder,
+        cache_dir=_remote_cache(data),
+        encoded=encoded,
+    )
+
+
 def build_loaders(
     manifest: Manifest,
     data: DataConfig,
@@ -74,44 +127,83 @@ def build_loaders(
     *,
     class_subset: Sequence[int] | None = None,
     return_index: bool = False,
-) -> tuple[DataLoader, DataLoader]:
-    """Training and validation loaders over ``class_subset`` (None: all classes)."""
-    train_set = MultiLabelDataset(
+    placement: Placement = LOCAL,
+) -> tuple[DataLoader | DeviceDecodedLoader, DataLoader | DeviceDecodedLoader]:
+    """Training and validation loaders over ``class_subset`` (None: all classes).
+
+    The training loader yields this rank's share of each global batch of
+    ``train_cfg.batch_size``: every rank draws the same global order for the epoch (a seeded
+    permutation, or the class-aware sequence) and takes positions ``rank, rank + world, ...``.
+    So one process, or ``world`` ranks together, see the same samples in the same global
+    batches, with the same augmentation (seeded per sample, see ``SeededSampler``). Every rank
+    validates on the whole validation split. With ``data.decode_on: device`` both loaders
+    yield encoded images that :class:`DeviceDecodedLoader` decodes on the training device.
+
+    Raises:
+        ConfigError: ``train.batch_size`` is not a multiple of the number of ranks.
+    """
+    world, rank = placement.world_size, placement.rank
+    if train_cfg.batch_size % world:
+        raise ConfigError(
+            f"train.batch_size = {train_cfg.batch_size} must be a multiple of the {world} "
+            "data-parallel workers (each takes an equal share of every batch)"
+        )
+    on_device = data.decode_on == "device"
+    train_set = split_dataset(
         manifest,
+        data,
         data.train_split,
-        build_transform(data, train=True),
+        train=True,
         class_subset=class_subset,
         return_index=return_index,
+        encoded=on_device,
     )
-    val_set = MultiLabelDataset(
-        manifest, data.val_split, build_transform(data, train=False), class_subset=class_subset
+    val_set = split_dataset(
+        manifest, data, data.val_split, train=False, class_subset=class_subset, encoded=on_device
     )
     if data.class_aware_sampling:
         # Balanced over the classes this model learns: a teacher's labels are its subset's, so
         # every draw is an image holding at least one of them (the DB weights use the same
         # subset frequencies).
-        base = ClassAwareSampler(
-            train_set.subset_label_lists, train_set.num_classes, seed=train_cfg.seed
+        order: ClassAwareSampler | DistributedSampler = ClassAwareSampler(
+            train_set.label_csr,
+            train_set.num_classes,
+            seed=train_cfg.seed,
+            num_replicas=world,
+            rank=rank,
         )
     else:
-        base = ShuffleSampler(len(train_set), seed=train_cfg.seed)
+        order = DistributedSampler(
+            train_set, num_replicas=world, rank=rank, shuffle=True, seed=train_cfg.seed
+        )
+    sampler = SeededSampler(order, train_cfg.seed, rank=rank, world_size=world)
+    workers = loader_workers(data, placement.cpus)
     pin = torch.cuda.is_available()
+    batch_size = train_cfg.batch_size // world
     train_loader = DataLoader(
         train_set,
-        batch_size=train_cfg.batch_size,
-        sampler=SeededKeys(base, train_cfg.seed),
-        num_workers=data.num_workers,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=train_set.collate_fn,
+        num_workers=workers,
         pin_memory=pin,
-        drop_last=len(train_set) > train_cfg.batch_size,
-        persistent_workers=data.num_workers > 0,
+        drop_last=len(sampler) > batch_size,
+        persistent_workers=workers > 0,
     )
     val_loader = DataLoader(
         val_set,
         batch_size=train_cfg.eval_batch_size or 2 * train_cfg.batch_size,
         shuffle=False,
-        num_workers=data.num_workers,
+        collate_fn=val_set.collate_fn,
+        num_workers=workers,
         pin_memory=pin,
     )
+    if on_device:
+        device = resolve_device(train_cfg.device)
+        return (
+            DeviceDecodedLoader(train_loader, train_set.transform, device, data.decoder),
+            DeviceDecodedLoader(val_loader, val_set.transform, device, data.decoder),
+        )
     return train_loader, val_loader
 
 
@@ -137,6 +229,7 @@ def train_classifier(
     return_index: bool = False,
     on_epoch: MetricsCallback | None = None,
     on_step: MetricsCallback | None = None,
+    placement: Placement = LOCAL,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train one model from config, on all classes or on ``class_subset``.
@@ -156,12 +249,18 @@ def train_classifier(
         return_index: Training batches carry the row index (cached-teacher lookup).
         on_epoch: Per-epoch metrics callback.
         on_step: Step metrics callback (adaptive asymmetry).
+        placement: This process's rank and CPUs (data-parallel training, loader workers).
         log: Progress lines.
     """
     train_cfg = cfg.train
-    manifest = Manifest.load(resolve_dataset(cfg.data), with_bytes=True)
+    manifest = load_manifest(cfg.data)
     train_loader, val_loader = build_loaders(
-        manifest, cfg.data, train_cfg, class_subset=class_subset, return_index=return_index
+        manifest,
+        cfg.data,
+        train_cfg,
+        class_subset=class_subset,
+        return_index=return_index,
+        placement=placement,
     )
     num_outputs = len(class_subset) if class_subset is not None else manifest.num_classes
     torch.manual_seed(train_cfg.seed)  # identical initial weights for identical configs
@@ -187,9 +286,11 @@ def train_classifier(
         on_epoch=on_epoch,
         on_step=on_step,
         fingerprint=training_fingerprint(cfg, class_subset=class_subset, extra=fingerprint_extra),
+        placement=placement,
         log=log,
     )
-    write_training_bundle(cfg, manifest, model, result, class_subset, train_loader)
+    if placement.rank == 0:  # every rank holds the same weights; one writes them
+        write_training_bundle(cfg, manifest, model, result, class_subset, train_loader)
     return result
 
 
@@ -208,7 +309,8 @@ def write_training_bundle(
     """
     names = manifest.class_names
     subset = list(class_subset) if class_subset is not None else list(range(len(names)))
-    positives = train_loader.dataset.targets.sum(0).long().tolist()
+    train_set = train_loader.dataset
+    positives = np.bincount(train_set.label_csr[1], minlength=train_set.num_classes).tolist()
     metadata = {
         "best_epoch": result.best_epoch,
         # JSON has no NaN: metrics that were undefined in an epoch are left out.
@@ -221,7 +323,7 @@ def write_training_bundle(
         "train_images": len(train_loader.dataset),
         "dataset": {
             "name": manifest.info.name,
-            "root": str(Path(manifest.root).resolve()),
+            "root": manifest.root if is_uri(manifest.root) else str(Path(manifest.root).resolve()),
             "class_indices": subset,
             "train_split": cfg.data.train_split,
             "val_split": cfg.data.val_split,

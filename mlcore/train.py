@@ -7,11 +7,16 @@ channels_last on GPU, optional gradient clipping, and an optional adaptive-asymm
 controller. It reports through callbacks, so ``workflows`` can send the numbers to MLflow or
 Ray without this module knowing either.
 
+Data-parallel training (``workflows.distributed`` runs it under Ray Train) comes in as one more
+argument, a :class:`Placement`: every rank runs this same loop on its share of each global
+batch, the wrapped model sums the ranks' gradients, and the adaptive controller sees the whole
+global batch. The default, :data:`LOCAL`, is one process and every hook is the identity.
+
 Every epoch ends with an atomic checkpoint (``last.pt``: everything needed to resume) and, when
 the epoch is the best so far, ``best.pt`` (the selected weights) with ``val_scores.npz``. Resuming
 from ``last.pt`` gives the same final weights as an uninterrupted run on CPU, for any number of
 DataLoader workers: every epoch re-seeds all RNGs from (seed, epoch), and each sample's
-augmentation is seeded by its position in the epoch (``mlcore.data.sampler.SeededKeys``).
+augmentation is seeded by its position in the epoch (``mlcore.data.dataset.SeededSampler``).
 
 A run resumes only from a checkpoint carrying the same ``fingerprint`` (``mlcore.fingerprint``:
 the config fields and data its result depends on); anything else is a
@@ -47,6 +52,8 @@ from mlcore.metrics import multilabel_report
 
 LAST = "last.pt"
 BEST = "best.pt"
+SCORES = "val_scores.npz"
+PENDING = ".next"  # suffix of a best checkpoint staged but not yet recorded (settle_best)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -90,6 +97,56 @@ class StepObserver(Protocol):
 MetricsCallback = Callable[[int, dict[str, float]], None]
 
 
+class Placement(Protocol):
+    """Where this training process runs: its rank among data-parallel workers, and its CPUs.
+
+    Every rank trains on a disjoint share of each global batch (the loaders are built per rank).
+    The global objective is the *sum* of the ranks' objectives: with a loss summed over the
+    batch (ASL, the distillation MSE) that is exactly the single-process loss of the global
+    batch, so ``wrap`` must sum the ranks' gradients, not average them. A loss that averages
+    over the batch (DB) then gets ``world_size`` times its single-process gradient, which Adam's
+    per-parameter normalisation cancels except for the L2 weight-decay term and ``grad_clip``.
+    """
+
+    rank: int
+    world_size: int
+    cpus: float | None
+    """CPUs this process holds (a Ray task's or worker's share); None: the whole machine."""
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The module to run forward/backward through (e.g. DDP around ``model``)."""
+        ...
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` summed over all ranks (every rank gets the result)."""
+        ...
+
+    def gather(self, value: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``value`` concatenated along dim 0, in rank order."""
+        ...
+
+
+@dataclass(frozen=True)
+class LocalPlacement:
+    """One training process (no data parallelism): every hook is the identity."""
+
+    cpus: float | None = None
+    rank: int = 0
+    world_size: int = 1
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def gather(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+
+LOCAL = LocalPlacement()
+
+
 @dataclass
 class Evaluation:
     """One pass of a model over a loader: what model selection and the reports read."""
@@ -126,9 +183,26 @@ class TrainResult:
     def best_checkpoint(self) -> Path:
         return self.out_dir / BEST
 
+    @classmethod
+    def from_dir(cls, out_dir: str | os.PathLike) -> TrainResult:
+        """The result of a finished run, read back from its ``last.pt`` and saved scores."""
+        out = Path(out_dir)
+        state = load_checkpoint(out / LAST)
+        scores, targets = _saved_scores(out)
+        best = state["best"]
+        return cls(out, best["epoch"], best["metrics"], state["history"], scores, targets)
+
     @property
     def last_checkpoint(self) -> Path:
         return self.out_dir / LAST
+
+
+def _saved_scores(out: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
+    path = out / SCORES
+    if not path.is_file():
+        return None, None
+    with np.load(path) as saved:
+        return saved["scores"], saved["targets"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -156,10 +230,6 @@ def save_atomic(obj: dict[str, Any], path: Path) -> None:
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
-
-
-SCORES = "val_scores.npz"
-PENDING = ".next"
 
 
 def _save_scores_atomic(path: Path, scores: np.ndarray, targets: np.ndarray) -> None:
@@ -256,6 +326,7 @@ def train(
     evaluate: Evaluator = evaluate_scores,
     fingerprint: str | None = None,
     resume: bool = True,
+    placement: Placement = LOCAL,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train ``model`` and keep the best weights by validation mAP.
@@ -280,6 +351,8 @@ def train(
             required to match on resume.
         resume: Continue from ``out_dir/last.pt`` when it exists (and its fingerprint
             matches).
+        placement: Data-parallel hooks; ``train_loader`` must then yield this rank's share of
+            every global batch. Each rank keeps its own ``out_dir`` (rank 0's is the result).
         log: Progress lines.
 
     Returns:
@@ -303,6 +376,8 @@ def train(
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    # Forward/backward go through ``net``; EMA, validation and checkpoints use ``model``.
+    net = placement.wrap(model)
     optimizer = torch.optim.Adam(param_groups_weight_decay(model, cfg.weight_decay), lr=cfg.lr)
     steps_per_epoch = len(train_loader)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -342,7 +417,7 @@ def train(
         for step, raw in enumerate(train_loader):
             batch = unpack(raw, device, channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(batch.images)
+                logits = net(batch.images)
             # Losses run in float32 even under autocast: log(1 - p) near p = 1 needs it.
             logits = logits.float()
             loss = objective(logits, batch)
@@ -362,12 +437,15 @@ def train(
                 ema.update(model, step=global_step)
             loss_sum += loss.detach()
             if observer is not None:
-                stats = observer.update(logits.detach(), batch.targets)
+                # The whole global batch, so every rank's controller takes the same step.
+                stats = observer.update(
+                    placement.gather(logits.detach()), placement.gather(batch.targets)
+                )
                 if on_step is not None and global_step % observe_every == 0:
                     on_step(global_step, {"train_loss_step": loss.item(), **stats})
 
         # -- validate: plain and EMA weights, keep the better -------------------------------------
-        train_loss = (loss_sum / steps_per_epoch).item()
+        train_loss = (placement.sum(loss_sum) / steps_per_epoch).item()
         plain = evaluate(model, val_loader, device, amp)
         metrics = {"val_mAP_plain": plain.metrics["mAP"]}
         selected, chosen = "plain", plain
@@ -417,13 +495,12 @@ def train(
         if on_epoch is not None:
             on_epoch(epoch, metrics)
 
-    scores_file = out / SCORES
-    saved = np.load(scores_file) if scores_file.is_file() else None
+    scores, targets = _saved_scores(out)
     return TrainResult(
         out_dir=out,
         best_epoch=best["epoch"],
         best_metrics=best["metrics"],
         history=history,
-        val_scores=None if saved is None else saved["scores"],
-        val_targets=None if saved is None else saved["targets"],
+        val_scores=scores,
+        val_targets=targets,
     )

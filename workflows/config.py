@@ -57,7 +57,23 @@ class RayConfig:
     student_cpus: float = 1.0
     """CPUs of the student task."""
     max_retries: int = 2
-    """Retries of a stage whose worker died; a teacher resumes from its last epoch."""
+    """Retries of a stage whose worker died; a teacher resumes from its last epoch. With
+    ``train_workers > 1`` also the restarts of a worker group (Ray Train ``FailureConfig``)."""
+    train_workers: int = 1
+    """Data-parallel workers per model (Ray Train ``TorchTrainer``, DDP: nccl on GPUs, gloo on
+    CPUs) for teachers, student, baseline and Tune trials; each worker holds the stage's
+    ``*_cpus`` / ``*_gpus`` (trials: ``tune.resources_per_trial``). 1: the stage trains in its
+    Ray task. Changes where a model trains, not what it computes."""
+    student_train_workers: int | None = None
+    """Workers of the student and the baseline (None: like ``train_workers``)."""
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0:
+            raise ConfigError("ray.max_retries must be >= 0")
+        if self.train_workers < 1 or (
+            self.student_train_workers is not None and self.student_train_workers < 1
+        ):
+            raise ConfigError("ray.train_workers and ray.student_train_workers must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
