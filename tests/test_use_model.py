@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from mlcore import configlib
@@ -92,7 +93,7 @@ def image_folder(trained, tmp_path, count=3) -> list[Path]:
     paths = []
     for i in range(count):
         path = tmp_path / "imgs" / ("nested" if i % 2 else ".") / f"img{i}.png"
-        val.load_image(i).save(path)
+        Image.fromarray(val.load_image(i).permute(1, 2, 0).numpy()).save(path)
         paths.append(path.resolve())
     (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG not really")
     (tmp_path / "imgs" / "notes.txt").write_text("not an image and not picked up")
@@ -102,7 +103,8 @@ def image_folder(trained, tmp_path, count=3) -> list[Path]:
 def test_bundle_reproduces_the_selected_weights(trained):
     """The bundle alone gives the validation scores training saved for its best epoch."""
     classifier = Classifier(trained.bundle, "cpu")
-    loader = DataLoader(MultiLabelDataset(trained.manifest, "val", classifier.transform), 64)
+    val = MultiLabelDataset(trained.manifest, "val", classifier.transform)
+    loader = DataLoader(val, 64, collate_fn=val.collate_fn)
     scores, _ = predict(classifier.model, loader, classifier.device)
     saved = np.load(trained.out / "val_scores.npz")["scores"]
     assert np.allclose(scores, saved, atol=1e-5)

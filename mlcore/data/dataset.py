@@ -51,19 +51,39 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def eval_transform(
+    size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> v2.Compose:
+    """Image (PIL or uint8 tensor) -> normalised float tensor (3, size, size): what validation
+    and inference see.
+
+    Model bundles record ``size``, ``mean`` and ``std`` and rebuild their preprocessing with this
+    function, so a deployed model sees exactly the validation transform.
+    """
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize((size, size), antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )
+
+
 def build_transform(cfg: DataConfig, *, train: bool) -> v2.Compose:
     """Resize to a square, then (training only) crop/flip/RandAugment/Cutout, then normalise."""
     size = cfg.image_size
+    if not train:
+        return eval_transform(size)
     ops: list[v2.Transform] = [v2.ToImage(), v2.Resize((size, size), antialias=True)]
-    if train:
-        if cfg.random_crop:
-            ops.append(v2.RandomCrop(size, padding=max(1, size // 8), padding_mode="reflect"))
-        if cfg.hflip:
-            ops.append(v2.RandomHorizontalFlip())
-        if cfg.randaugment:
-            ops.append(v2.RandAugment(num_ops=2, magnitude=9))
+    if cfg.random_crop:
+        ops.append(v2.RandomCrop(size, padding=max(1, size // 8), padding_mode="reflect"))
+    if cfg.hflip:
+        ops.append(v2.RandomHorizontalFlip())
+    if cfg.randaugment:
+        ops.append(v2.RandAugment(num_ops=2, magnitude=9))
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    if train and cfg.cutout > 0:
+    if cfg.cutout > 0:
         # One erased square of fixed relative side, as the ASL/CPSD pipelines' CutoutPIL.
         area = cfg.cutout**2
         ops.append(v2.RandomErasing(p=1.0, scale=(area, area), ratio=(1.0, 1.0), value=0.0))
