@@ -14,9 +14,10 @@ label sets come from a model with co-occurrence:
   class is drawn by frequency, each further one by its mean conditional co-occurrence
   P(j | already chosen) — an approximation that keeps the strong pairs of the real data.
 
-The optional ``test_shift`` split draws every class independently with its training frequency,
-so co-occurrence carries no information there: the drop from ``val`` to ``test_shift`` measures
-how much a model leans on context (CPSD paper, Fig. 1).
+The optional ``test`` split is drawn like ``val``: a held-out split to report on after choosing
+settings on ``val``. The optional ``test_shift`` split draws every class independently with its
+training frequency, so co-occurrence carries no information there: the drop from ``val`` to
+``test_shift`` measures how much a model leans on context (CPSD paper, Fig. 1).
 
 Everything is seeded per image, so the same config writes byte-identical files.
 """
@@ -55,7 +56,7 @@ COLOURS = {
     "white": (245, 245, 245),
 }
 _COLOUR_NAMES = tuple(COLOURS)
-SPLIT_CODES = {"train": 0, "val": 1, "test_shift": 2}
+SPLIT_CODES = {"train": 0, "val": 1, "test_shift": 2, "test": 3}
 
 
 def class_appearance(c: int) -> tuple[str, str]:
@@ -263,7 +264,12 @@ def generate(cfg: SynthConfig, out_dir: str | os.PathLike) -> Path:
     model, class_names = _label_model(cfg, np.random.default_rng([cfg.seed, 99]))
     num_classes = len(class_names)
     ids, labels, splits, paths = [], [], [], []
-    split_sizes = {"train": cfg.num_train, "val": cfg.num_val, "test_shift": cfg.num_test_shift}
+    split_sizes = {
+        "train": cfg.num_train,
+        "val": cfg.num_val,
+        "test": cfg.num_test,
+        "test_shift": cfg.num_test_shift,
+    }
     train_freq = None
     for split, n in split_sizes.items():
         if n == 0:
