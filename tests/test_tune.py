@@ -167,3 +167,25 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_overrides, 
             next(r.info.run_id for r in trials if r.info.run_name == name), "val_mAP"
         )
         assert sorted(m.step for m in history) == [0, 1, 2]  # not trained again
+
+
+def test_sweep_over_label_orders_with_the_orderless_rnn(tiny_overrides, tmp_path):
+    for name in ("tune_pla", "tune_pla_tiny"):
+        assert set(validate_space(load_config(config_path(name)))) >= {"loss.order"}
+    # Three of the six orders keep the test short: a fixed order and both alignments.
+    orders = ["frequent", "mla", "pla"]
+    space = f"tune.space={{loss.order: {{grid: [{', '.join(orders)}]}}}}"
+    cfg = load_config(
+        config_path("tune_pla_tiny"), _sets(tiny_overrides, tmp_path, "train.epochs=1", space)
+    )
+    outcome = run_sweep(cfg, out_dir=tmp_path / "out")
+    assert sorted(row["loss.order"] for row in outcome.table) == sorted(orders)
+    assert all(row["error"] is None and row["epochs"] == 1 for row in outcome.table)
+    _, runs = _runs(tmp_path)
+    trials = [r for r in runs if r.info.run_name != "tune_pla_tiny"]
+    assert len(trials) == 3 and all(r.info.status == "FINISHED" for r in trials)
+    assert sorted(r.data.params["sweep.loss.order"] for r in trials) == sorted(orders)
+    for run in trials:
+        assert {"val_OF1", "val_duplicate_ratio", "val_mla_loss"} <= set(run.data.metrics)
+    best = yaml.safe_load(outcome.best_loss_file.read_text())
+    assert best["name"] == "orderless" and best["order"] == outcome.best_params["loss.order"]
