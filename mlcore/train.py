@@ -210,7 +210,8 @@ def train(
     """Train ``model`` and keep the best weights by validation ``cfg.select_metric``.
 
     Args:
-        model: Returns logits (B, C) for images (B, 3, H, W).
+        model: In eval mode, logits (B, C) for images (B, 3, H, W) (what the default
+            ``evaluate`` reads); in training, whatever ``forward`` makes of it for ``objective``.
         train_loader: Yields ``(images, targets)`` or ``(images, targets, indices)``.
         val_loader: Same, over the validation split (targets over the same C classes).
         objective: Loss of (forward's output, batch).
