@@ -108,7 +108,7 @@ def run_one(cfg: Config, out: Path, split: str, log) -> dict:
         result = train_classifier(cfg, out, log=log)
         record = {
             "best_epoch": result.best_epoch,
-            "val": result.best_metrics,
+            "best_metrics": result.best_metrics,  # of the epoch kept, on val
             "train_time_s": time.perf_counter() - started,
         }
     if split not in record:
@@ -199,8 +199,9 @@ def plot(results: dict, split: str, seeds: list[int], path: Path) -> None:
     FigureCanvasAgg(fig)
     for i, (metric, label) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
+        shown = [n for n in names if metric in SET_METRICS or not n.startswith(BCE)]
         means, halves = [], []
-        for name in names:
+        for name in shown:
             mean, half = interval(
                 [results[name][str(s)][split].get(metric, math.nan) for s in seeds]
             )
@@ -209,10 +210,10 @@ def plot(results: dict, split: str, seeds: list[int], path: Path) -> None:
         # grey: BCE runs; orange: the alignments (MLA, PLA); blue: fixed orders and the control
         colours = [
             "#636363" if n.startswith(BCE) else "#e6550d" if n == "MLA" or "PLA" in n else "#3182bd"
-            for n in names
+            for n in shown
         ]
-        ax.bar(range(len(names)), means, yerr=halves, capsize=3, color=colours)
-        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+        ax.bar(range(len(shown)), means, yerr=halves, capsize=3, color=colours)
+        ax.set_xticks(range(len(shown)), shown, rotation=60, ha="right", fontsize=7)
         ax.set_title(label, fontsize=9)
         if metric in ("CF1", "OF1"):
             finite = [m for m in means if not math.isnan(m)]
