@@ -121,3 +121,13 @@ def test_swa_averages_due_snapshots_and_refreshes_batch_norm():
         outputs = torch.cat([refreshed[0](x) for x, _ in data])
     torch.testing.assert_close(refreshed[1].running_mean, outputs.mean(0), atol=1e-5, rtol=1e-5)
     assert WeightAveraging(model).refreshed(data, torch.device("cpu")) is None  # nothing yet
+
+
+@pytest.mark.parametrize("backbone", ["test_vit", "test_convnext"])
+def test_any_timm_backbone_is_an_encoder(backbone):
+    model = build_model(backbone, NUM_CLASSES, "rnn", rnn=RNN)
+    images = torch.randn(2, 3, 64, 64)
+    cells, pooled = model.encode(images)
+    assert cells.ndim == 3 and cells.shape[-1] == pooled.shape[-1] == model.encoder.num_features
+    model.train()(images).sum().backward()
+    assert model.eval()(images).shape == (2, NUM_CLASSES)
