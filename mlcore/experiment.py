@@ -1,8 +1,9 @@
 """Builders from config sections to the pieces ``mlcore.train.train`` needs.
 
 ``train_classifier`` is the one entry point that trains a model (a baseline, a CPSD teacher on a
-label subset, or anything else) from config: dataset, loaders, model, loss, adaptive controller.
-Every model it trains leaves a model bundle (``mlcore.bundle``) next to its ``best.pt``.
+label subset, an orderless RNN, or anything else) from config: dataset, loaders, model, loss,
+adaptive controller, and for ``model.head: rnn`` its forward and evaluator. Every model it
+trains leaves a model bundle (``mlcore.bundle``) next to its ``best.pt``.
 """
 
 from __future__ import annotations
@@ -30,14 +31,20 @@ from mlcore.data.sampler import ClassAwareSampler
 from mlcore.data.synth import ensure_generated
 from mlcore.fingerprint import config_content, split_digest, stable_hash
 from mlcore.losses import build_asymmetry_controller, build_loss
-from mlcore.models import build_model_from_config
+from mlcore.losses.orderless import TeacherForcing
+from mlcore.models import OrderlessRNN, build_model_from_config
+from mlcore.orderless import check_label_counts, evaluate_sequences
 from mlcore.train import (
     LOCAL,
+    Evaluator,
+    Forward,
     MetricsCallback,
     Objective,
     Placement,
     Supervised,
     TrainResult,
+    evaluate_scores,
+    forward_images,
     load_checkpoint,
     resolve_device,
     train,
@@ -208,14 +215,33 @@ def build_loaders(
 
 
 def build_criterion(loss_cfg: LossConfig, manifest: Manifest, data: DataConfig, class_subset):
-    """Loss module (DB gets the training frequencies of the classes it sees)."""
-    class_freq = train_size = None
-    if loss_cfg.name == "db":
+    """Loss module (DB and orderless get the training frequencies of the classes they see)."""
+    class_freq = train_size = class_names = None
+    if loss_cfg.name in ("db", "orderless"):
         class_freq = manifest.positives_per_class(data.train_split)
         if class_subset is not None:
             class_freq = class_freq[list(class_subset)]
         train_size = int(manifest.split_rows(data.train_split).size)
-    return build_loss(loss_cfg, class_freq=class_freq, train_size=train_size)
+        class_names = manifest.class_names
+    return build_loss(
+        loss_cfg, class_freq=class_freq, train_size=train_size, class_names=class_names
+    )
+
+
+def sequence_training(
+    cfg: ExperimentConfig, manifest: Manifest, model: OrderlessRNN, loss: torch.nn.Module
+) -> tuple[Forward, Evaluator]:
+    """Prepare the orderless RNN (PLA): label counts checked, stage-1 encoder loaded; returns
+    its training forward and its validation (decoded label sets, sequence metrics).
+
+    Raises:
+        ManifestError: An image has more labels than ``model.rnn.max_steps``.
+    """
+    check_label_counts(manifest, [cfg.data.train_split, cfg.data.val_split], model.max_steps)
+    if cfg.model.encoder_checkpoint is not None:
+        model.load_encoder(cfg.model.encoder_checkpoint)
+    forward = TeacherForcing(loss) if cfg.loss.teacher_forcing else forward_images
+    return forward, evaluate_sequences
 
 
 def train_classifier(
@@ -274,6 +300,12 @@ def train_classifier(
         batch_size=train_cfg.batch_size,
         lr_warmup_steps=round(train_cfg.pct_start * train_cfg.epochs * len(train_loader)),
     )
+    forward: Forward = forward_images
+    evaluate: Evaluator = evaluate_scores
+    if isinstance(model, OrderlessRNN):
+        if class_subset is not None or make_objective is not None:
+            raise ValueError("the orderless RNN trains on all classes, without CPSD teachers")
+        forward, evaluate = sequence_training(cfg, manifest, model, loss)
     result = train(
         model,
         train_loader,
@@ -287,6 +319,8 @@ def train_classifier(
         on_step=on_step,
         fingerprint=training_fingerprint(cfg, class_subset=class_subset, extra=fingerprint_extra),
         placement=placement,
+        forward=forward,
+        evaluate=evaluate,
         log=log,
     )
     if placement.rank == 0:  # every rank holds the same weights; one writes them

@@ -226,6 +226,8 @@ def resolve_paths(cfg: Config) -> Config:
     model = cfg.model
     if model.pretrained_file is not None:
         model = dataclasses.replace(model, pretrained_file=_absolute(model.pretrained_file))
+    if model.encoder_checkpoint is not None:
+        model = dataclasses.replace(model, encoder_checkpoint=_absolute(model.encoder_checkpoint))
     return dataclasses.replace(
         cfg, storage_path=_absolute(cfg.storage_path), data=data, model=model
     )

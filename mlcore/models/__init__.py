@@ -1,5 +1,6 @@
-"""Models: timm backbones with a GAP or ML-Decoder head."""
+"""Models: timm backbones with a GAP, ML-Decoder or orderless RNN head."""
 
 from mlcore.models.factory import BackboneWithHead, build_model, build_model_from_config
+from mlcore.models.orderless_rnn import OrderlessRNN
 
-__all__ = ["BackboneWithHead", "build_model", "build_model_from_config"]
+__all__ = ["BackboneWithHead", "OrderlessRNN", "build_model", "build_model_from_config"]

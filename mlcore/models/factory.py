@@ -2,7 +2,8 @@
 
 timm is the backbone registry (``timm.create_model``); the heads are ours: ``gap`` is timm's own
 global-average-pool + linear classifier, ``ml_decoder`` replaces it with the ML-Decoder head
-fed by the backbone's unpooled ``forward_features`` (a CNN map (B, C, H, W) or ViT tokens).
+fed by the backbone's unpooled ``forward_features`` (a CNN map (B, C, H, W) or ViT tokens), and
+``rnn`` is the orderless LSTM decoder of the PLA paper (``mlcore.models.orderless_rnn``).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import timm
 import torch
 from torch import nn
 
-from mlcore.config import MLDecoderConfig, ModelConfig
+from mlcore.config import MLDecoderConfig, ModelConfig, RNNConfig
 from mlcore.models.ml_decoder import MLDecoder
+from mlcore.models.orderless_rnn import OrderlessRNN
 
 
 class BackboneWithHead(nn.Module):
@@ -62,17 +64,22 @@ def build_model(
     pretrained_file: str | None = None,
     drop_rate: float = 0.0,
     ml_decoder: MLDecoderConfig | None = None,
+    rnn: RNNConfig | None = None,
 ) -> nn.Module:
     """A multi-label classifier returning logits (B, num_classes).
+
+    ``head="rnn"`` returns these logits in eval mode only; in training mode it returns the
+    decoder's step logits (see ``mlcore.models.orderless_rnn``).
 
     Args:
         backbone: timm model name.
         num_classes: Output logits.
-        head: ``gap`` or ``ml_decoder``.
+        head: ``gap``, ``ml_decoder`` or ``rnn``.
         pretrained: Use timm's pretrained weights (needs the hub or its cache).
         pretrained_file: Local weights file; implies pretrained.
         drop_rate: Dropout before the GAP classifier.
         ml_decoder: ML-Decoder settings (defaults: the paper's).
+        rnn: Orderless RNN decoder settings (defaults: the PLA paper's).
 
     Raises:
         ValueError: Unknown backbone or head, or num_classes < 1.
@@ -88,7 +95,10 @@ def build_model(
         settings = dataclasses.asdict(ml_decoder or MLDecoderConfig())  # named as MLDecoder's
         body = _create_backbone(backbone, pretrained, pretrained_file, num_classes=0)
         return BackboneWithHead(body, MLDecoder(num_classes, body.num_features, **settings))
-    raise ValueError(f"unknown head {head!r}: choose 'gap' or 'ml_decoder'")
+    if head == "rnn":
+        encoder = _create_backbone(backbone, pretrained, pretrained_file, num_classes=0)
+        return OrderlessRNN(encoder, num_classes, **dataclasses.asdict(rnn or RNNConfig()))
+    raise ValueError(f"unknown head {head!r}: choose 'gap', 'ml_decoder' or 'rnn'")
 
 
 def build_model_from_config(cfg: ModelConfig, num_classes: int) -> nn.Module:
@@ -100,4 +110,5 @@ def build_model_from_config(cfg: ModelConfig, num_classes: int) -> nn.Module:
         pretrained_file=cfg.pretrained_file,
         drop_rate=cfg.drop_rate,
         ml_decoder=cfg.ml_decoder,
+        rnn=cfg.rnn,
     )
