@@ -436,14 +436,18 @@ def train(
     global_step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, cfg.epochs):
         # -- one epoch ---------------------------------------------------------------------------
-        seed_everything(_epoch_seed(cfg.seed, epoch))
         sampler = getattr(train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
+        # Starting the loader's iterator may draw a worker seed from the global RNG, and with
+        # persistent workers only the first epoch of a process does: seeding after it keeps
+        # a resumed run's randomness (dropout, random label orders) that of an unbroken one.
+        batches = iter(train_loader)
+        seed_everything(_epoch_seed(cfg.seed, epoch))
         model.train()
         started = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
-        for step, raw in enumerate(train_loader):
+        for step, raw in enumerate(batches):
             batch = unpack(raw, device, channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = forward(net, batch)
