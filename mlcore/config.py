@@ -8,7 +8,7 @@ Ray, Tune and MLflow sections into the one schema every command reads.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from mlcore.configlib import ConfigError
 
@@ -28,6 +28,8 @@ class SynthConfig:
     """Training images."""
     num_val: int = 400
     """Validation images."""
+    num_test: int = 0
+    """Images of an extra i.i.d. ``test`` split, drawn like ``train`` and ``val`` (0: none)."""
     num_test_shift: int = 0
     """Images of the extra ``test_shift`` split whose labels ignore co-occurrence (0: none)."""
     image_size: int = 64
@@ -39,13 +41,21 @@ class SynthConfig:
     labels_from: str | None = None
     """Optional ``.npz`` with real label statistics: a ``labels`` matrix (sampled per image) or
     ``class_counts`` + ``pair_counts`` (sampled pairwise); class names from ``class_names``."""
+    compositional: bool = False
+    """Zero-shot benchmark: also write ``class_embeddings.npz``, each class's (shape, colour)
+    attribute vector through a fixed random projection plus noise (``mlcore.data.synth``)."""
     seed: int = 0
     """Seed: the same config gives a byte-identical manifest."""
 
     def __post_init__(self) -> None:
         _check(1 <= self.num_classes <= 80, "data.synth.num_classes must be in [1, 80]")
         _check(self.num_train > 0 and self.num_val > 0, "data.synth needs train and val images")
+        _check(self.num_test >= 0, "data.synth.num_test must be >= 0")
         _check(self.num_test_shift >= 0, "data.synth.num_test_shift must be >= 0")
+        _check(
+            not (self.compositional and self.labels_from is not None),
+            "data.synth.compositional draws its own classes; it cannot use labels_from",
+        )
         _check(16 <= self.image_size <= 512, "data.synth.image_size must be in [16, 512]")
         _check(self.num_topics >= 1, "data.synth.num_topics must be >= 1")
         _check(self.mean_objects >= 1, "data.synth.mean_objects must be >= 1")
@@ -80,6 +90,11 @@ class DataConfig:
     """Draw training images with the DB paper's class-aware re-sampling."""
     num_workers: int = 0
     """DataLoader worker processes (0 decodes in the training process)."""
+    class_embeddings: str | None = None
+    """Class embedding file for word queries (``model.ml_decoder.queries: word``): GloVe,
+    fastText or word2vec text (``.txt``/``.vec``) or ``.npz``/``.npy`` with a names array (see
+    ``mlcore.data.embeddings``). None: the dataset's own ``class_embeddings.npz`` (written by
+    ``cpsd data synth --compositional``)."""
 
     def __post_init__(self) -> None:
         _check(
@@ -109,8 +124,32 @@ class MLDecoderConfig:
     """Cross-attention heads."""
     dropout: float = 0.1
     """Dropout in the decoder layer."""
-    learnable_queries: bool = False
-    """Train the group queries (the paper keeps them fixed)."""
+    queries: Literal["learned", "fixed", "word"] = "fixed"
+    """``fixed``: random group queries kept fixed (the paper's choice, §2.3.2 (3));
+    ``learned``: trained group queries; ``word``: one query per class from its class embedding
+    (``data.class_embeddings``) through a shared Linear + ReLU, scored by a group FC shared by
+    all queries, so the head scores any set of classes, unseen ones included (§2.3.3)."""
+    query_noise: float = 0.1
+    """Word queries, training only: size of the Gaussian noise added each batch to the
+    unit-norm class embeddings (per-coordinate std ``query_noise / sqrt(E)``, so the noise
+    vector's norm is about ``query_noise``); the paper's query-noise augmentation, the value is
+    ours (the paper's is in an appendix we do not have)."""
+    random_queries: int = 4
+    """Word queries, training only: random unit vectors added as extra queries each batch,
+    every image labelled positive for them (the paper's random-query augmentation; the count
+    is ours)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.num_groups is None or self.num_groups >= 1,
+            "model.ml_decoder.num_groups must be >= 1",
+        )
+        _check(
+            self.queries != "word" or self.num_groups is None,
+            "model.ml_decoder.queries: word decodes one query per class; leave num_groups unset",
+        )
+        _check(self.query_noise >= 0, "model.ml_decoder.query_noise must be >= 0")
+        _check(self.random_queries >= 0, "model.ml_decoder.random_queries must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,6 +158,10 @@ class ModelConfig:
 
     backbone: str = "resnet50"
     """Any timm model name (resnet18/50/101, tresnet_m, convnext_tiny, ...)."""
+    backbone_args: dict[str, Any] = field(default_factory=dict)
+    """Extra ``timm.create_model`` keyword arguments, e.g. ``{output_stride: 8}`` for a finer
+    ResNet feature map (more tokens for ML-Decoder at low resolution) or ``{img_size: 64}``
+    for a ViT."""
     head: Literal["gap", "ml_decoder"] = "gap"
     """``gap``: global average pooling + linear; ``ml_decoder``: the ML-Decoder head."""
     pretrained: bool = False
@@ -288,6 +331,33 @@ class CPSDConfig:
         _check(self.teacher_epochs is None or self.teacher_epochs >= 1, "cpsd.teacher_epochs >= 1")
 
 
+UNSEEN_FROM_MANIFEST = "manifest"
+"""``zsl.unseen_classes`` value that reads the zero-shot split an importer recorded."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ZSLConfig:
+    """The zero-shot protocol (``mlcore.zsl``): train on seen classes, score unseen ones."""
+
+    unseen_classes: tuple[str, ...] | str = ()
+    """Classes held out of training: a list of class names, a text file with one name per
+    line, or ``manifest`` for the split an importer recorded (``source.zsl.unseen``). Empty:
+    no zero-shot protocol."""
+    eval_split: str = "test"
+    """Split of the ZSL and GZSL evaluation (never used for training or model selection)."""
+    chance_draws: int = 5
+    """Random-score draws averaged into ``zsl_mAP_chance`` and ``gzsl_mAP_chance``."""
+
+    def __post_init__(self) -> None:
+        _check(self.unseen_classes != "", "zsl.unseen_classes: give names, a file or 'manifest'")
+        _check(self.chance_draws >= 1, "zsl.chance_draws must be >= 1")
+
+    @property
+    def enabled(self) -> bool:
+        """True when some classes are held out."""
+        return bool(self.unseen_classes)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ExperimentConfig:
     """The ML sections every command shares (``workflows`` adds Ray, Tune and MLflow)."""
@@ -306,3 +376,27 @@ class ExperimentConfig:
     """Training loop."""
     cpsd: CPSDConfig = field(default_factory=CPSDConfig)
     """CPSD algorithm."""
+    zsl: ZSLConfig = field(default_factory=ZSLConfig)
+    """Zero-shot protocol (``cpsd train`` with word queries)."""
+
+    def __post_init__(self) -> None:
+        decoder = self.model.ml_decoder
+        word = self.model.head == "ml_decoder" and decoder.queries == "word"
+        _check(
+            not self.zsl.enabled or word,
+            "zsl.unseen_classes needs model.head: ml_decoder with model.ml_decoder.queries: word",
+        )
+        _check(
+            not self.zsl.enabled
+            or self.zsl.eval_split not in (self.data.train_split, self.data.val_split),
+            f"zsl.eval_split must be held out, not the train or val split "
+            f"({self.zsl.eval_split!r})",
+        )
+        # The random-query logits have no column in the targets the DB statistics and the
+        # adaptive controller are computed over.
+        _check(
+            not (word and decoder.random_queries > 0)
+            or (self.loss.name != "db" and not self.loss.adaptive.enabled),
+            "model.ml_decoder.random_queries > 0 works with loss bce/focal/asl without "
+            "loss.adaptive; set model.ml_decoder.random_queries=0",
+        )

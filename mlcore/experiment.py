@@ -2,6 +2,8 @@
 
 ``train_classifier`` is the one entry point that trains a model (a baseline, a CPSD teacher on a
 label subset, or anything else) from config: dataset, loaders, model, loss, adaptive controller.
+With ``zsl.unseen_classes`` set it trains on the seen classes only, whatever the caller asks
+(``mlcore.zsl`` describes the protocol).
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from mlcore.config import DataConfig, ExperimentConfig, LossConfig, TrainConfig
+from mlcore.configlib import ConfigError
 from mlcore.data.dataset import MultiLabelDataset, build_transform
-from mlcore.data.manifest import Manifest
+from mlcore.data.embeddings import dataset_class_embeddings
+from mlcore.data.manifest import Manifest, ManifestError
 from mlcore.data.sampler import ClassAwareSampler
 from mlcore.data.synth import ensure_generated
 from mlcore.losses import build_asymmetry_controller, build_loss
 from mlcore.models import build_model_from_config
 from mlcore.train import MetricsCallback, Objective, Supervised, TrainResult, train
+from mlcore.zsl import RandomQueryTargets, zero_shot_split
 
 
 def resolve_dataset(cfg: DataConfig) -> Path:
@@ -39,17 +44,27 @@ def build_loaders(
     *,
     class_subset: Sequence[int] | None = None,
     return_index: bool = False,
+    require_label: bool = False,
 ) -> tuple[DataLoader, DataLoader]:
-    """Training and validation loaders over ``class_subset`` (None: all classes)."""
+    """Training and validation loaders over ``class_subset`` (None: all classes).
+
+    ``require_label`` leaves out images without a label among those classes (zero-shot
+    training on the seen classes).
+    """
     train_set = MultiLabelDataset(
         manifest,
         data.train_split,
         build_transform(data, train=True),
         class_subset=class_subset,
         return_index=return_index,
+        require_label=require_label,
     )
     val_set = MultiLabelDataset(
-        manifest, data.val_split, build_transform(data, train=False), class_subset=class_subset
+        manifest,
+        data.val_split,
+        build_transform(data, train=False),
+        class_subset=class_subset,
+        require_label=require_label,
     )
     sampler = None
     if data.class_aware_sampling:
@@ -117,20 +132,37 @@ def train_classifier(
     train_cfg = cfg.train
     if epochs is not None and epochs != train_cfg.epochs:
         train_cfg = dataclasses.replace(train_cfg, epochs=epochs)
-    manifest = Manifest.load(resolve_dataset(cfg.data), with_bytes=True)
+    dataset_dir = resolve_dataset(cfg.data)
+    manifest = Manifest.load(dataset_dir, with_bytes=True)
+    if cfg.zsl.enabled:
+        class_subset = _seen_subset(cfg, manifest, class_subset)
     train_loader, val_loader = build_loaders(
-        manifest, cfg.data, train_cfg, class_subset=class_subset, return_index=return_index
+        manifest,
+        cfg.data,
+        train_cfg,
+        class_subset=class_subset,
+        return_index=return_index,
+        require_label=cfg.zsl.enabled,
     )
-    num_outputs = len(class_subset) if class_subset is not None else manifest.num_classes
+    classes = list(class_subset) if class_subset is not None else range(manifest.num_classes)
+    embeddings = None
+    decoder = cfg.model.ml_decoder
+    word_queries = cfg.model.head == "ml_decoder" and decoder.queries == "word"
+    if word_queries:
+        names = [manifest.class_names[c] for c in classes]
+        embeddings = dataset_class_embeddings(cfg.data, dataset_dir, names)
     torch.manual_seed(train_cfg.seed)  # identical initial weights for identical configs
-    model = build_model_from_config(cfg.model, num_outputs)
+    model = build_model_from_config(cfg.model, len(classes), embeddings)
     loss = build_criterion(cfg.loss, manifest, cfg.data, class_subset)
     controller = build_asymmetry_controller(cfg.loss, loss)
+    objective = make_objective(loss) if make_objective is not None else Supervised(loss)
+    if word_queries and decoder.random_queries > 0:
+        objective = RandomQueryTargets(objective)
     return train(
         model,
         train_loader,
         val_loader,
-        make_objective(loss) if make_objective is not None else Supervised(loss),
+        objective,
         train_cfg,
         out_dir,
         observer=controller,
@@ -139,3 +171,24 @@ def train_classifier(
         on_step=on_step,
         log=log,
     )
+
+
+def _seen_subset(
+    cfg: ExperimentConfig, manifest: Manifest, class_subset: Sequence[int] | None
+) -> list[int]:
+    """The classes a zero-shot run may train on: the seen ones (or the caller's, if all seen)."""
+    split = zero_shot_split(cfg.zsl, manifest.info)
+    if manifest.split_rows(cfg.zsl.eval_split).size == 0:
+        raise ManifestError(
+            f"{manifest.root}: zsl.eval_split {cfg.zsl.eval_split!r} has no rows "
+            f"(splits: {manifest.splits()})"
+        )
+    if class_subset is None:
+        return list(split.seen)
+    unseen = sorted(set(class_subset) & set(split.unseen))
+    if unseen:
+        raise ConfigError(
+            "zero-shot training must not see unseen classes, but the class subset holds "
+            f"{[manifest.class_names[c] for c in unseen]}"
+        )
+    return list(class_subset)

@@ -54,15 +54,19 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
         num_classes=args.num_classes,
         num_train=args.num_train,
         num_val=args.num_val,
+        num_test=args.num_test,
         num_test_shift=args.context_shift,
         image_size=args.image_size,
         num_topics=args.num_topics,
         mean_objects=args.mean_objects,
         labels_from=args.labels_from,
+        compositional=args.compositional,
         seed=args.seed,
     )
     out = generate(cfg, args.out)
-    print(f"wrote {cfg.num_train + cfg.num_val + cfg.num_test_shift} images to {out}")
+    total = cfg.num_train + cfg.num_val + cfg.num_test + cfg.num_test_shift
+    extra = " and class_embeddings.npz" if cfg.compositional else ""
+    print(f"wrote {total} images{extra} to {out}")
 
 
 def cmd_data_import(args: argparse.Namespace) -> None:
@@ -223,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--num-classes", type=int, default=20)
     synth.add_argument("--num-train", type=int, default=1600)
     synth.add_argument("--num-val", type=int, default=400)
+    synth.add_argument("--num-test", type=int, default=0, help="images of an i.i.d. test split")
     synth.add_argument("--image-size", type=int, default=64)
     synth.add_argument("--num-topics", type=int, default=5)
     synth.add_argument("--mean-objects", type=float, default=2.5)
@@ -239,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="also write a 'test_shift' split of N images (default 400) whose labels ignore "
         "co-occurrence",
+    )
+    synth.add_argument(
+        "--compositional",
+        action="store_true",
+        help="zero-shot benchmark: also write class_embeddings.npz, each (shape, colour) "
+        "class's attribute vector through a fixed random projection plus noise",
     )
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=cmd_data_synth)

@@ -52,9 +52,11 @@ class MultiLabelDataset(Dataset):
         transform: Callable on a PIL image returning a tensor.
         class_subset: Class indices the target covers, in this order (None: all classes).
         return_index: Also return the position of the item within the split.
+        require_label: Keep only images with at least one label among the target classes.
 
     Raises:
-        ManifestError: The split is empty or a subset index is out of range.
+        ManifestError: The split is empty (before or after ``require_label``) or a subset
+            index is out of range.
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class MultiLabelDataset(Dataset):
         *,
         class_subset: Sequence[int] | None = None,
         return_index: bool = False,
+        require_label: bool = False,
     ):
         rows = manifest.split_rows(split)
         if rows.size == 0:
@@ -76,6 +79,16 @@ class MultiLabelDataset(Dataset):
             bad = [c for c in class_subset if not 0 <= c < num_classes]
             if bad or len(set(class_subset)) != len(class_subset):
                 raise ManifestError(f"class_subset {list(class_subset)} invalid for {num_classes}")
+        full = manifest.multi_hot(rows).astype(np.float32)
+        targets = full if class_subset is None else full[:, list(class_subset)]
+        if require_label:
+            labelled = targets.any(axis=1)
+            rows, targets = rows[labelled], targets[labelled]
+            if rows.size == 0:
+                raise ManifestError(
+                    f"{manifest.root}: no image of split {split!r} has a label among the "
+                    "target classes"
+                )
         self.manifest = manifest
         self.split = split
         self.rows = rows
@@ -90,9 +103,8 @@ class MultiLabelDataset(Dataset):
             if "image_bytes" in table.column_names
             else [None] * len(rows)
         )
-        full = manifest.multi_hot(rows).astype(np.float32)
         self.class_subset = None if class_subset is None else list(class_subset)
-        self.targets = torch.from_numpy(full if class_subset is None else full[:, class_subset])
+        self.targets = torch.from_numpy(targets)
         self.label_lists = manifest.label_lists(rows)
 
     @property

@@ -3,19 +3,27 @@
 timm is the backbone registry (``timm.create_model``); the heads are ours: ``gap`` is timm's own
 global-average-pool + linear classifier, ``ml_decoder`` replaces it with the ML-Decoder head
 fed by the backbone's unpooled ``forward_features`` (a CNN map (B, C, H, W) or ViT tokens).
+
+A model is rebuilt from its ``ModelConfig``, its class count and its ``state_dict``; with word
+queries the class embedding table and names are in the ``state_dict`` too
+(:func:`word_query_table` reads them back before building).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
 from torch import nn
 
 from mlcore.config import MLDecoderConfig, ModelConfig
-from mlcore.models.ml_decoder import MLDecoder
+from mlcore.configlib import ConfigError
+from mlcore.data.embeddings import ClassEmbeddings
+from mlcore.models.ml_decoder import MLDecoder, decode_names
 
 
 class BackboneWithHead(nn.Module):
@@ -42,7 +50,10 @@ def _create_backbone(name: str, pretrained: bool, pretrained_file: str | None, *
             name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs
         )
     if not pretrained:
-        return timm.create_model(name, pretrained=False, **kwargs)
+        try:
+            return timm.create_model(name, pretrained=False, **kwargs)
+        except TypeError as err:  # an argument the architecture does not take
+            raise ConfigError(f"model.backbone_args not accepted by {name!r}: {err}") from err
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as err:  # hub/network errors come in many types; all mean the same here
@@ -62,6 +73,8 @@ def build_model(
     pretrained_file: str | None = None,
     drop_rate: float = 0.0,
     ml_decoder: MLDecoderConfig | None = None,
+    class_embeddings: ClassEmbeddings | None = None,
+    backbone_args: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """A multi-label classifier returning logits (B, num_classes).
 
@@ -73,25 +86,49 @@ def build_model(
         pretrained_file: Local weights file; implies pretrained.
         drop_rate: Dropout before the GAP classifier.
         ml_decoder: ML-Decoder settings (defaults: the paper's).
+        class_embeddings: Names and vectors of the ``num_classes`` classes, in logit order;
+            required by (and only used with) ML-Decoder word queries.
+        backbone_args: Extra ``timm.create_model`` keyword arguments.
 
     Raises:
-        ValueError: Unknown backbone or head, or num_classes < 1.
+        ValueError: Unknown backbone or head, num_classes < 1, or class embeddings missing
+            for word queries or given for another head.
         RuntimeError: Pretrained weights requested but not reachable.
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    settings = ml_decoder or MLDecoderConfig()
+    word = head == "ml_decoder" and settings.queries == "word"
+    if word != (class_embeddings is not None):
+        raise ValueError(
+            "class embeddings are needed by, and only by, model.ml_decoder.queries: word"
+        )
+    extra = dict(backbone_args or {})
     if head == "gap":
         return _create_backbone(
-            backbone, pretrained, pretrained_file, num_classes=num_classes, drop_rate=drop_rate
+            backbone,
+            pretrained,
+            pretrained_file,
+            num_classes=num_classes,
+            drop_rate=drop_rate,
+            **extra,
         )
     if head == "ml_decoder":
-        settings = dataclasses.asdict(ml_decoder or MLDecoderConfig())  # named as MLDecoder's
-        body = _create_backbone(backbone, pretrained, pretrained_file, num_classes=0)
-        return BackboneWithHead(body, MLDecoder(num_classes, body.num_features, **settings))
+        kwargs = dataclasses.asdict(settings)  # named as MLDecoder's arguments
+        if class_embeddings is not None:
+            kwargs.update(
+                class_embeddings=torch.from_numpy(class_embeddings.vectors),
+                class_names=class_embeddings.names,
+            )
+        body = _create_backbone(backbone, pretrained, pretrained_file, num_classes=0, **extra)
+        return BackboneWithHead(body, MLDecoder(num_classes, body.num_features, **kwargs))
     raise ValueError(f"unknown head {head!r}: choose 'gap' or 'ml_decoder'")
 
 
-def build_model_from_config(cfg: ModelConfig, num_classes: int) -> nn.Module:
+def build_model_from_config(
+    cfg: ModelConfig, num_classes: int, class_embeddings: ClassEmbeddings | None = None
+) -> nn.Module:
+    """:func:`build_model` with the settings of ``cfg``."""
     return build_model(
         cfg.backbone,
         num_classes,
@@ -100,4 +137,20 @@ def build_model_from_config(cfg: ModelConfig, num_classes: int) -> nn.Module:
         pretrained_file=cfg.pretrained_file,
         drop_rate=cfg.drop_rate,
         ml_decoder=cfg.ml_decoder,
+        class_embeddings=class_embeddings,
+        backbone_args=cfg.backbone_args,
     )
+
+
+def word_query_table(state_dict: dict[str, torch.Tensor]) -> ClassEmbeddings:
+    """The class names and embeddings a word-query model's ``state_dict`` carries.
+
+    Rebuilding such a model: ``build_model_from_config(cfg, len(table.names), table)`` with
+    ``table = word_query_table(state)``, then ``load_state_dict(state)``.
+
+    Raises:
+        KeyError: The state has no word-query head.
+    """
+    vectors = state_dict["head.class_embeddings"]
+    names = decode_names(state_dict["head.class_names_utf8"])
+    return ClassEmbeddings(tuple(names), vectors.detach().cpu().float().numpy())
