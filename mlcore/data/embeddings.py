@@ -4,7 +4,7 @@ Accepted files:
 
 * **Text** (``.txt``, ``.vec``): GloVe (``word v1 … vE`` per line), fastText or word2vec text
   (the same, after a ``COUNT DIM`` header line, which is detected and checked). The width ``E``
-  comes from the header or the first line. Lines are read as bytes and only those whose first
+  comes from the header or from the numbers ending the first line. Lines are read as bytes and only those whose first
   token could be needed are parsed, so a multi-GB file costs one pass and the memory of the
   vectors asked for; a word may contain spaces (the last ``E`` fields are the vector).
 * **NumPy** ``.npz`` with a names array and a vectors array: the keys ``names``/``vectors``,
@@ -148,7 +148,9 @@ def _read_text(path: Path, needed: set[str]) -> dict[str, np.ndarray]:
                         if dim < 1:
                             raise ClassEmbeddingError(f"{path} line 1: header dimension {dim}")
                         continue
-                    dim = len(fields) - 1
+                    # The trailing numeric fields, leaving at least one for the word (which
+                    # may contain spaces, or be a number itself).
+                    dim = min(len(fields) - 1, _trailing_numbers(fields))
                     if dim < 1:
                         raise ClassEmbeddingError(
                             f"{path} line {lineno}: expected 'word v1 ... vE', got {_show(line)}"
@@ -177,6 +179,17 @@ def _read_text(path: Path, needed: set[str]) -> dict[str, np.ndarray]:
     if dim is None:
         raise ClassEmbeddingError(f"{path}: empty embedding file")
     return found
+
+
+def _trailing_numbers(fields: list[bytes]) -> int:
+    count = 0
+    for field in reversed(fields):
+        try:
+            float(field)
+        except ValueError:
+            break
+        count += 1
+    return count
 
 
 def _show(raw: bytes, limit: int = 40) -> str:
