@@ -147,7 +147,7 @@ def test_npz_npy_round_trip_and_errors(tmp_path: Path) -> None:
     np.savez(tmp_path / "dup.npz", names=np.array(["x", "x"]), vectors=np.ones((2, 3)))
     with pytest.raises(ClassEmbeddingError, match=r"name 'x' repeated \(entry 1\)"):
         load_class_embeddings(tmp_path / "dup.npz", ["x"])
-    with pytest.raises(ClassEmbeddingError, match="unknown embedding format '.pkl'"):
+    with pytest.raises(ClassEmbeddingError, match=r"unknown embedding format '\.pkl'"):
         load_class_embeddings(tmp_path / "w.pkl", ["x"])
     with pytest.raises(ClassEmbeddingError, match="not found"):
         load_class_embeddings(tmp_path / "nope.txt", ["x"])

@@ -4,9 +4,10 @@ Accepted files:
 
 * **Text** (``.txt``, ``.vec``): GloVe (``word v1 … vE`` per line), fastText or word2vec text
   (the same, after a ``COUNT DIM`` header line, which is detected and checked). The width ``E``
-  comes from the header or from the numbers ending the first line. Lines are read as bytes and only those whose first
-  token could be needed are parsed, so a multi-GB file costs one pass and the memory of the
-  vectors asked for; a word may contain spaces (the last ``E`` fields are the vector).
+  comes from the header or from the numbers ending the first line. Lines are read as bytes and
+  only those whose first token could be needed are parsed, so a multi-GB file costs one pass
+  and the memory of the vectors asked for; a word may contain spaces (the last ``E`` fields
+  are the vector).
 * **NumPy** ``.npz`` with a names array and a vectors array: the keys ``names``/``vectors``,
   else ``class_names``/``words`` and ``embeddings``/``glove``, else the only 1-D string array and
   the only 2-D float array with as many rows (``label_stats/coco2014.npz`` reads as is).
