@@ -92,9 +92,7 @@ def test_word2vec_header_phrases_and_fasttext_vec(tmp_path: Path) -> None:
     # A word2vec phrase beats the mean of its words; case is kept when it matches exactly.
     np.testing.assert_allclose(table.vectors[0], words["traffic_light"], atol=1e-5)
     np.testing.assert_allclose(table.vectors[1], words["Dog"], atol=1e-5)
-    np.testing.assert_allclose(
-        table.vectors[2], (words["traffic"] + words["Dog"]) / 2, atol=1e-5
-    )
+    np.testing.assert_allclose(table.vectors[2], (words["traffic"] + words["Dog"]) / 2, atol=1e-5)
     vec = write_text(tmp_path / "ft.vec", words, header=True)
     assert load_class_embeddings(vec, ["light"]).dim == 5
 
