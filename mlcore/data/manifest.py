@@ -309,7 +309,7 @@ class ManifestWriter:
                 tmp, schema, compression="zstd", write_statistics=False
             ) as writer:
                 for i in range(source.num_row_groups):
-                    writer.write_table(source.read_row_group(i).cast(schema))
+                    writer.write_table(source.read_row_group(i, use_threads=False).cast(schema))
             os.replace(tmp, target)
         finally:
             for leftover in (tmp, self._rows_path):
