@@ -135,3 +135,12 @@ def test_missing_files_and_images(nus1k: Path, tmp_path: Path) -> None:
     (nus1k / "Groundtruth/AllLabels/Labels_animal.txt").unlink()
     with pytest.raises(ManifestError, match=r"label file not found: .*Labels_animal\.txt"):
         import_nuswide1k(nus1k, tmp_path / "out2")
+
+
+def test_cli_import_nuswide1k(nus1k: Path, tmp_path: Path, capsys) -> None:
+    from workflows.cli import run as cli
+
+    argv = ["data", "import", "nuswide1k", str(nus1k), "--out", str(tmp_path / "out")]
+    assert cli([*argv, "--val-fraction", "0.999"]) == 0
+    assert "wrote 4 images (val 2, test 2), 6 classes" in capsys.readouterr().out
+    assert Manifest.load(tmp_path / "out").info.source["options"]["val_fraction"] == 0.999

@@ -229,3 +229,25 @@ def test_neg_labels_column_checked_on_write_and_by_check(tmp_path: Path) -> None
         "row 0 (image_id='x'): classes [0]",
     )
     assert report.issue("neg_label_out_of_range").count == 1
+
+
+def test_cli_import_openimages(oi: Path, tmp_path: Path, capsys) -> None:
+    from workflows.cli import run as cli
+
+    argv = [
+        "data", "import", "openimages", "--out", str(tmp_path / "out"),
+        "--class-descriptions", str(oi / "oidv6-class-descriptions.csv"),
+        "--trainable-classes", str(oi / "oidv6-classes-trainable.txt"),
+        "--labels", f"{oi / 'train-labels.csv'}:train:{oi / 'images/train'}",
+        "--labels", f"{oi / 'validation-labels.csv'}:val:{oi / 'images/validation'}",
+    ]  # fmt: skip
+    assert cli(argv) == 0
+    out = capsys.readouterr().out
+    assert "train-labels.csv: 7 rows, 3 images" in out
+    assert "wrote 4 images (train 3, val 1), 5 classes" in out
+    (oi / "train-labels.csv").write_text(HEADER + "000002b66c9c498e,verification,/m/zzzz,1\n")
+    assert cli([*argv, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "line 2: unknown class id '/m/zzzz'" in err and "Traceback" not in err
+    assert cli(["data", "import", "openimages", "--out", str(tmp_path / "x")]) == 2
+    assert "needs --class-descriptions" in capsys.readouterr().err

@@ -227,3 +227,13 @@ def test_word_queries_need_embeddings(tmp_path: Path, tiny_overrides) -> None:
         load_config(config_path("zsl_tiny"), ["zsl.eval_split=val"])
     with pytest.raises(ConfigError, match="random_queries > 0 works with loss bce/focal/asl"):
         load_config(config_path("zsl_tiny"), ["loss.name=db"])
+
+
+def test_cli_synth_compositional(tmp_path: Path, capsys) -> None:
+    argv = "--num-classes 12 --num-train 8 --num-val 4 --num-test 6 --image-size 16"
+    assert run(["data", "synth", "--out", str(tmp_path), "--compositional", *argv.split()]) == 0
+    assert "wrote 18 images and class_embeddings.npz" in capsys.readouterr().out
+    manifest = Manifest.load(tmp_path)
+    assert len(manifest.split_rows("test")) == 6
+    table = load_class_embeddings(tmp_path / DATASET_FILE, manifest.class_names)
+    assert table.names == manifest.class_names
