@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from mlcore.configlib import ConfigError
+from mlcore.configlib import FILE, NOT_RESULT, ConfigError
 
 
 def _check(condition: bool, message: str) -> None:
@@ -27,9 +27,10 @@ class SynthConfig:
     num_train: int = 1600
     """Training images."""
     num_val: int = 400
-    """Validation images."""
-    num_test: int = 0
-    """Images of an extra i.i.d. ``test`` split, drawn like ``train`` and ``val`` (0: none)."""
+    """Validation images (model selection)."""
+    num_test: int = 400
+    """Images of the held-out ``test`` split, drawn like train and val; the split results are
+    reported on (0: none)."""
     num_test_shift: int = 0
     """Images of the extra ``test_shift`` split whose labels ignore co-occurrence (0: none)."""
     image_size: int = 64
@@ -38,6 +39,10 @@ class SynthConfig:
     """Latent scenes of the built-in label model; each makes a group of classes co-occur."""
     mean_objects: float = 2.5
     """Mean number of objects per image (at least one)."""
+    tail_exponent: float = 0.8
+    """Class frequencies of the built-in label model fall like 1/rank^s: 0.8 is a mild tail
+    (the demo: 135 to 647 training images per class); about 2 gives a COCO-LT-like long tail
+    with classes of a handful of images (the DB loss study)."""
     labels_from: str | None = None
     """Optional ``.npz`` with real label statistics: a ``labels`` matrix (sampled per image) or
     ``class_counts`` + ``pair_counts`` (sampled pairwise); class names from ``class_names``."""
@@ -59,23 +64,32 @@ class SynthConfig:
         _check(16 <= self.image_size <= 512, "data.synth.image_size must be in [16, 512]")
         _check(self.num_topics >= 1, "data.synth.num_topics must be >= 1")
         _check(self.mean_objects >= 1, "data.synth.mean_objects must be >= 1")
+        _check(self.tail_exponent >= 0, "data.synth.tail_exponent must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """Where the images and labels come from and how they are fed to the model."""
 
-    root: str | None = None
-    """Dataset directory holding ``manifest.parquet`` (see ``mlcore.data.manifest``)."""
-    synth: SynthConfig | None = None
+    root: str | None = field(default=None, metadata=NOT_RESULT)
+    """Dataset directory holding ``manifest.parquet`` (see ``mlcore.data.manifest``). Where the
+    data lives is not part of a result's identity: stage keys hash the content of the splits a
+    stage reads (``mlcore.fingerprint``)."""
+    synth: SynthConfig | None = field(default=None, metadata=NOT_RESULT)
     """Generate the dataset instead (cached under ``cache_dir`` by content hash); with neither
-    ``root`` nor ``synth`` set, the default generated dataset is used."""
-    cache_dir: str = ".cache/cpsd"
+    ``root`` nor ``synth`` set, the default generated dataset is used. Like ``root``, keyed by
+    the content of the splits read, so adding a split leaves training keys unchanged."""
+    cache_dir: str = field(default=".cache/cpsd", metadata=NOT_RESULT)
     """Where generated datasets are cached; relative paths are resolved against the cwd."""
     train_split: str = "train"
     """Split used for training and label statistics."""
     val_split: str = "val"
     """Split used for validation and model selection."""
+    test_split: str = "test"
+    """Held-out split the selected weights are reported on (skipped when the dataset lacks it);
+    never used to choose anything."""
+    shift_split: str = "test_shift"
+    """Optional context-shift split, reported like ``test_split`` (skipped when absent)."""
     image_size: int = 64
     """Model input side in pixels (images are resized to a square)."""
     random_crop: bool = True
@@ -88,13 +102,13 @@ class DataConfig:
     """Cutout: side of the erased square as a fraction of the image side (0 disables)."""
     class_aware_sampling: bool = False
     """Draw training images with the DB paper's class-aware re-sampling."""
-    num_workers: int = 0
+    num_workers: int = field(default=0, metadata=NOT_RESULT)
     """DataLoader worker processes (0 decodes in the training process)."""
-    class_embeddings: str | None = None
+    class_embeddings: str | None = field(default=None, metadata=FILE)
     """Class embedding file for word queries (``model.ml_decoder.queries: word``): GloVe,
     fastText or word2vec text (``.txt``/``.vec``) or ``.npz``/``.npy`` with a names array (see
     ``mlcore.data.embeddings``). None: the dataset's own ``class_embeddings.npz`` (written by
-    ``cpsd data synth --compositional``)."""
+    ``cpsd data synth --compositional``). Keyed by content, like ``model.pretrained_file``."""
 
     def __post_init__(self) -> None:
         _check(
@@ -166,8 +180,9 @@ class ModelConfig:
     """``gap``: global average pooling + linear; ``ml_decoder``: the ML-Decoder head."""
     pretrained: bool = False
     """Load timm's pretrained weights (needs the hub or a local cache)."""
-    pretrained_file: str | None = None
-    """Local weights file for the backbone (for machines without internet)."""
+    pretrained_file: str | None = field(default=None, metadata=FILE)
+    """Local weights file for the backbone (for machines without internet); keyed by its
+    content, so replaced weights at the same path are never silently reused."""
     drop_rate: float = 0.0
     """Dropout before the classifier (GAP head)."""
     ml_decoder: MLDecoderConfig = field(default_factory=MLDecoderConfig)
@@ -183,7 +198,8 @@ class AdaptiveAsymmetryConfig:
     target_gap: float = 0.1
     """Δp_target, the desired p_t⁺ − p_t⁻."""
     step_size: float | None = None
-    """λ, the controller step per batch (None: the controller's default for ``adapt``)."""
+    """λ, the controller step per 256 images: a batch of B moves by λ·B/256 (None: 0.5 for
+    ``gamma_neg``, 0.05 for ``margin``)."""
     adapt: Literal["gamma_neg", "margin"] = "gamma_neg"
     """Which asymmetry to adapt."""
     gamma_neg_min: float = 0.0
@@ -194,10 +210,21 @@ class AdaptiveAsymmetryConfig:
     """Lower bound of the probability margin."""
     margin_max: float = 0.5
     """Upper bound of the probability margin."""
-    warmup_steps: int = 0
-    """Batches before the controller starts adapting."""
-    log_every: int = 10
+    warmup_steps: int | None = None
+    """Batches before the controller starts adapting; None: the lr warm-up of the OneCycle
+    schedule (``train.pct_start`` of all steps), during which the gap swings too fast to
+    follow and adapting winds γ− up to a bound."""
+
+    log_every: int = field(default=10, metadata=NOT_RESULT)
     """Report γ−, p_t⁺, p_t⁻ and Δp every this many steps."""
+
+    def __post_init__(self) -> None:
+        _check(self.target_gap > -1 and self.target_gap < 1, "loss.adaptive.target_gap in (-1, 1)")
+        _check(self.step_size is None or self.step_size > 0, "loss.adaptive.step_size > 0")
+        _check(
+            self.warmup_steps is None or self.warmup_steps >= 0, "loss.adaptive.warmup_steps >= 0"
+        )
+        _check(self.log_every >= 1, "loss.adaptive.log_every must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -244,7 +271,7 @@ class LossConfig:
     """Adaptive asymmetry (``name: asl``)."""
     db: DBConfig = field(default_factory=DBConfig)
     """Distribution-Balanced loss settings (``name: db``)."""
-    source: str | None = None
+    source: str | None = field(default=None, metadata=NOT_RESULT)
     """Where these settings came from (e.g. a sweep's MLflow run id); recorded, not used."""
 
     def __post_init__(self) -> None:
@@ -282,11 +309,11 @@ class TrainConfig:
     """Clip the gradient norm to this value (None: no clipping)."""
     seed: int = 0
     """Seed for initialisation, shuffling and augmentation."""
-    num_threads: int | None = None
+    num_threads: int | None = field(default=None, metadata=NOT_RESULT)
     """torch CPU threads (None: leave as set by the environment)."""
-    device: str = "auto"
+    device: str = field(default="auto", metadata=NOT_RESULT)
     """``auto`` (CUDA if present), ``cpu``, ``cuda`` or ``cuda:N``."""
-    eval_batch_size: int | None = None
+    eval_batch_size: int | None = field(default=None, metadata=NOT_RESULT)
     """Validation batch size (None: 2 x batch_size)."""
 
     def __post_init__(self) -> None:
@@ -316,6 +343,26 @@ class CPSDConfig:
     once per training image (eval transform) and read back by index."""
     teacher_epochs: int | None = None
     """Teacher training epochs (None: train.epochs; the paper: 20 for teachers, 80 student)."""
+    teacher_seeds: Literal["independent", "shared"] = "independent"
+    """``independent``: each teacher's ``train.seed`` is derived from its stage (ensemble kind
+    and index; see ``mlcore.cpsd.teacher_seed``), so teachers differ in initial weights and batch
+    order, as the authors' separately launched teacher runs do; ``shared``: every teacher and
+    the student use ``train.seed`` itself."""
+    student_epochs: int | None = None
+    """Student training epochs (None: train.epochs; authors' script: 80, four times their
+    teachers' 20). The baseline always trains ``train.epochs``."""
+    student_lr_scale: float = 1.0
+    """Student peak lr = ``student_lr_scale · train.lr`` (authors' script: 0.1, i.e. 1e-5
+    against their teachers' 1e-4, starting from ImageNet weights)."""
+    kd_reduction: Literal["sum", "mean"] = "sum"
+    """Reduction of *both* student terms, classification and distillation: ``sum`` over batch
+    and classes (the authors' ASL and MSE) or ``mean`` over them. One convention for both, so
+    their ratio does not depend on the loss, the batch size or the number of classes."""
+    student_init: Literal["scratch", "pretrained", "baseline"] | None = None
+    """Student's initial weights. ``scratch``: random; ``pretrained``: the backbone weights of
+    ``model.pretrained``/``model.pretrained_file`` (the authors: ImageNet); ``baseline``: the
+    trained baseline's selected weights (our extension, not in the paper; needs
+    ``train_baseline``). None: like every model, pretrained when ``model`` says so, else random."""
     cls_weight: float = 0.5
     """Weight of the student's classification loss (authors' code: 0.5)."""
     kd_alpha: float = 0.5
@@ -329,6 +376,8 @@ class CPSDConfig:
         _check(0.0 <= self.kd_alpha <= 1.0, "cpsd.kd_alpha must be in [0, 1]")
         _check(self.cls_weight >= 0, "cpsd.cls_weight must be >= 0")
         _check(self.teacher_epochs is None or self.teacher_epochs >= 1, "cpsd.teacher_epochs >= 1")
+        _check(self.student_epochs is None or self.student_epochs >= 1, "cpsd.student_epochs >= 1")
+        _check(self.student_lr_scale > 0, "cpsd.student_lr_scale must be > 0")
 
 
 UNSEEN_FROM_MANIFEST = "manifest"
@@ -342,9 +391,7 @@ class ZSLConfig:
     unseen_classes: tuple[str, ...] | str = ()
     """Classes held out of training: a list of class names, a text file with one name per
     line, or ``manifest`` for the split an importer recorded (``source.zsl.unseen``). Empty:
-    no zero-shot protocol."""
-    eval_split: str = "test"
-    """Split of the ZSL and GZSL evaluation (never used for training or model selection)."""
+    no zero-shot protocol. The ZSL and GZSL evaluation runs on ``data.test_split``."""
     chance_draws: int = 5
     """Random-score draws averaged into ``zsl_mAP_chance`` and ``gzsl_mAP_chance``."""
 
@@ -380,6 +427,15 @@ class ExperimentConfig:
     """Zero-shot protocol (``cpsd train`` with word queries)."""
 
     def __post_init__(self) -> None:
+        init = self.cpsd.student_init
+        _check(
+            init != "pretrained" or self.model.pretrained or self.model.pretrained_file,
+            "cpsd.student_init: pretrained needs model.pretrained or model.pretrained_file",
+        )
+        _check(
+            init != "baseline" or (self.cpsd.train_baseline and self.cpsd.mode != "baseline"),
+            "cpsd.student_init: baseline needs cpsd.train_baseline: true and a mode with teachers",
+        )
         decoder = self.model.ml_decoder
         word = self.model.head == "ml_decoder" and decoder.queries == "word"
         _check(
@@ -388,9 +444,9 @@ class ExperimentConfig:
         )
         _check(
             not self.zsl.enabled
-            or self.zsl.eval_split not in (self.data.train_split, self.data.val_split),
-            f"zsl.eval_split must be held out, not the train or val split "
-            f"({self.zsl.eval_split!r})",
+            or self.data.test_split not in (self.data.train_split, self.data.val_split),
+            f"zero-shot evaluation needs a held-out data.test_split, not the train or val split "
+            f"({self.data.test_split!r})",
         )
         # The random-query logits have no column in the targets the DB statistics and the
         # adaptive controller are computed over.

@@ -225,3 +225,42 @@ def load(cls: type[T], path: str | Path | None, overrides: Sequence[str] = ()) -
 def replace(config: T, overrides: Sequence[str]) -> T:
     """A new config with dotted overrides applied to an existing one."""
     return from_dict(type(config), apply_overrides(to_dict(config), overrides))
+
+
+# ---------------------------------------------------------------------------------------------
+# Which fields change results
+#
+# A field whose value cannot change what a run computes (where it runs, how fast, where caches
+# live, how often it logs) says so where it is defined::
+#
+#     num_workers: int = field(default=0, metadata=NOT_RESULT)
+#
+# and a field naming a file whose *content* matters (pretrained weights) is marked ``FILE``.
+# Stage keys and resume fingerprints are built from :func:`result_content`, so a new field counts
+# by default and is left out only by an explicit mark next to its definition.
+
+KEY_ROLE = "cpsd.key_role"
+NOT_RESULT = {KEY_ROLE: "ignore"}
+FILE = {KEY_ROLE: "file"}
+
+
+def result_content(config: Any, file_digest: typing.Callable[[str], str] | None = None) -> Any:
+    """Plain data of ``config`` without its ``NOT_RESULT`` fields; ``FILE`` paths become
+    ``file_digest(path)`` (the path itself when no digest function is given)."""
+    if dataclasses.is_dataclass(config):
+        out = {}
+        for f in dataclasses.fields(config):
+            role = f.metadata.get(KEY_ROLE)
+            value = getattr(config, f.name)
+            if role == "ignore":
+                continue
+            if role == "file" and value is not None and file_digest is not None:
+                out[f.name] = file_digest(value)
+            else:
+                out[f.name] = result_content(value, file_digest)
+        return out
+    if isinstance(config, tuple | list):
+        return [result_content(v, file_digest) for v in config]
+    if isinstance(config, dict):
+        return {k: result_content(v, file_digest) for k, v in config.items()}
+    return config

@@ -20,10 +20,19 @@ random    k teachers on a random partition            + ½·MSE to their merged 
 A teacher for subset C_t has the student's architecture with |C_t| outputs and trains on *all*
 training images with targets restricted to C_t (an image without any C_t label is an
 all-negative sample, as in the authors' code).
+
+Every model is selected on the ``val`` split (best epoch, EMA or plain weights) and then
+reported on the held-out ``test`` split and the optional ``test_shift`` split
+(:func:`evaluate_model`), which nothing is chosen on. Each trained model has a fingerprint
+(``mlcore.fingerprint``): a teacher's covers its config, data and subset; the student's adds its
+distillation settings and its teachers' fingerprints; the baseline's is the plain training one,
+so every mode and distillation setting shares one baseline per seed.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -48,15 +57,23 @@ from mlcore.distill import (
     predict_logits,
     write_logits,
 )
-from mlcore.experiment import resolve_dataset, train_classifier
-from mlcore.metrics import multilabel_report
-from mlcore.models import build_model_from_config
+from mlcore.experiment import resolve_dataset, train_classifier, training_fingerprint
+from mlcore.fingerprint import split_digest
+from mlcore.metrics import bucket_map, frequency_buckets, multilabel_report
+from mlcore.models import build_model_from_config, word_query_table
 from mlcore.partition.affinity import affinity
 from mlcore.partition.cooccurrence import cooccurrence_from_manifest
 from mlcore.partition.random_partition import random_partition
 from mlcore.partition.report import label_stats_hash, partition_report, plot_affinity_heatmap
 from mlcore.partition.spectral import normalized_cut, spectral_partition
-from mlcore.train import MetricsCallback, TrainResult, load_checkpoint, predict, resolve_device
+from mlcore.train import (
+    SCORES,
+    MetricsCallback,
+    TrainResult,
+    load_checkpoint,
+    predict,
+    resolve_device,
+)
 
 # Teacher ensembles per mode, in (first, second) slot order of the distillation loss.
 ENSEMBLES: dict[str, tuple[str, ...]] = {
@@ -195,6 +212,33 @@ def plan_teachers(partitions: dict[str, Partition]) -> list[TeacherSpec]:
 # Stage 3-4: teachers and their logits
 
 
+def teacher_seed(seed: int, spec: TeacherSpec) -> int:
+    """``train.seed`` of one teacher under ``cpsd.teacher_seeds: independent``.
+
+    A hash of (seed, ensemble kind, index in it), 31 bits: each teacher gets its own initial
+    weights and batch order, as the authors' separately launched teacher runs do, and the
+    same teacher in two runs (CGP teacher 0 of ``cgpd`` and of ``cpsd``) gets the same seed.
+    """
+    digest = hashlib.sha256(f"{seed}:{spec.kind}:{spec.index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def teacher_config(cfg: ExperimentConfig, spec: TeacherSpec) -> ExperimentConfig:
+    """``cfg`` with the teacher's epochs and seed in ``train``."""
+    c = cfg.cpsd
+    seed = teacher_seed(cfg.train.seed, spec) if c.teacher_seeds == "independent" else None
+    train = dataclasses.replace(
+        cfg.train,
+        epochs=c.teacher_epochs or cfg.train.epochs,
+        seed=cfg.train.seed if seed is None else seed,
+    )
+    return dataclasses.replace(cfg, train=train)
+
+
+def teacher_fingerprint(cfg: ExperimentConfig, spec: TeacherSpec) -> str:
+    return training_fingerprint(teacher_config(cfg, spec), class_subset=spec.subset)
+
+
 def train_teacher(
     cfg: ExperimentConfig,
     spec: TeacherSpec,
@@ -205,24 +249,34 @@ def train_teacher(
 ) -> TrainResult:
     """Train one teacher on all training images with targets restricted to its subset."""
     return train_classifier(
-        cfg,
+        teacher_config(cfg, spec),
         out_dir,
         class_subset=list(spec.subset),
-        epochs=cfg.cpsd.teacher_epochs or cfg.train.epochs,
         on_epoch=on_epoch,
         log=lambda line: log(f"[{spec.name}] {line}"),
     )
 
 
-def load_trained(cfg: ExperimentConfig, num_outputs: int, checkpoint: str | os.PathLike):
+def load_trained(
+    cfg: ExperimentConfig, num_outputs: int, checkpoint: str | os.PathLike
+) -> torch.nn.Module:
     """The selected (best) weights of a trained model, in eval mode on CPU."""
-    model = build_model_from_config(cfg.model, num_outputs)
-    model.load_state_dict(load_checkpoint(checkpoint)["model"])
+    state = load_checkpoint(checkpoint)["model"]
+    # A word-query head carries its class embeddings in its state.
+    model = build_model_from_config(cfg.model, num_outputs, word_query_table(state))
+    model.load_state_dict(state)
     return model.eval()
 
 
-def _eval_loader(cfg: ExperimentConfig, manifest: Manifest, split: str) -> DataLoader:
-    dataset = MultiLabelDataset(manifest, split, build_transform(cfg.data, train=False))
+def _eval_loader(
+    cfg: ExperimentConfig,
+    manifest: Manifest,
+    split: str,
+    class_subset: Sequence[int] | None = None,
+) -> DataLoader:
+    dataset = MultiLabelDataset(
+        manifest, split, build_transform(cfg.data, train=False), class_subset=class_subset
+    )
     batch = cfg.train.eval_batch_size or 2 * cfg.train.batch_size
     return DataLoader(dataset, batch_size=batch, num_workers=cfg.data.num_workers)
 
@@ -245,6 +299,44 @@ def cache_teacher_logits(
 # Stage 5: the student
 
 
+def student_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with the student's epochs, lr and initialisation (``cpsd.student_*``)."""
+    c = cfg.cpsd
+    train = dataclasses.replace(
+        cfg.train,
+        epochs=c.student_epochs or cfg.train.epochs,
+        lr=cfg.train.lr * c.student_lr_scale,
+    )
+    model = cfg.model
+    if c.student_init in ("scratch", "baseline"):
+        # From random weights, or about to be overwritten by the baseline's.
+        model = dataclasses.replace(model, pretrained=False, pretrained_file=None)
+    return dataclasses.replace(cfg, train=train, model=model)
+
+
+def baseline_fingerprint(cfg: ExperimentConfig) -> str:
+    return training_fingerprint(cfg)
+
+
+def student_fingerprint(cfg: ExperimentConfig, specs: Sequence[TeacherSpec]) -> str:
+    """What the student depends on: its config, distillation settings, and every teacher."""
+    if not specs:
+        return baseline_fingerprint(cfg)
+    c = cfg.cpsd
+    extra = [
+        "student",
+        c.mode,
+        c.teacher_mode,
+        c.cls_weight,
+        c.kd_alpha,
+        c.kd_reduction,
+        c.student_init,
+        [teacher_fingerprint(cfg, s) for s in specs],
+        baseline_fingerprint(cfg) if c.student_init == "baseline" else None,
+    ]
+    return training_fingerprint(student_config(cfg), extra=extra)
+
+
 def _ensembles(
     specs: Sequence[TeacherSpec], per_teacher: Sequence[object]
 ) -> list[tuple[tuple[tuple[int, ...], ...], list[object]]]:
@@ -260,10 +352,11 @@ def _ensembles(
 def train_student(
     cfg: ExperimentConfig,
     specs: Sequence[TeacherSpec],
-    teacher_checkpoints: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
     *,
+    teacher_checkpoints: Sequence[str | os.PathLike] = (),
     teacher_logits: Sequence[str | os.PathLike] | None = None,
+    baseline_checkpoint: str | os.PathLike | None = None,
     on_epoch: MetricsCallback | None = None,
     on_step: MetricsCallback | None = None,
     log: Callable[[str], None] = print,
@@ -272,13 +365,17 @@ def train_student(
 
     ``cpsd.teacher_mode: cached`` reads ``teacher_logits`` (one Parquet file per teacher, in
     ``specs`` order); ``online`` loads every teacher checkpoint and runs them on each batch.
-    With no teachers (mode ``baseline``) this is plain training.
+    ``cpsd.student_init: baseline`` starts from ``baseline_checkpoint``. With no teachers (mode
+    ``baseline``) this is plain training.
     """
     if not specs:
         return train_classifier(cfg, out_dir, on_epoch=on_epoch, on_step=on_step, log=log)
+    c = cfg.cpsd
+    if c.student_init == "baseline" and baseline_checkpoint is None:
+        raise ValueError("cpsd.student_init: baseline needs the baseline's checkpoint")
     manifest = Manifest.load(resolve_dataset(cfg.data), with_bytes=False)
     num_classes = manifest.num_classes
-    cached = cfg.cpsd.teacher_mode == "cached"
+    cached = c.teacher_mode == "cached"
     if cached:
         if teacher_logits is None or len(teacher_logits) != len(specs):
             raise ValueError("cached teacher mode needs one logit file per teacher")
@@ -295,6 +392,8 @@ def train_student(
             *tables, *[None] * (2 - len(tables))
         )
     else:
+        if len(teacher_checkpoints) != len(specs):
+            raise ValueError("online teacher mode needs one checkpoint per teacher")
         ensembles = [
             Ensemble(
                 subsets,
@@ -307,13 +406,18 @@ def train_student(
         )
 
     def make_objective(loss: torch.nn.Module) -> DistillationObjective:
-        kd = DistillationLoss(loss, cls_weight=cfg.cpsd.cls_weight, alpha=cfg.cpsd.kd_alpha)
+        kd = DistillationLoss(
+            loss, cls_weight=c.cls_weight, alpha=c.kd_alpha, reduction=c.kd_reduction
+        )
         return DistillationObjective(kd, teachers)
 
+    student = student_config(cfg)
     return train_classifier(
-        cfg,
+        student,
         out_dir,
         make_objective=make_objective,
+        init_weights=baseline_checkpoint if c.student_init == "baseline" else None,
+        fingerprint_extra=[student_fingerprint(cfg, specs)],
         return_index=cached,
         on_epoch=on_epoch,
         on_step=on_step,
@@ -322,52 +426,122 @@ def train_student(
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage 6: evaluation and summary
+# Stage 6: held-out evaluation and the summary
 
 
-def ensemble_report(
-    specs: Sequence[TeacherSpec], teacher_dirs: Sequence[str | os.PathLike], num_classes: int
+def report_splits(cfg: ExperimentConfig) -> dict[str, str]:
+    """Held-out splits results are reported on: ``{"test": name, "shift": name}``."""
+    return {"test": cfg.data.test_split, "shift": cfg.data.shift_split}
+
+
+def held_out_splits(cfg: ExperimentConfig) -> tuple[dict[str, str], str]:
+    """The held-out splits the dataset has (``{"test": name, "shift": name}``, absent ones
+    left out) and the digest of their content."""
+    root = resolve_dataset(cfg.data)
+    splits = Manifest.load(root, with_bytes=False).splits()
+    present = {r: s for r, s in report_splits(cfg).items() if s in splits}
+    digest = split_digest(root, list(present.values()), cfg.data.cache_dir) if present else ""
+    return present, digest
+
+
+def evaluate_model(
+    cfg: ExperimentConfig,
+    checkpoint: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    class_subset: Sequence[int] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Validation report of each merged teacher ensemble (from the teachers' saved scores)."""
+    """Score the selected weights on each held-out split the dataset has.
+
+    Writes ``scores-<role>.npz`` (scores and targets, for merging teacher ensembles) and
+    ``eval.json`` (reports and the splits' digest) into ``out_dir``, and reuses them while the
+    splits are unchanged. Returns ``{role: report}`` for ``role`` in ``test``/``shift``.
+    """
+    out = Path(out_dir)
+    present, digest = held_out_splits(cfg)
+    record_path = out / "eval.json"
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record.get("digest") == digest:
+            return record["reports"]
+    manifest = Manifest.load(resolve_dataset(cfg.data))
+    outputs = len(class_subset) if class_subset is not None else manifest.num_classes
+    model = load_trained(cfg, outputs, checkpoint)
+    device = resolve_device(cfg.train.device)
+    counts = manifest.positives_per_class(cfg.data.train_split)
+    buckets = frequency_buckets(counts if class_subset is None else counts[list(class_subset)])
     reports = {}
-    for kind in dict.fromkeys(s.kind for s in specs):
-        members = [(s, d) for s, d in zip(specs, teacher_dirs, strict=True) if s.kind == kind]
-        saved = [np.load(Path(d) / "val_scores.npz") for _, d in members]
-        scores = merge_logits(
-            [torch.from_numpy(z["scores"]) for z in saved],
-            [s.subset for s, _ in members],
-            num_classes,
-        )
-        targets = merge_logits(
-            [torch.from_numpy(z["targets"]) for z in saved],
-            [s.subset for s, _ in members],
-            num_classes,
-        )
-        reports[kind] = multilabel_report(scores.numpy(), targets.numpy())
+    for role, split in present.items():
+        loader = _eval_loader(cfg, manifest, split, class_subset)
+        scores, targets = predict(model.to(device), loader, device)
+        np.savez(out / f"scores-{role}.npz", scores=scores, targets=targets)
+        reports[role] = multilabel_report(scores, targets)
+        # mAP of head / medium / tail classes by training frequency (the DB paper's buckets)
+        for name, value in bucket_map(scores, targets, buckets).items():
+            if value is not None:
+                reports[role][f"mAP_{name}"] = value
+    record_path.write_text(json.dumps({"digest": digest, "reports": reports}, indent=1))
     return reports
 
 
-def evaluate_split(
-    cfg: ExperimentConfig, checkpoint: str | os.PathLike, split: str
+def _merged_report(
+    members: Sequence[tuple[TeacherSpec, Path]], file: str, num_classes: int
 ) -> dict[str, float] | None:
-    """Report of a full-label model on another split (e.g. ``test_shift``); None if absent."""
-    manifest = Manifest.load(resolve_dataset(cfg.data))
-    if split not in manifest.splits():
+    if not all((d / file).is_file() for _, d in members):
         return None
-    model = load_trained(cfg, manifest.num_classes, checkpoint)
-    device = resolve_device(cfg.train.device)
-    scores, targets = predict(model.to(device), _eval_loader(cfg, manifest, split), device)
-    return multilabel_report(scores, targets)
+    saved = [np.load(d / file) for _, d in members]
+    subsets = [s.subset for s, _ in members]
+    scores = merge_logits([torch.from_numpy(z["scores"]) for z in saved], subsets, num_classes)
+    targets = merge_logits([torch.from_numpy(z["targets"]) for z in saved], subsets, num_classes)
+    return multilabel_report(scores.numpy(), targets.numpy())
+
+
+def ensemble_reports(
+    specs: Sequence[TeacherSpec], teacher_dirs: Sequence[str | os.PathLike], num_classes: int
+) -> dict[str, dict[str, dict[str, float] | None]]:
+    """``{kind: {"val"|"test"|"shift": report}}`` of each merged teacher ensemble.
+
+    Merges the teachers' saved scores (``val_scores.npz`` and ``scores-<role>.npz``) into one
+    full-label score matrix per split; a split some teacher lacks gives None.
+    """
+    reports = {}
+    for kind in dict.fromkeys(s.kind for s in specs):
+        members = [(s, Path(d)) for s, d in zip(specs, teacher_dirs, strict=True) if s.kind == kind]
+        reports[kind] = {
+            "val": _merged_report(members, SCORES, num_classes),
+            "test": _merged_report(members, "scores-test.npz", num_classes),
+            "shift": _merged_report(members, "scores-shift.npz", num_classes),
+        }
+    return reports
 
 
 SUMMARY_METRICS = ("mAP", "CF1", "OF1")
-SUMMARY_COLUMNS = ("name", "role", "classes", *SUMMARY_METRICS, "shift_mAP")
+SUMMARY_COLUMNS = (
+    "name",
+    "role",
+    "classes",
+    "best_epoch",
+    *(f"val_{m}" for m in SUMMARY_METRICS),
+    *(f"test_{m}" for m in SUMMARY_METRICS),
+    "shift_mAP",
+)
 
 
-def summary_row(name: str, role: str, classes: int, report: dict[str, float], **extra) -> dict:
-    row = {"name": name, "role": role, "classes": classes}
-    row.update({m: report[m] for m in SUMMARY_METRICS})
-    row.update(extra)
+def summary_row(
+    name: str,
+    role: str,
+    classes: int,
+    val: dict[str, float],
+    held_out: dict[str, dict[str, float] | None],
+    best_epoch: int | None = None,
+) -> dict:
+    """One table row: val metrics of the selected weights, then the held-out splits."""
+    row: dict = {"name": name, "role": role, "classes": classes, "best_epoch": best_epoch}
+    row.update({f"val_{m}": val[m] for m in SUMMARY_METRICS})
+    test = held_out.get("test")
+    row.update({f"test_{m}": None if test is None else test[m] for m in SUMMARY_METRICS})
+    shift = held_out.get("shift")
+    row["shift_mAP"] = None if shift is None else shift["mAP"]
     return row
 
 
@@ -397,34 +571,45 @@ class RunSummary:
         return json.dumps(self.rows, indent=1)
 
 
+@dataclass(frozen=True)
+class TrainedModel:
+    """What the summary needs of one trained model (teacher, student or baseline)."""
+
+    name: str
+    role: str
+    classes: int
+    best_epoch: int
+    best_metrics: dict[str, float]  # training-loop names (``val_mAP`` ...)
+    held_out: dict[str, dict[str, float]]  # ``evaluate_model`` output
+    directory: Path  # holds ``val_scores.npz`` and ``scores-<role>.npz``
+
+
 def build_summary(
     specs: Sequence[TeacherSpec],
-    teacher_metrics: Sequence[dict[str, float]],
-    teacher_dirs: Sequence[str | os.PathLike],
+    teachers: Sequence[TrainedModel],
+    finals: Sequence[TrainedModel],
     num_classes: int,
-    models: Sequence[tuple[str, dict[str, float], dict[str, float] | None]],
 ) -> RunSummary:
-    """Rows for every teacher, every merged ensemble, then the full-label ``models``.
-
-    Args:
-        specs: The teachers, in plan order.
-        teacher_metrics: Each teacher's best-epoch metrics (training-loop names).
-        teacher_dirs: Each teacher's directory holding ``val_scores.npz``.
-        num_classes: Classes of the full task.
-        models: (name, best-epoch metrics, ``test_shift`` report or None) of the student and
-            the baseline.
-    """
+    """Rows for every teacher, every merged ensemble, then the full-label models."""
     rows = [
-        summary_row(spec.name, "teacher", len(spec.subset), _val(metrics))
-        for spec, metrics in zip(specs, teacher_metrics, strict=True)
+        summary_row(t.name, "teacher", t.classes, _val(t.best_metrics), t.held_out, t.best_epoch)
+        for t in teachers
     ]
-    for kind, report in ensemble_report(specs, teacher_dirs, num_classes).items():
-        rows.append(summary_row(f"ensemble-{kind}", "ensemble", num_classes, report))
-    for name, metrics, shift in models:
+    merged = ensemble_reports(specs, [t.directory for t in teachers], num_classes)
+    for kind, reports in merged.items():
+        val = reports.pop("val")
+        rows.append(summary_row(f"ensemble-{kind}", "ensemble", num_classes, val, reports))
+    for m in finals:
         rows.append(
-            summary_row(name, name, num_classes, _val(metrics), shift_mAP=shift and shift["mAP"])
+            summary_row(m.name, m.role, m.classes, _val(m.best_metrics), m.held_out, m.best_epoch)
         )
     return RunSummary(rows)
+
+
+def _trained(name: str, role: str, classes: int, result: TrainResult, held_out) -> TrainedModel:
+    return TrainedModel(
+        name, role, classes, result.best_epoch, result.best_metrics, held_out, result.out_dir
+    )
 
 
 def run_local(
@@ -437,30 +622,40 @@ def run_local(
     log(f"mode {cfg.cpsd.mode}: label statistics and partitions")
     partitions = compute_partitions(cfg, root, out / "partitions")
     specs = plan_teachers(partitions)
-    teacher_dirs, teacher_metrics, checkpoints, logits = [], [], [], []
+    teachers, checkpoints, logits = [], [], []
     for spec in specs:
         teacher_dir = out / "teachers" / spec.name
         result = train_teacher(cfg, spec, teacher_dir, log=log)
-        teacher_dirs.append(teacher_dir)
-        teacher_metrics.append(result.best_metrics)
+        held_out = evaluate_model(
+            teacher_config(cfg, spec), result.best_checkpoint, teacher_dir, class_subset=spec.subset
+        )
+        teachers.append(_trained(spec.name, "teacher", len(spec.subset), result, held_out))
         checkpoints.append(result.best_checkpoint)
         if cfg.cpsd.teacher_mode == "cached":
             path = teacher_dir / "logits.parquet"
             logits.append(cache_teacher_logits(cfg, spec, result.best_checkpoint, path))
-    name = "student" if specs else "baseline"
-    log(f"{name}: training on all {num_classes} classes")
-    student = train_student(
-        cfg, specs, checkpoints, out / name, teacher_logits=logits or None, log=log
-    )
-    models = [
-        (name, student.best_metrics, evaluate_split(cfg, student.best_checkpoint, "test_shift"))
-    ]
-    if specs and cfg.cpsd.train_baseline:
+    finals = []
+    baseline_checkpoint = None
+    if not specs or cfg.cpsd.train_baseline:
         log(f"baseline: training on all {num_classes} classes")
         baseline = train_classifier(cfg, out / "baseline", log=log)
-        shift = evaluate_split(cfg, baseline.best_checkpoint, "test_shift")
-        models.append(("baseline", baseline.best_metrics, shift))
-    summary = build_summary(specs, teacher_metrics, teacher_dirs, num_classes, models)
+        held_out = evaluate_model(cfg, baseline.best_checkpoint, out / "baseline")
+        finals.append(_trained("baseline", "baseline", num_classes, baseline, held_out))
+        baseline_checkpoint = baseline.best_checkpoint
+    if specs:
+        log(f"student: training on all {num_classes} classes")
+        student = train_student(
+            cfg,
+            specs,
+            out / "student",
+            teacher_checkpoints=checkpoints,
+            teacher_logits=logits or None,
+            baseline_checkpoint=baseline_checkpoint,
+            log=log,
+        )
+        held_out = evaluate_model(student_config(cfg), student.best_checkpoint, out / "student")
+        finals.insert(0, _trained("student", "student", num_classes, student, held_out))
+    summary = build_summary(specs, teachers, finals, num_classes)
     (out / "summary.json").write_text(summary.to_json())
     (out / "summary.md").write_text(summary.markdown() + "\n")
     return summary

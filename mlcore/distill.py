@@ -9,9 +9,13 @@ the authors' code)::
 
     L = w_cls · ASL(s, y) + (α/2) · ‖s − ŷ⁺‖² + (½ − α/2) · ‖s − ŷ⁻‖²
 
-with ‖·‖² summed over batch and classes, w_cls = 0.5 and α = 0.5 by default. With a single
-ensemble (modes ``sd``, ``cgpd``, ``dgpd``, ``random``) its MSE takes the whole distillation
-weight ½.
+with w_cls = 0.5 and α = 0.5 by default. With a single ensemble (modes ``sd``, ``cgpd``,
+``dgpd``, ``random``) its MSE takes the whole distillation weight ½.
+
+Reduction. Both terms use one convention (``cpsd.kd_reduction``): ``sum`` over batch and classes
+(the authors' ASL and MSE, the default) or ``mean`` over the B·C entries. Mixing them makes the
+balance depend on the loss: DB is a mean by default, so a summed MSE beside it outweighed the
+labels about B·C = 2,560 times at B = 32, C = 80.
 
 Teacher logits come from one of two sources with the same interface, ``(batch) -> (ŷ⁺, ŷ⁻)``:
 
@@ -82,19 +86,37 @@ def merge_logits(
 
 
 class DistillationLoss(nn.Module):
-    """Eq. 6–7: weighted classification loss plus summed MSE to the merged teacher logits.
+    """Eq. 6–7: weighted classification loss plus MSE to the merged teacher logits.
 
     Args:
-        cls_loss: Classification loss of (logits, targets), ASL by default.
+        cls_loss: Classification loss of (logits, targets) with a ``reduction`` attribute (ASL,
+            DB); it is set to ``reduction`` so both terms share one convention.
         cls_weight: w_cls.
         alpha: α; the CGP ensemble gets α/2, the DGP ensemble ½ − α/2.
+        reduction: ``sum`` or ``mean`` over batch and classes, for both terms.
+
+    Raises:
+        ValueError: Unknown reduction, or a classification loss without a reduction setting.
     """
 
-    def __init__(self, cls_loss: nn.Module, *, cls_weight: float = 0.5, alpha: float = 0.5):
+    def __init__(
+        self,
+        cls_loss: nn.Module,
+        *,
+        cls_weight: float = 0.5,
+        alpha: float = 0.5,
+        reduction: str = "sum",
+    ):
         super().__init__()
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        if not hasattr(cls_loss, "reduction"):
+            raise ValueError(f"{type(cls_loss).__name__} has no reduction setting to align")
+        cls_loss.reduction = reduction
         self.cls_loss = cls_loss
         self.cls_weight = cls_weight
         self.alpha = alpha
+        self.reduction = reduction
 
     def forward(
         self,
@@ -111,7 +133,9 @@ class DistillationLoss(nn.Module):
             weights = (0.5, 0.5)  # one ensemble takes the whole distillation weight
         for teacher, weight in zip((cgp, dgp), weights, strict=True):
             if teacher is not None:
-                loss = loss + weight * (student - teacher.to(student.dtype)).pow(2).sum()
+                squared = (student - teacher.to(student.dtype)).pow(2)
+                mse = squared.sum() if self.reduction == "sum" else squared.mean()
+                loss = loss + weight * mse
         return loss
 
 

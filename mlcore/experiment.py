@@ -2,13 +2,14 @@
 
 ``train_classifier`` is the one entry point that trains a model (a baseline, a CPSD teacher on a
 label subset, or anything else) from config: dataset, loaders, model, loss, adaptive controller.
+Every model it trains leaves a model bundle (``mlcore.bundle``) next to its ``best.pt``.
 With ``zsl.unseen_classes`` set it trains on the seen classes only, whatever the caller asks
 (``mlcore.zsl`` describes the protocol).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,16 +17,25 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from mlcore.bundle import BUNDLE_FILE, ModelBundle, Preprocessing, class_embeddings_of
 from mlcore.config import DataConfig, ExperimentConfig, LossConfig, TrainConfig
 from mlcore.configlib import ConfigError
 from mlcore.data.dataset import MultiLabelDataset, build_transform
 from mlcore.data.embeddings import dataset_class_embeddings
-from mlcore.data.manifest import Manifest, ManifestError
-from mlcore.data.sampler import ClassAwareSampler
+from mlcore.data.manifest import Manifest, ManifestError, read_info
+from mlcore.data.sampler import ClassAwareSampler, SeededKeys, ShuffleSampler
 from mlcore.data.synth import ensure_generated
+from mlcore.fingerprint import config_content, split_digest, stable_hash
 from mlcore.losses import build_asymmetry_controller, build_loss
 from mlcore.models import build_model_from_config
-from mlcore.train import MetricsCallback, Objective, Supervised, TrainResult, train
+from mlcore.train import (
+    MetricsCallback,
+    Objective,
+    Supervised,
+    TrainResult,
+    load_checkpoint,
+    train,
+)
 from mlcore.zsl import RandomQueryTargets, zero_shot_split
 
 
@@ -35,6 +45,34 @@ def resolve_dataset(cfg: DataConfig) -> Path:
         return Path(cfg.root).expanduser()
     assert cfg.synth is not None  # DataConfig guarantees exactly one
     return ensure_generated(cfg.synth, cfg.cache_dir)
+
+
+def training_fingerprint(
+    cfg: ExperimentConfig,
+    *,
+    class_subset: Sequence[int] | None = None,
+    extra: Sequence[object] = (),
+) -> str:
+    """Identity of what ``train_classifier(cfg, class_subset=...)`` computes.
+
+    ``extra`` adds what the caller's objective depends on beyond the config sections (the
+    student's distillation settings and its teachers' fingerprints). A zero-shot run adds its
+    held-out classes: they change the classes and images it trains on.
+    """
+    data = cfg.data
+    root = resolve_dataset(data)
+    if cfg.zsl.enabled:
+        extra = [*extra, ["zero_shot", list(zero_shot_split(cfg.zsl, read_info(root)).unseen)]]
+    return stable_hash(
+        "training",
+        config_content(data, data.cache_dir),
+        config_content(cfg.model, data.cache_dir),
+        config_content(cfg.loss),
+        config_content(cfg.train),
+        split_digest(root, [data.train_split, data.val_split], data.cache_dir),
+        None if class_subset is None else [int(c) for c in class_subset],
+        list(extra),
+    )
 
 
 def build_loaders(
@@ -66,17 +104,20 @@ def build_loaders(
         class_subset=class_subset,
         require_label=require_label,
     )
-    sampler = None
     if data.class_aware_sampling:
-        sampler = ClassAwareSampler(
-            train_set.label_lists, manifest.num_classes, seed=train_cfg.seed
+        # Balanced over the classes this model learns: a teacher's labels are its subset's, so
+        # every draw is an image holding at least one of them (the DB weights use the same
+        # subset frequencies).
+        base = ClassAwareSampler(
+            train_set.subset_label_lists, train_set.num_classes, seed=train_cfg.seed
         )
+    else:
+        base = ShuffleSampler(len(train_set), seed=train_cfg.seed)
     pin = torch.cuda.is_available()
     train_loader = DataLoader(
         train_set,
         batch_size=train_cfg.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
+        sampler=SeededKeys(base, train_cfg.seed),
         num_workers=data.num_workers,
         pin_memory=pin,
         drop_last=len(train_set) > train_cfg.batch_size,
@@ -108,8 +149,9 @@ def train_classifier(
     out_dir: str | os.PathLike,
     *,
     class_subset: Sequence[int] | None = None,
-    epochs: int | None = None,
     make_objective: Callable[[torch.nn.Module], Objective] | None = None,
+    init_weights: str | os.PathLike | None = None,
+    fingerprint_extra: Sequence[object] = (),
     return_index: bool = False,
     on_epoch: MetricsCallback | None = None,
     on_step: MetricsCallback | None = None,
@@ -118,24 +160,28 @@ def train_classifier(
     """Train one model from config, on all classes or on ``class_subset``.
 
     Args:
-        cfg: Data, model, loss and training sections.
-        out_dir: Checkpoint directory (resumes from ``last.pt`` there).
+        cfg: Data, model, loss and training sections (callers that train with other epochs,
+            seed or lr, such as CPSD teachers and students, pass a config with ``train``
+            replaced, so the fingerprint covers what actually ran).
+        out_dir: Checkpoint directory; resumes from ``last.pt`` there when its fingerprint
+            matches, and refuses a directory holding another run's checkpoint.
         class_subset: Class indices the model outputs, in this order (CPSD teachers).
-        epochs: Overrides ``cfg.train.epochs`` (teachers use ``cpsd.teacher_epochs``).
         make_objective: Wraps the configured loss into another objective (the CPSD student's
             distillation); the adaptive controller still drives that loss.
+        init_weights: A checkpoint whose ``model`` weights initialise the model (the CPSD
+            student started from the baseline); part of the caller's ``fingerprint_extra``.
+        fingerprint_extra: What the objective depends on beyond the config sections.
         return_index: Training batches carry the row index (cached-teacher lookup).
         on_epoch: Per-epoch metrics callback.
         on_step: Step metrics callback (adaptive asymmetry).
         log: Progress lines.
     """
     train_cfg = cfg.train
-    if epochs is not None and epochs != train_cfg.epochs:
-        train_cfg = dataclasses.replace(train_cfg, epochs=epochs)
     dataset_dir = resolve_dataset(cfg.data)
     manifest = Manifest.load(dataset_dir, with_bytes=True)
+    fingerprint = training_fingerprint(cfg, class_subset=class_subset, extra=fingerprint_extra)
     if cfg.zsl.enabled:
-        class_subset = _seen_subset(cfg, manifest, class_subset)
+        class_subset = seen_classes(cfg, manifest, class_subset)
     train_loader, val_loader = build_loaders(
         manifest,
         cfg.data,
@@ -153,12 +199,19 @@ def train_classifier(
         embeddings = dataset_class_embeddings(cfg.data, dataset_dir, names)
     torch.manual_seed(train_cfg.seed)  # identical initial weights for identical configs
     model = build_model_from_config(cfg.model, len(classes), embeddings)
+    if init_weights is not None:
+        model.load_state_dict(load_checkpoint(init_weights)["model"])
     loss = build_criterion(cfg.loss, manifest, cfg.data, class_subset)
-    controller = build_asymmetry_controller(cfg.loss, loss)
+    controller = build_asymmetry_controller(
+        cfg.loss,
+        loss,
+        batch_size=train_cfg.batch_size,
+        lr_warmup_steps=round(train_cfg.pct_start * train_cfg.epochs * len(train_loader)),
+    )
     objective = make_objective(loss) if make_objective is not None else Supervised(loss)
     if word_queries and decoder.random_queries > 0:
         objective = RandomQueryTargets(objective)
-    return train(
+    result = train(
         model,
         train_loader,
         val_loader,
@@ -169,19 +222,72 @@ def train_classifier(
         observe_every=cfg.loss.adaptive.log_every,
         on_epoch=on_epoch,
         on_step=on_step,
+        fingerprint=fingerprint,
         log=log,
     )
+    write_training_bundle(cfg, manifest, model, result, class_subset, train_loader)
+    return result
 
 
-def _seen_subset(
-    cfg: ExperimentConfig, manifest: Manifest, class_subset: Sequence[int] | None
+def write_training_bundle(
+    cfg: ExperimentConfig,
+    manifest: Manifest,
+    model: torch.nn.Module,
+    result: TrainResult,
+    class_subset: Sequence[int] | None,
+    train_loader: DataLoader,
+) -> Path:
+    """``model.bundle.pt`` beside ``best.pt``: the selected weights and all that describes them.
+
+    The metadata records the training positives per output class, which ``cpsd evaluate``
+    buckets into head/medium/tail, and the dataset, which it evaluates on by default.
+    """
+    names = manifest.class_names
+    subset = list(class_subset) if class_subset is not None else list(range(len(names)))
+    positives = train_loader.dataset.targets.sum(0).long().tolist()
+    metadata = {
+        "best_epoch": result.best_epoch,
+        # JSON has no NaN: metrics that were undefined in an epoch are left out.
+        "best_epoch_metrics": {
+            k: float(v)
+            for k, v in result.best_metrics.items()
+            if isinstance(v, int | float) and math.isfinite(v)
+        },
+        "train_positives": positives,
+        "train_images": len(train_loader.dataset),
+        "dataset": {
+            "name": manifest.info.name,
+            "root": str(Path(manifest.root).resolve()),
+            "class_indices": subset,
+            "train_split": cfg.data.train_split,
+            "val_split": cfg.data.val_split,
+        },
+    }
+    bundle = ModelBundle(
+        model=cfg.model,
+        class_names=tuple(names[c] for c in subset),
+        preprocessing=Preprocessing(image_size=cfg.data.image_size),
+        state_dict=load_checkpoint(result.best_checkpoint)["model"],
+        class_embeddings=class_embeddings_of(model),
+        metadata=metadata,
+    )
+    return bundle.save(result.out_dir / BUNDLE_FILE)
+
+
+def seen_classes(
+    cfg: ExperimentConfig, manifest: Manifest, class_subset: Sequence[int] | None = None
 ) -> list[int]:
-    """The classes a zero-shot run may train on: the seen ones (or the caller's, if all seen)."""
+    """The classes a zero-shot run may train on: the seen ones (or the caller's, if all seen).
+
+    Raises:
+        ConfigError: ``class_subset`` holds an unseen class.
+        ManifestError: The dataset has no ``data.test_split`` to evaluate on.
+    """
     split = zero_shot_split(cfg.zsl, manifest.info)
-    if manifest.split_rows(cfg.zsl.eval_split).size == 0:
+    if manifest.split_rows(cfg.data.test_split).size == 0:
         raise ManifestError(
-            f"{manifest.root}: zsl.eval_split {cfg.zsl.eval_split!r} has no rows "
-            f"(splits: {manifest.splits()})"
+            f"{manifest.root}: zero-shot evaluation needs data.test_split "
+            f"{cfg.data.test_split!r}, which has no rows (splits: {manifest.splits()})"
         )
     if class_subset is None:
         return list(split.seen)

@@ -51,7 +51,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["average_precision", "f1_at_k", "mean_average_precision", "multilabel_report"]
+__all__ = [
+    "average_precision",
+    "bucket_map",
+    "f1_at_k",
+    "frequency_buckets",
+    "mean_average_precision",
+    "multilabel_report",
+]
 
 # Elements per working block: 4 Mi float64 values are 32 MiB, so the transposed, sorted and
 # boolean copies of a block stay small even when the full matrices are several hundred MiB.
@@ -341,3 +348,28 @@ def f1_at_k(scores: Any, targets: Any, k: int) -> dict[str, float]:
     precision = true_pos / (k * n)
     recall = true_pos / positives
     return {"precision": precision, "recall": recall, "f1": _f1(precision, recall)}
+
+
+# The Distribution-Balanced loss paper's split of COCO-LT classes by training images.
+HEAD_MIN, TAIL_MAX = 100, 20
+
+
+def frequency_buckets(
+    train_counts: Any, head_min: int = HEAD_MIN, tail_max: int = TAIL_MAX
+) -> np.ndarray:
+    """``"head"`` (more than ``head_min`` training images), ``"tail"`` (fewer than
+    ``tail_max``) or ``"medium"`` per class: the DB paper's buckets (100 and 20 on COCO-LT)."""
+    counts = np.asarray(train_counts)
+    return np.where(counts > head_min, "head", np.where(counts < tail_max, "tail", "medium"))
+
+
+def bucket_map(scores: Any, targets: Any, buckets: Any) -> dict[str, float | None]:
+    """mAP over the classes of each bucket (``head``, ``medium``, ``tail``); None when a bucket
+    has no class with a positive."""
+    ap = average_precision(scores, targets)
+    buckets = np.asarray(buckets)
+    out: dict[str, float | None] = {}
+    for name in ("head", "medium", "tail"):
+        values = ap[(buckets == name) & ~np.isnan(ap)]
+        out[name] = float(values.mean()) if values.size else None
+    return out

@@ -8,9 +8,20 @@ controller. It reports through callbacks, so ``workflows`` can send the numbers 
 Ray without this module knowing either.
 
 Every epoch ends with an atomic checkpoint (``last.pt``: everything needed to resume) and, when
-the epoch is the best so far, ``best.pt`` (the selected weights). Resuming from ``last.pt`` gives
-the same final weights as an uninterrupted run on CPU: every epoch re-seeds all RNGs from
-(seed, epoch), so its randomness does not depend on what ran before it.
+the epoch is the best so far, ``best.pt`` (the selected weights) with ``val_scores.npz``. Resuming
+from ``last.pt`` gives the same final weights as an uninterrupted run on CPU, for any number of
+DataLoader workers: every epoch re-seeds all RNGs from (seed, epoch), and each sample's
+augmentation is seeded by its position in the epoch (``mlcore.data.sampler.SeededKeys``).
+
+A run resumes only from a checkpoint carrying the same ``fingerprint`` (``mlcore.fingerprint``:
+the config fields and data its result depends on); anything else is a
+:class:`ResumeMismatchError`, never a silent continuation of another run. ``train.epochs`` is part
+of the fingerprint on purpose: OneCycle spans the whole run, so a longer run is a new run.
+
+``best.pt`` always holds the epoch that ``last.pt``'s record names as best. A new best is first
+written as ``best.pt.next`` (and ``val_scores.npz.next``), then ``last.pt`` records it, then the
+two are renamed into place; a crash in between is completed or rolled back on the next start by
+:func:`settle_best`.
 """
 
 from __future__ import annotations
@@ -40,6 +51,10 @@ BEST = "best.pt"
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the message names the epoch, step and last good checkpoint."""
+
+
+class ResumeMismatchError(ValueError):
+    """``out_dir`` holds the checkpoint of a run with another fingerprint (another config)."""
 
 
 class Batch(NamedTuple):
@@ -143,6 +158,56 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+SCORES = "val_scores.npz"
+PENDING = ".next"
+
+
+def _save_scores_atomic(path: Path, scores: np.ndarray, targets: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, scores=scores, targets=targets)
+    os.replace(tmp, path)
+
+
+def check_resumable(out_dir: str | os.PathLike, fingerprint: str | None) -> None:
+    """Raise :class:`ResumeMismatchError` when ``out_dir`` holds another run's checkpoint."""
+    last = Path(out_dir) / LAST
+    if not last.is_file():
+        return
+    state = load_checkpoint(last)
+    if state.get("fingerprint") != fingerprint:
+        raise ResumeMismatchError(
+            f"{out_dir} holds the checkpoint of another run (fingerprint "
+            f"{state.get('fingerprint')}, this config {fingerprint}; it stopped after epoch "
+            f"{state['epoch'] + 1}). Resuming would report a result this config did not "
+            "produce, and a longer run is a new run (OneCycle spans all epochs). Use another "
+            "output directory, or delete that one to start over."
+        )
+
+
+def settle_best(out_dir: str | os.PathLike) -> None:
+    """Finish or undo a best-checkpoint update that a crash interrupted.
+
+    A pending ``best.pt.next`` whose epoch ``last.pt`` names as best is moved into place (the
+    crash came after the record was written); any other pending file is from an epoch the record
+    never accepted and is deleted.
+    """
+    out = Path(out_dir)
+    pending = out / (BEST + PENDING)
+    pending_scores = out / (SCORES + PENDING)
+    if not pending.is_file():
+        pending_scores.unlink(missing_ok=True)
+        return
+    recorded = load_checkpoint(out / LAST)["best"]["epoch"] if (out / LAST).is_file() else None
+    if recorded is not None and load_checkpoint(pending)["epoch"] == recorded:
+        if pending_scores.is_file():
+            os.replace(pending_scores, out / SCORES)
+        os.replace(pending, out / BEST)
+    else:
+        pending.unlink()
+        pending_scores.unlink(missing_ok=True)
+
+
 def unpack(batch, device: torch.device, channels_last: bool) -> Batch:
     images, targets, *rest = batch
     images = images.to(device, non_blocking=True)
@@ -189,6 +254,7 @@ def train(
     on_epoch: MetricsCallback | None = None,
     on_step: MetricsCallback | None = None,
     evaluate: Evaluator = evaluate_scores,
+    fingerprint: str | None = None,
     resume: bool = True,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
@@ -210,7 +276,10 @@ def train(
         on_step: Called with (global_step, metrics) every ``observe_every`` steps.
         evaluate: Scores the plain and EMA weights on ``val_loader`` each epoch; its
             ``mAP`` selects the kept weights, and all its metrics are reported as ``val_*``.
-        resume: Continue from ``out_dir/last.pt`` when it exists.
+        fingerprint: Identity of this run's config and data; stored in ``last.pt`` and
+            required to match on resume.
+        resume: Continue from ``out_dir/last.pt`` when it exists (and its fingerprint
+            matches).
         log: Progress lines.
 
     Returns:
@@ -218,6 +287,7 @@ def train(
 
     Raises:
         NonFiniteLossError: The loss became NaN or inf (the last good checkpoint is kept).
+        ResumeMismatchError: ``out_dir`` holds a checkpoint with another fingerprint.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -245,7 +315,9 @@ def train(
 
     start_epoch, history = 0, []
     best: dict[str, Any] = {"epoch": -1, "metrics": {"val_mAP": -math.inf}}
+    settle_best(out)
     if resume and (out / LAST).is_file():
+        check_resumable(out, fingerprint)
         state = load_checkpoint(out / LAST, map_location=device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -315,13 +387,17 @@ def train(
 
         # -- checkpoint --------------------------------------------------------------------------
         weights = (ema.module if selected == "ema" else model).state_dict()
-        if metrics["val_mAP"] > best["metrics"]["val_mAP"]:
+        improved = metrics["val_mAP"] > best["metrics"]["val_mAP"]
+        if improved:
             best = {"epoch": epoch, "metrics": metrics, "weights": selected}
-            save_atomic({"model": weights, "epoch": epoch, "metrics": metrics}, out / BEST)
-            np.savez(out / "val_scores.npz", scores=selected_scores, targets=targets)
+            _save_scores_atomic(out / (SCORES + PENDING), selected_scores, targets)
+            save_atomic(
+                {"model": weights, "epoch": epoch, "metrics": metrics}, out / (BEST + PENDING)
+            )
         save_atomic(
             {
                 "epoch": epoch,
+                "fingerprint": fingerprint,
                 "model": model.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None,
                 "optimizer": optimizer.state_dict(),
@@ -332,6 +408,8 @@ def train(
             },
             out / LAST,
         )
+        if improved:
+            settle_best(out)
         log(
             f"epoch {epoch + 1}/{cfg.epochs}  loss {train_loss:.4f}  val mAP "
             f"{metrics['val_mAP']:.4f} ({selected})  {metrics['epoch_time_s']:.1f}s"
@@ -339,7 +417,7 @@ def train(
         if on_epoch is not None:
             on_epoch(epoch, metrics)
 
-    scores_file = out / "val_scores.npz"
+    scores_file = out / SCORES
     saved = np.load(scores_file) if scores_file.is_file() else None
     return TrainResult(
         out_dir=out,

@@ -10,7 +10,7 @@ concepts), with model selection fixed:
   images without a seen label are left out. Model selection uses the seen classes on the
   ``val`` split (images with a seen label), never an unseen class: the authors' script selects
   on the unseen test set, which makes the reported number a best-of-epochs on test.
-* Evaluation (:func:`evaluate_zero_shot`) on ``zsl.eval_split`` with the selected weights, all
+* Evaluation (:func:`evaluate_zero_shot`) on ``data.test_split`` with the selected weights, all
   classes' embeddings handed to the head at once (the logit of a class does not depend on the
   other classes scored with it):
 
@@ -211,6 +211,8 @@ def load_word_query_model(cfg: ModelConfig, checkpoint: str | os.PathLike) -> nn
     """A word-query model from a checkpoint alone: its classes' names and vectors are in it."""
     state = load_checkpoint(checkpoint)["model"]
     table = word_query_table(state)
+    if table is None:
+        raise ValueError(f"{checkpoint} holds no word-query model")
     model = build_model_from_config(cfg, len(table.names), table)
     model.load_state_dict(state)
     return model.eval()
@@ -235,12 +237,12 @@ def evaluate_zero_shot(
     *,
     log: Callable[[str], None] = print,
 ) -> dict[str, float]:
-    """ZSL and GZSL metrics of a checkpoint trained under the protocol, on ``zsl.eval_split``."""
+    """ZSL and GZSL metrics of a checkpoint trained under the protocol, on ``data.test_split``."""
     manifest = Manifest.load(dataset_dir)
     split = zero_shot_split(cfg.zsl, manifest.info)
     classes = dataset_class_embeddings(cfg.data, dataset_dir, manifest.class_names)
     dataset = MultiLabelDataset(
-        manifest, cfg.zsl.eval_split, build_transform(cfg.data, train=False)
+        manifest, cfg.data.test_split, build_transform(cfg.data, train=False)
     )
     batch = cfg.train.eval_batch_size or 2 * cfg.train.batch_size
     loader = DataLoader(dataset, batch_size=batch, num_workers=cfg.data.num_workers)
@@ -251,7 +253,7 @@ def evaluate_zero_shot(
         scores, targets, split, chance_draws=cfg.zsl.chance_draws, seed=cfg.train.seed
     )
     log(
-        f"zero-shot on {cfg.zsl.eval_split}: ZSL mAP {metrics['zsl_mAP']:.4f} (chance "
+        f"zero-shot on {cfg.data.test_split}: ZSL mAP {metrics['zsl_mAP']:.4f} (chance "
         f"{metrics['zsl_mAP_chance']:.4f}, {len(split.unseen)} unseen classes, "
         f"{int(metrics['zsl_images'])} images), GZSL mAP {metrics['gzsl_mAP']:.4f}"
     )

@@ -222,3 +222,41 @@ def test_margin_variant_converges_to_target_gap(one_thread):
     assert abs(sum(tail(gaps)) / len(tail(gaps)) - TARGET) < 0.015
     assert max(tail(clips)) - min(tail(clips)) < 0.03
     assert 0.0 < clips[-1] < 0.5
+
+
+def test_controller_from_config_under_the_products_schedule(one_thread):
+    """Batch 32 and OneCycle, as training from config runs it (issue: γ- wound up to its bound
+    during the lr warm-up, then wandered). Measured before the fix (no warm-up wait, λ per
+    batch): γ- 4 → 7.6 during warm-up and a 0.44 range over the last 20% of steps; after: γ-
+    held during warm-up, range 0.03, tail Δp 0.099."""
+    from mlcore.config import AdaptiveAsymmetryConfig, LossConfig
+    from mlcore.losses import build_asymmetry_controller, build_loss
+
+    cfg = LossConfig(
+        name="asl", gamma_neg=4.0, clip=0.05, adaptive=AdaptiveAsymmetryConfig(enabled=True)
+    )
+    loss = build_loss(cfg)
+    steps, batch, lr = 1500, 32, 0.01
+    warmup = round(0.2 * steps)
+    ctrl = build_asymmetry_controller(cfg, loss, batch_size=batch, lr_warmup_steps=warmup)
+    x, y = toy_data()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(x.shape[1], y.shape[1])
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
+    g = torch.Generator().manual_seed(1)
+    gammas, gaps = [], []
+    for _ in range(steps):
+        idx = torch.randint(0, x.shape[0], (batch,), generator=g)
+        logits = model(x[idx])
+        value = loss(logits, y[idx])
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+        sched.step()
+        gaps.append(ctrl.update(logits.detach(), y[idx])["delta_p"])
+        gammas.append(loss.gamma_neg)
+    assert max(gammas[:warmup]) == 4.0  # no wind-up while the lr ramps
+    assert abs(sum(tail(gaps)) / len(tail(gaps)) - TARGET) < 0.01
+    assert max(tail(gammas)) - min(tail(gammas)) < 0.25
+    assert 0.0 < gammas[-1] < 10.0

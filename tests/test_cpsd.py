@@ -31,7 +31,7 @@ def test_every_mode_end_to_end(mode, tiny_overrides, tmp_path):
     assert roles.count("ensemble") == len(ENSEMBLES[mode])
     assert roles[-1] == ("baseline" if mode == "baseline" else "student")
     for row in summary.rows:
-        assert 0.0 <= row["mAP"] <= 1.0
+        assert 0.0 <= row["val_mAP"] <= 1.0 and 0.0 <= row["test_mAP"] <= 1.0
     saved = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert saved == summary.rows
     for kind in ENSEMBLES[mode]:

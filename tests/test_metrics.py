@@ -263,3 +263,40 @@ def test_f1_at_k_rejects_bad_k_and_no_positives():
         f1_at_k(scores, np.ones((3, 4)), 5)
     with pytest.raises(ValueError, match="no positive"):
         f1_at_k(scores, np.zeros((3, 4)), 2)
+
+
+def test_mean_interval_matches_scipy_and_never_invents_bounds():
+    from scipy import stats as scipy_stats
+
+    from mlcore.stats import mean_interval, paired_interval
+
+    xs = [0.61, 0.64, 0.58, 0.66]
+    got = mean_interval(xs)
+    low, high = scipy_stats.t.interval(
+        0.95, len(xs) - 1, loc=np.mean(xs), scale=scipy_stats.sem(xs)
+    )
+    assert (got.low, got.high) == pytest.approx((low, high), abs=1e-12)
+    single = mean_interval([0.5])
+    assert single.low is None and single.high is None and single.n == 1
+    paired = paired_interval([0.70, 0.72, 0.69], [0.63, 0.67, 0.63])
+    assert paired.mean == pytest.approx(0.06) and paired.excludes_zero()
+    assert not paired_interval([0.6, 0.7, 0.5], [0.65, 0.6, 0.55]).excludes_zero()
+    with pytest.raises(ValueError, match="against"):
+        paired_interval([0.1], [0.1, 0.2])
+
+
+def test_frequency_buckets_follow_the_db_paper_and_bucket_map_averages_them():
+    from mlcore.metrics import bucket_map, frequency_buckets
+
+    buckets = frequency_buckets([500, 101, 100, 20, 19, 0])
+    assert buckets.tolist() == ["head", "head", "medium", "medium", "tail", "tail"]
+    rng = np.random.default_rng(0)
+    targets = (rng.random((50, 6)) < 0.3).astype(int)
+    targets[:, 5] = 0  # no positive: left out of its bucket's mean
+    scores = rng.random((50, 6))
+    ap = average_precision(scores, targets)
+    got = bucket_map(scores, targets, buckets)
+    assert got["head"] == pytest.approx(ap[:2].mean())
+    assert got["medium"] == pytest.approx(ap[2:4].mean())
+    assert got["tail"] == pytest.approx(ap[4])
+    assert bucket_map(scores, targets, ["head"] * 6)["tail"] is None

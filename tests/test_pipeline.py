@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from mlcore import configlib
@@ -79,16 +80,16 @@ def tiny_overrides_args(overrides):
 def test_pipeline_reproduces_reference_then_skips_and_reruns_what_changed(
     local_ray, tiny_overrides, tmp_path
 ):
-    cfg = _config(tiny_overrides, tmp_path)
+    cfg = _config(tiny_overrides, tmp_path, "mlflow.registered_model=tiny-cpsd")
     reference = run_local(cfg, tmp_path / "reference", log=lambda _: None)
     first = run_pipeline(cfg, log=lambda _: None)
     assert [r["name"] for r in first.rows] == [r["name"] for r in reference.rows]
     for ours, ref in zip(first.rows, reference.rows, strict=True):
-        for metric in ("mAP", "CF1", "OF1"):
+        for metric in ("val_mAP", "val_CF1", "val_OF1", "test_mAP", "test_CF1", "test_OF1"):
             assert ours[metric] == pytest.approx(ref[metric], abs=1e-9), (ours["name"], metric)
     partitions = json.loads(
         next(
-            (tmp_path / "storage" / "tiny" / "stages").glob("partitions-*/partition_cgp.json")
+            (tmp_path / "storage" / "tiny" / "stages").glob("partition-cgp-*/partition_cgp.json")
         ).read_text()
     )
     assert partitions == json.loads(
@@ -103,8 +104,14 @@ def test_pipeline_reproduces_reference_then_skips_and_reruns_what_changed(
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parents, children = _children(uri)
     assert len(parents) == 3 and all(p.info.status == "FINISHED" for p in parents)
-    names = sorted(r.info.run_name for r in children[parents[0].info.run_id])
+    names = sorted(
+        r.info.run_name
+        for r in children[parents[0].info.run_id]
+        if r.data.tags["cpsd.role"] != "ensemble"
+    )
     assert names == ["student", "teacher-cgp-0", "teacher-cgp-1", "teacher-dgp-0", "teacher-dgp-1"]
+    roles = {r.info.run_name: r.data.tags["cpsd.role"] for r in children[parents[0].info.run_id]}
+    assert roles["ensemble-cgp"] == "ensemble" and roles["student"] == "student"
     reused = [
         {r.info.run_name for r in children[p.info.run_id] if "cpsd.reused_from" in r.data.tags}
         for p in parents
@@ -115,7 +122,18 @@ def test_pipeline_reproduces_reference_then_skips_and_reruns_what_changed(
         r for r in children[parents[0].info.run_id] if r.info.run_name == "student"
     )
     assert {"val_mAP", "val_CF1", "val_OF1", "train_loss"} <= set(first_student.data.metrics)
+    assert {"best_val_mAP", "best_epoch", "test_mAP", "test_CF1"} <= set(first_student.data.metrics)
     assert first_student.data.params["teacher_mode"] == "cached"
+    assert first_student.data.tags["mlflow.note.content"].startswith("student: 10 classes")
+    assert {d.dataset.name for d in first_student.inputs.dataset_inputs} == {
+        "synth:train",
+        "synth:val",
+        "synth:test",
+    }
+    version = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_model_version_by_alias(
+        "tiny-cpsd", "student"
+    )
+    assert version.tags["cpsd.role"] == "student" and float(version.tags["test_mAP"]) > 0
     client = MlflowClient(uri)
     assert [a.path for a in client.list_artifacts(parents[0].info.run_id)] == [
         "partitions",
@@ -157,5 +175,22 @@ def test_every_mode_on_ray(mode, local_ray, tiny_overrides, tmp_path):
     summary = run_pipeline(cfg, log=lambda _: None)
     reference = run_local(cfg, tmp_path / "ref", log=lambda _: None)
     assert [r["name"] for r in summary.rows] == [r["name"] for r in reference.rows]
-    assert summary.rows[-1]["mAP"] == pytest.approx(reference.rows[-1]["mAP"], abs=1e-9)
+    assert summary.rows[-1]["test_mAP"] == pytest.approx(reference.rows[-1]["test_mAP"], abs=1e-9)
     assert Path(tmp_path / "storage" / "tiny" / "summary" / "summary.png").is_file()
+
+
+def test_device_follows_the_gpus_ray_assigned(local_ray, tiny_config):
+    from mlcore import configlib
+    from mlcore.configlib import ConfigError
+    from workflows.runtime import device_for_task
+
+    def device(cfg, gpus):
+        task = ray.remote(lambda c: device_for_task(c, "probe").train.device)
+        return ray.get(task.options(num_gpus=gpus, num_cpus=0).remote(cfg))
+
+    assert device(tiny_config, 0) == "cpu"  # never a silent share of cuda:0
+    # With a (logical) GPU it would be cuda on a CUDA machine; this one has no CUDA.
+    assert device(tiny_config, 1) == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ray.exceptions.RayTaskError) as err:
+        device(configlib.replace(tiny_config, ["train.device=cuda"]), 0)
+    assert isinstance(err.value.cause, ConfigError) and "requested no GPU" in str(err.value)

@@ -75,7 +75,16 @@ def _runtime_env_json() -> str:
     return json.dumps(env)
 
 
-def _submit(address, tmp_path, tiny_overrides, *overrides, wait=True, submission_id="job"):
+def _submit(
+    address,
+    tmp_path,
+    tiny_overrides,
+    *overrides,
+    wait=True,
+    submission_id="job",
+    module="pipeline",
+    config="tiny",
+):
     sets = [
         *tiny_overrides,
         f"storage_path={tmp_path / 'storage'}",
@@ -86,10 +95,20 @@ def _submit(address, tmp_path, tiny_overrides, *overrides, wait=True, submission
            "--runtime-env-json", _runtime_env_json(), "--submission-id", submission_id]  # fmt: skip
     if not wait:
         cmd.append("--no-wait")
-    cmd += ["--", sys.executable, "-m", "workflows.pipeline", "--config", "tiny"]
+    cmd += ["--", sys.executable, "-m", f"workflows.{module}", "--config", config]
     for s in sets:
         cmd += ["--set", s]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "ray::IDLE" not in Path(
+        f"/proc/{pid}/cmdline"
+    ).read_text(errors="replace")
 
 
 def _runs(tmp_path):
@@ -111,6 +130,8 @@ def test_ray_job_submit_then_job_stop(ray_head, tmp_path, tiny_overrides):
     runs = _runs(tmp_path)
     names = sorted(r.info.run_name for r in runs)
     assert names == [
+        "ensemble-cgp",
+        "ensemble-dgp",
         "student",
         "teacher-cgp-0",
         "teacher-cgp-1",
@@ -134,22 +155,39 @@ def test_ray_job_submit_then_job_stop(ray_head, tmp_path, tiny_overrides):
     assert (tmp_path / "storage" / "tune_db_tiny" / "best_loss.yaml").is_file()
     sweep_runs = [r for r in _runs(tmp_path) if r.info.run_name.startswith("run_trial")]
     assert len(sweep_runs) == 4 and all(r.info.status == "FINISHED" for r in sweep_runs)
-    runs = [r for r in _runs(tmp_path) if r.info.run_name in ("tiny", "tune_db_tiny")]
 
-    # A long job, stopped while teachers train: nothing may be left RUNNING.
+    # A study is a job too: two modes over two seeds, stages shared, intervals written.
+    study = _submit(
+        ray_head, tmp_path, tiny_overrides, "study.grid={cpsd.mode: [baseline, cgpd]}",
+        "study.seeds=[0, 1]", module="study", config="study_cpsd_tiny",
+        submission_id="cpsd-study",
+    )  # fmt: skip
+    assert client.get_job_info("cpsd-study").status == JobStatus.SUCCEEDED, study.stdout[-3000:]
+    assert "| mode=cgpd | 2 |" in client.get_job_logs("cpsd-study")
+    summary = tmp_path / "storage" / "study_cpsd_tiny" / "study" / "study_summary.csv"
+    assert summary.is_file()
+    runs = [r for r in _runs(tmp_path) if r.info.run_name in ("tiny", "tune_db_tiny")]
+    runs += [r for r in _runs(tmp_path) if r.data.tags.get("cpsd.study")]
+
+    # A long job, stopped while teachers and the baseline train: nothing may be left running,
+    # in MLflow or as a process (the baseline used to escape the cancellation).
     _submit(ray_head, tmp_path, tiny_overrides, "name=long", "cpsd.teacher_epochs=50",
-            wait=False, submission_id="cpsd-stop")  # fmt: skip
-    deadline = time.time() + 120
+            "train.epochs=50", "cpsd.train_baseline=true", wait=False,
+            submission_id="cpsd-stop")  # fmt: skip
+    deadline = time.time() + 180
     while time.time() < deadline:
-        running = [
-            r
+        running = {
+            r.info.run_name
             for r in _runs(tmp_path)
-            if r.info.run_name.startswith("teacher") and r.info.status == "RUNNING"
-        ]
-        if running:
+            if r.info.status == "RUNNING" and r.info.start_time > max(x.info.end_time for x in runs)
+        }
+        if "baseline" in running and any(n.startswith("teacher") for n in running):
             break
         time.sleep(0.5)
-    assert running, client.get_job_logs("cpsd-stop")[-3000:]
+    assert "baseline" in running, client.get_job_logs("cpsd-stop")[-3000:]
+    workers = [
+        int(p.read_text()) for p in (tmp_path / "storage" / "long" / "stages").glob("*/worker.pid")
+    ]
     subprocess.run(
         [RAY, "job", "stop", "--address", ray_head, "cpsd-stop"],
         check=True,
@@ -167,7 +205,12 @@ def test_ray_job_submit_then_job_stop(ray_head, tmp_path, tiny_overrides):
     long_runs = [r for r in _runs(tmp_path) if r.info.start_time > last_end]
     statuses = {r.info.run_name: r.info.status for r in long_runs}
     assert statuses.get("long") == "KILLED", statuses
+    assert statuses.get("baseline") == "KILLED", statuses
     assert "RUNNING" not in statuses.values(), statuses
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(pid) for pid in workers):
+        time.sleep(0.5)
+    assert not [pid for pid in workers if _alive(pid)], "a stage kept training after the stop"
     # The interrupted teachers kept their epoch checkpoints.
     assert list((tmp_path / "storage" / "long" / "stages").glob("teacher-*/last.pt"))
 

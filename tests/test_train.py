@@ -77,8 +77,8 @@ def test_non_finite_loss_names_epoch_and_step(tiny_config, tmp_path):
 
 
 def test_supervised_objective_and_checkpoint_is_weights_only(tiny_config, tmp_path):
-    exp = tiny_config
-    result = train_classifier(exp, tmp_path, class_subset=[3, 1], epochs=1, log=lambda _: None)
+    exp = configlib.replace(tiny_config, ["train.epochs=1"])
+    result = train_classifier(exp, tmp_path, class_subset=[3, 1], log=lambda _: None)
     state = torch.load(tmp_path / LAST, weights_only=True)
     assert state["epoch"] == 0
     assert result.val_scores.shape[1] == 2

@@ -223,8 +223,8 @@ def test_word_queries_need_embeddings(tmp_path: Path, tiny_overrides) -> None:
         train_classifier(cfg, tmp_path / "out")
     with pytest.raises(ConfigError, match=r"needs model\.head: ml_decoder with .*queries: word"):
         load_config(config_path("tiny"), ["zsl.unseen_classes=[cat]"])
-    with pytest.raises(ConfigError, match=r"zsl\.eval_split must be held out"):
-        load_config(config_path("zsl_tiny"), ["zsl.eval_split=val"])
+    with pytest.raises(ConfigError, match=r"needs a held-out data\.test_split"):
+        load_config(config_path("zsl_tiny"), ["data.test_split=val"])
     with pytest.raises(ConfigError, match="random_queries > 0 works with loss bce/focal/asl"):
         load_config(config_path("zsl_tiny"), ["loss.name=db"])
 

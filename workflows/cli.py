@@ -8,8 +8,9 @@ prints a traceback for user error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from workflows.config import USER_ERRORS, config_path
@@ -165,6 +166,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = load(args)
     result = train_one(cfg, out_dir=args.out)
     print(f"best val mAP {result.best_metrics['val_mAP']:.4f} at epoch {result.best_epoch + 1}")
+    print(f"outputs in {result.out_dir}")
 
 
 def cmd_partition(args: argparse.Namespace) -> None:
@@ -196,9 +198,13 @@ def cmd_partition(args: argparse.Namespace) -> None:
 
 def cmd_run_local(args: argparse.Namespace) -> None:
     from mlcore.cpsd import run_local
+    from mlcore.experiment import training_fingerprint
+    from mlcore.fingerprint import config_content, stable_hash
 
     cfg = load(args)
-    out = Path(args.out) if args.out else Path(cfg.storage_path) / cfg.name / "local"
+    # Keyed by data and every ML setting: another config never resumes this one's checkpoints.
+    key = stable_hash(training_fingerprint(cfg), config_content(cfg.cpsd))
+    out = Path(args.out) if args.out else Path(cfg.storage_path) / cfg.name / f"local-{key}"
     summary = run_local(cfg, out)
     print(summary.markdown())
     print(f"outputs in {out}")
@@ -227,11 +233,165 @@ def cmd_tune(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from workflows.study import main as study_main
+
+    return study_main(_forward(args, []))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from workflows.pipeline import main as pipeline_main
 
     print("cpsd demo: generated benchmark data -> CPSD pipeline on a local Ray instance")
     return pipeline_main(_forward(args, []))
+
+
+# ---------------------------------------------------------------------------------------------
+# using a trained model
+
+
+@contextlib.contextmanager
+def _model_errors() -> Iterator[None]:
+    """Model, thresholds and export errors are the user's input: one line, exit 2."""
+    from mlcore.bundle import BundleError
+    from mlcore.evaluation import ThresholdsError
+    from mlcore.export import ExportError
+
+    try:
+        yield
+    except (BundleError, ThresholdsError, ExportError) as err:
+        raise UsageError(str(err)) from err
+
+
+def _tracking_uri(args: argparse.Namespace) -> str:
+    from workflows.config import MlflowConfig
+    from workflows.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(MlflowConfig(tracking_uri=args.tracking_uri))
+
+
+def _load_model(args: argparse.Namespace):
+    from mlcore.bundle import Classifier, load_bundle
+    from workflows.mlflow_model import open_bundle
+
+    with open_bundle(args.model, _tracking_uri(args)) as path:
+        return Classifier(load_bundle(path), args.device)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from workflows.model_commands import (
+        OUTPUT_SUFFIXES,
+        collect_images,
+        decision_from_args,
+        manifest_inputs,
+        run_predict,
+    )
+
+    if (args.manifest is None) == (not args.images):
+        raise UsageError("give either --images PATH... ('-': paths on stdin) or --manifest DIR")
+    if Path(args.out).suffix.lower() not in OUTPUT_SUFFIXES:
+        raise UsageError(f"--out must end in .jsonl or .csv, got {args.out!r}")
+    with _model_errors():
+        classifier = _load_model(args)
+        decision = decision_from_args(
+            classifier.bundle, args.threshold, args.thresholds, args.top_k
+        )
+    if args.manifest is not None:
+        inputs = manifest_inputs(args.manifest, args.split)
+    else:
+        inputs = collect_images(args.images)
+    print(
+        f"labelling {len(inputs.sources)} images ({len(classifier.class_names)} classes) on "
+        f"{classifier.device}",
+        file=sys.stderr,
+    )
+    summary = run_predict(
+        classifier,
+        inputs,
+        args.out,
+        decision,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        report=lambda line: print(line, file=sys.stderr),
+    )
+    print(summary.line())
+    # Exit 1 tells scripts that inputs were skipped; the output holds every other image.
+    return 1 if summary.skipped else 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from workflows.model_commands import format_report, run_evaluate
+
+    with _model_errors():
+        classifier = _load_model(args)
+        files = run_evaluate(
+            classifier,
+            args.out,
+            manifest_dir=args.manifest,
+            split=args.split,
+            threshold=args.threshold,
+            thresholds_file=args.thresholds,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+        )
+    print(f"{args.split}, {len(classifier.class_names)} classes, threshold {args.threshold}:")
+    print(format_report(files.report))
+    for path in files.paths():
+        print(f"wrote {path}")
+    print(
+        "thresholds.json: per-class F1-maximising thresholds fitted on this split; use them on "
+        "other splits (predict/evaluate --thresholds), never to report this one"
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mlcore.export import export_bundle
+
+    with _model_errors():
+        bundle = _load_model(args).bundle
+        result = export_bundle(bundle, args.format, args.out, atol=args.atol)
+    print(
+        f"wrote {result.path} ({result.format}, dynamic batch axis); parity with eager PyTorch "
+        f"at batch sizes {list(result.batch_sizes)}: max abs diff {result.max_abs_diff:.3g} "
+        f"<= {result.atol:g}"
+    )
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text}")
+    return value
+
+
+MODEL_HELP = (
+    "a model bundle file, a training output directory (cpsd train --out, a pipeline stage), "
+    "runs:/<run_id>/model, or models:/<name>/<version or alias>"
+)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow store for runs:/ and models:/ (default: MLFLOW_TRACKING_URI, else "
+        "sqlite:///./mlflow.db)",
+    )
+
+
+def _add_inference_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="image decoding processes")
+    p.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cpu, cuda, cuda:N")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--num-classes", type=int, default=20)
     synth.add_argument("--num-train", type=int, default=1600)
     synth.add_argument("--num-val", type=int, default=400)
-    synth.add_argument("--num-test", type=int, default=0, help="images of an i.i.d. test split")
+    synth.add_argument(
+        "--num-test", type=int, default=400, help="held-out test images (0: no test split)"
+    )
     synth.add_argument("--image-size", type=int, default=64)
     synth.add_argument("--num-topics", type=int, default=5)
     synth.add_argument("--mean-objects", type=float, default=2.5)
@@ -343,7 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     # train ------------------------------------------------------------------------------------
     train = sub.add_parser("train", help="train one model (the baseline) from a config")
     _add_config_args(train, default="tiny")
-    train.add_argument("--out", help="output directory (default: STORAGE/NAME/train)")
+    train.add_argument(
+        "--out", help="output directory (default: STORAGE/NAME/train-<config fingerprint>)"
+    )
     train.set_defaults(func=cmd_train)
 
     part = sub.add_parser("partition", help="CGP/DGP/random label partition of a dataset")
@@ -360,7 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
         "run-local", help="the whole CPSD algorithm in one process, no Ray (the reference run)"
     )
     _add_config_args(local, default="tiny")
-    local.add_argument("--out", help="output directory (default: STORAGE/NAME/local)")
+    local.add_argument(
+        "--out", help="output directory (default: STORAGE/NAME/local-<config fingerprint>)"
+    )
     local.set_defaults(func=cmd_run_local)
 
     pipe = sub.add_parser(
@@ -374,6 +540,58 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     tune.add_argument("--out", help="where best_loss.yaml, results.csv and sweep.png go")
     tune.set_defaults(func=cmd_tune)
+
+    study = sub.add_parser(
+        "study", help="an ablation grid over seeds on Ray (= python -m workflows.study)"
+    )
+    _add_config_args(study, default="study_cpsd_tiny")
+    study.set_defaults(func=cmd_study)
+
+    # using a trained model -------------------------------------------------------------------
+    pred = sub.add_parser("predict", help="label images with a trained model")
+    _add_model_args(pred)
+    pred.add_argument(
+        "--images",
+        nargs="+",
+        metavar="PATH",
+        help="image files or directories (searched recursively); '-' reads paths from stdin",
+    )
+    pred.add_argument("--manifest", metavar="DIR", help="label a dataset split instead")
+    pred.add_argument("--split", default="test", help="split of --manifest (default: test)")
+    pred.add_argument("--out", required=True, help="output file: .jsonl or .csv")
+    rule = pred.add_mutually_exclusive_group()
+    rule.add_argument("--threshold", type=_probability, default=0.5, help="global (default 0.5)")
+    rule.add_argument("--thresholds", metavar="FILE", help="per-class thresholds (cpsd evaluate)")
+    rule.add_argument("--top-k", type=_positive_int, help="the k most likely classes per image")
+    _add_inference_args(pred)
+    pred.set_defaults(func=cmd_predict)
+
+    evaluate = sub.add_parser(
+        "evaluate", help="report, per-class table, PR curves, threshold sweep, thresholds"
+    )
+    _add_model_args(evaluate)
+    evaluate.add_argument(
+        "--manifest", metavar="DIR", help="dataset (default: the one the model was trained on)"
+    )
+    evaluate.add_argument("--split", default="val", help="split to evaluate (default: val)")
+    evaluate.add_argument("--out", required=True, help="output directory")
+    evaluate.add_argument("--threshold", type=_probability, default=0.5, help="global threshold")
+    evaluate.add_argument(
+        "--thresholds",
+        metavar="FILE",
+        help="also report CP..OF1 with per-class thresholds chosen on another split",
+    )
+    _add_inference_args(evaluate)
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    export = sub.add_parser("export", help="ONNX or TorchScript, with a parity check")
+    _add_model_args(export)
+    export.add_argument("--format", choices=["onnx", "torchscript"], required=True)
+    export.add_argument("--out", required=True, help="output file")
+    export.add_argument(
+        "--atol", type=float, default=1e-4, help="parity tolerance on the logits (default 1e-4)"
+    )
+    export.set_defaults(func=cmd_export, device="cpu")
 
     demo = sub.add_parser(
         "demo", help="generate the benchmark data and run the full CPSD pipeline (default job)"

@@ -18,6 +18,7 @@ from mlcore import configlib
 from mlcore.config import UNSEEN_FROM_MANIFEST, ExperimentConfig
 from mlcore.configlib import ConfigError
 from mlcore.data.manifest import ManifestError
+from mlcore.train import ResumeMismatchError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -27,7 +28,13 @@ class TrackingUnavailable(RuntimeError):
 
 
 # What a command reports as one line and exit code 2: the user's config, data or setup.
-USER_ERRORS = (ConfigError, ManifestError, TrackingUnavailable, FileNotFoundError)
+USER_ERRORS = (
+    ConfigError,
+    ManifestError,
+    TrackingUnavailable,
+    FileNotFoundError,
+    ResumeMismatchError,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,6 +72,18 @@ class MlflowConfig:
     """MLflow experiment name."""
     log_checkpoints: bool = True
     """Upload each run's best checkpoint as an artifact."""
+    log_models: bool = True
+    """Log each trained model as an MLflow model (PyTorch flavour + an image pyfunc; see
+    ``workflows.mlflow_model``), linked to its run at the best epoch."""
+    registered_model: str | None = None
+    """Register trained models in the Model Registry under this name, with an alias per role
+    (``models:/<name>@train``, ``@student``, ``@baseline``); None: do not register."""
+
+    def __post_init__(self) -> None:
+        if self.registered_model is not None and not self.registered_model.strip():
+            raise ConfigError("mlflow.registered_model must be a non-empty name or null")
+        if self.registered_model is not None and not self.log_models:
+            raise ConfigError("mlflow.registered_model needs mlflow.log_models: true")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,6 +136,39 @@ class SweepConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class StudyConfig:
+    """An ablation study: a grid of pipeline variants, each run over seeds (``cpsd study``)."""
+
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    """Dotted config key -> the values to try, e.g. ``cpsd.mode: [baseline, cgpd, cpsd]``;
+    the variants are every combination of the keys' values."""
+    variants: tuple[dict[str, Any], ...] = ()
+    """Explicit variants, each a mapping of dotted keys to values, for combinations a grid
+    cannot express (``{loss.name: db, data.class_aware_sampling: true}``); crossed with
+    ``grid`` when both are set."""
+    reference: str | None = None
+    """Variant the others are compared with, paired by seed (e.g. ``loss=bce``); None: each
+    variant's own baseline (the plain model trained with the same seed)."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """Each variant runs once per seed; a seed sets ``train.seed`` and ``cpsd.partition_seed``
+    (and the generated data's seed with ``vary_data_seed``)."""
+    vary_data_seed: bool = False
+    """Also set ``data.synth.seed`` per seed (a fresh generated dataset per seed)."""
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ConfigError("study.seeds must list at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"study.seeds repeats a seed: {list(self.seeds)}")
+        for key, values in self.grid.items():
+            if not isinstance(values, list | tuple) or not values:
+                raise ConfigError(f"study.grid.{key}: needs a non-empty list of values")
+        for i, variant in enumerate(self.variants):
+            if not variant:
+                raise ConfigError(f"study.variants[{i}]: an empty variant")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config(ExperimentConfig):
     """Top-level config: the ML sections plus where and how the workflows run.
 
@@ -130,6 +182,8 @@ class Config(ExperimentConfig):
     """Tracking."""
     tune: SweepConfig = field(default_factory=SweepConfig)
     """Sweep definition (``workflows.tune``)."""
+    study: StudyConfig = field(default_factory=StudyConfig)
+    """Ablation grid over seeds (``workflows.study``)."""
 
 
 def _is_uri(path: str) -> bool:
@@ -192,6 +246,7 @@ __all__ = [
     "ConfigError",
     "MlflowConfig",
     "RayConfig",
+    "StudyConfig",
     "SweepConfig",
     "TrackingUnavailable",
     "config_path",

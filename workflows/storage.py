@@ -92,9 +92,13 @@ class Storage:
 
 class WorkDir:
     """A local working directory for a stage: the stage dir itself on local storage, else a
-    temporary directory primed from (and synced back to) the remote stage dir."""
+    temporary directory primed from (and synced back to) the remote stage dir.
 
-    def __init__(self, storage: Storage, rel: str):
+    ``files`` primes only those files of the stage dir (the rest stays remote; syncing back
+    adds and replaces files, never deletes).
+    """
+
+    def __init__(self, storage: Storage, rel: str, files: list[str] | None = None):
         self.storage, self.rel = storage, rel
         if storage.is_local:
             self.path = Path(storage.path(rel))
@@ -103,7 +107,11 @@ class WorkDir:
         else:
             self._tmp = tempfile.mkdtemp(prefix="cpsd-stage-")
             self.path = Path(self._tmp)
-            if storage.exists(rel):
+            if files is not None:
+                for name in files:
+                    if storage.exists(f"{rel}/{name}"):
+                        storage.download(f"{rel}/{name}", self.path / name)
+            elif storage.exists(rel):
                 storage.download(rel, self.path)
 
     def sync(self) -> None:

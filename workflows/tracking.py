@@ -10,31 +10,54 @@ Metric names are the same on every run (``val_mAP``, ``val_CF1``, ``val_OF1``, `
 ...), with the epoch as step, so MLflow's compare view lines teachers and student up. MLflow
 refuses ``@`` in a metric name, so the zero-shot ``zsl_F1@3`` is logged as ``zsl_F1_at_3``
 (:func:`mlflow_metric_name`); files keep the ``@`` names.
+
+Training never waits on tracking. A :class:`RunLogger` whose server is unreachable keeps the
+metrics, tags and artifacts it could not send, warns once, and sends them, in order, on a later
+call once the server answers again; at the end of a stage it retries for
+``FLUSH_TIMEOUT_S`` and then writes what is still unsent to ``unsent-mlflow.json`` in the
+stage folder, so nothing is lost. MLflow's own HTTP retries (minutes of back-off per call) are
+turned down for that reason. A stage's run is found by its ``cpsd.key`` tag anywhere in the
+experiment, so a driver restarted after a crash continues the run of each unfinished stage
+instead of opening a second one, and finishes it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import json
 import math
 import os
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
 
 from mlcore import configlib
 from workflows.config import MlflowConfig, TrackingUnavailable
 
 PARENT_TAG = "mlflow.parentRunId"
 KEY_TAG = "cpsd.key"
+REUSE_TAG = "cpsd.reuse_of"
 MAX_PARAM_LENGTH = 6000  # MLflow 3 limit on a param value
+FLUSH_TIMEOUT_S = 60.0  # how long a finishing stage retries an unreachable server
+RETRY_INTERVAL_S = 5.0  # between attempts to send what is buffered
+UNSENT_FILE = "unsent-mlflow.json"
+
+# One attempt per call, short timeout: RunLogger buffers and retries instead, so an outage
+# costs training a few seconds once, not minutes per epoch.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
 def resolve_tracking_uri(cfg: MlflowConfig, cwd: str | os.PathLike | None = None) -> str:
@@ -125,38 +148,71 @@ class Tracker:
     def client(self) -> MlflowClient:
         return MlflowClient(self.uri)
 
-    def find_child(self, key: str) -> str | None:
+    def find_run(self, key: str) -> Run | None:
+        """The stage run tagged ``key`` anywhere in the experiment (any parent, any status)."""
         runs = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' "
-            f"and tags.`{KEY_TAG}` = '{key}'",
-            max_results=1,
+            [self.experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'", max_results=1
         )
-        return runs[0].info.run_id if runs else None
+        return runs[0] if runs else None
 
     def start_child(self, key: str, name: str, params: Mapping[str, Any] | None = None) -> str:
-        """Create the child run ``name``, or resume it when a previous attempt made it."""
+        """Create the stage run ``name``, or continue the one an earlier attempt made.
+
+        An earlier attempt may belong to this job (a retried Ray task) or to a driver that was
+        killed: its run is moved under this job's parent and continued; a parent it leaves
+        RUNNING (its driver is gone) is marked KILLED.
+        """
         client = self.client
-        run_id = self.find_child(key)
-        if run_id is None:
+        found = self.find_run(key)
+        if found is None:
             tags = {KEY_TAG: key}
             if self.parent_run_id:
                 tags[PARENT_TAG] = self.parent_run_id
             run_id = client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
             if params:
                 log_params(client, run_id, params)
-        else:
-            client.update_run(run_id, status="RUNNING")
-            client.set_tag(run_id, "cpsd.resumed", "true")
+            return run_id
+        run_id = found.info.run_id
+        old_parent = found.data.tags.get(PARENT_TAG)
+        if self.parent_run_id and old_parent != self.parent_run_id:
+            if old_parent:
+                with contextlib.suppress(MlflowException):
+                    if client.get_run(old_parent).info.status == "RUNNING":
+                        client.set_terminated(old_parent, status="KILLED")
+            client.set_tag(run_id, PARENT_TAG, self.parent_run_id)
+        client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, "cpsd.resumed", "true")
+        return run_id
+
+    def start_reuse_marker(self, key: str, name: str, params: Mapping[str, Any] | None) -> str:
+        """A run of this job standing for a finished stage it reuses (tag ``cpsd.reuse_of``)."""
+        tags = {REUSE_TAG: key}
+        if self.parent_run_id:
+            tags[PARENT_TAG] = self.parent_run_id
+        run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        if params:
+            log_params(self.client, run_id, params)
         return run_id
 
     @contextlib.contextmanager
     def child(
-        self, key: str, name: str, params: Mapping[str, Any] | None = None
+        self,
+        key: str,
+        name: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        reused: bool = False,
+        spill_dir: str | os.PathLike | None = None,
     ) -> Iterator[RunLogger]:
-        """A child run that ends FINISHED, FAILED or KILLED whatever happens inside."""
-        run_id = self.start_child(key, name, params)
-        with _terminating(self.client, run_id) as logger:
+        """A child run that ends FINISHED, FAILED or KILLED whatever happens inside.
+
+        Everything, the run's creation included, goes through the logger's buffer: a stage
+        that starts while the server is down trains anyway and creates its run once the
+        server answers (``spill_dir``: where unsent records go if it never does).
+        """
+        start = self.start_reuse_marker if reused else self.start_child
+        create = functools.partial(start, key, name, params)
+        with _terminating(self.client, None, spill_dir, create=create) as logger:
             yield logger
 
     def kill_running_children(self) -> int:
@@ -177,12 +233,82 @@ def mlflow_metric_name(name: str) -> str:
     return name.replace("@", "_at_")
 
 
-@dataclass(frozen=True)
 class RunLogger:
-    """Logs to one run id."""
+    """Logs to one run id; buffers what an unreachable server cannot take (module docstring).
 
-    client: MlflowClient
-    run_id: str
+    Args:
+        client: The tracking client.
+        run_id: The run, or None with ``create``.
+        spill_dir: Folder for ``unsent-mlflow.json`` if :meth:`flush` gives up.
+        warn: Where the one-line outage warnings go.
+        create: Creates the run and returns its id; queued first, so the run is created as
+            soon as the server answers.
+    """
+
+    def __init__(
+        self,
+        client: MlflowClient,
+        run_id: str | None,
+        spill_dir: str | os.PathLike | None = None,
+        warn: Callable[[str], None] | None = None,
+        create: Callable[[], str] | None = None,
+    ):
+        if run_id is None and create is None:
+            raise ValueError("RunLogger needs a run id or a way to create the run")
+        self.client = client
+        self.run_id = run_id
+        self.spill_dir = None if spill_dir is None else Path(spill_dir)
+        self._warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
+        self._pending: list[tuple[str, dict[str, Any]]] = []
+        self._last_attempt = -math.inf
+        self._create = create
+        if run_id is None:
+            self._submit("create", {})
+
+    @property
+    def pending(self) -> int:
+        """Records waiting for the server."""
+        return len(self._pending)
+
+    def _send(self, kind: str, payload: dict[str, Any]) -> None:
+        if kind == "create":
+            self.run_id = self._create()
+        elif kind == "batch":
+            self.client.log_batch(self.run_id, **payload)
+        elif kind == "artifact":
+            self.client.log_artifact(self.run_id, payload["path"], payload["artifact_path"])
+        elif kind == "terminate":
+            self.client.set_terminated(self.run_id, status=payload["status"])
+
+    def _drain(self) -> bool:
+        """Send buffered records in order; False at the first failure (kept for later)."""
+        self._last_attempt = time.monotonic()
+        while self._pending:
+            kind, payload = self._pending[0]
+            try:
+                self._send(kind, payload)
+            except Exception:  # any failure to reach the store means "send later"
+                return False
+            self._pending.pop(0)
+        return True
+
+    def _submit(self, kind: str, payload: dict[str, Any]) -> None:
+        backlog = len(self._pending)
+        self._pending.append((kind, payload))
+        if backlog and time.monotonic() - self._last_attempt < RETRY_INTERVAL_S:
+            return  # an outage: keep buffering, try again on a later call
+        if self._drain():
+            if backlog:
+                self._warn(f"MLflow run {self.run_id}: server reachable again, backlog sent")
+        elif not backlog:
+            self._warn(
+                f"MLflow run {self.run_id}: tracking server unreachable; buffering and retrying "
+                f"every {RETRY_INTERVAL_S:.0f}s (training continues)"
+            )
+
+    def send_backlog(self) -> bool:
+        """Try once to send what is buffered; True when nothing is left (the server answers)."""
+        return self._drain()
 
     def metrics(self, values: Mapping[str, float], step: int) -> None:
         now = int(time.time() * 1000)
@@ -192,16 +318,64 @@ class RunLogger:
             if isinstance(v, int | float) and math.isfinite(v)
         ]
         if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
+            self._submit("batch", {"metrics": batch})
 
     def params(self, values: Mapping[str, Any]) -> None:
-        log_params(self.client, self.run_id, values)
+        items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in values.items()]
+        for start in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+            self._submit("batch", {"params": items[start : start + 100]})
 
     def tags(self, values: Mapping[str, Any]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in values.items()])
+        self._submit("batch", {"tags": [RunTag(k, str(v)) for k, v in values.items()]})
 
     def artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self._submit("artifact", {"path": str(path), "artifact_path": artifact_path})
+
+    def finish(self, status: str) -> None:
+        """End the run with ``status`` after sending the backlog (see :meth:`flush`)."""
+        self._pending.append(("terminate", {"status": status}))
+        self.flush()
+
+    def flush(self, timeout: float = FLUSH_TIMEOUT_S) -> bool:
+        """Send the backlog, retrying for ``timeout`` s; then spill what is left to a file.
+
+        Returns:
+            True when everything reached the server.
+        """
+        deadline = time.monotonic() + timeout
+        while not self._drain():
+            if time.monotonic() >= deadline:
+                self._spill()
+                return False
+            time.sleep(min(RETRY_INTERVAL_S, max(0.0, deadline - time.monotonic())))
+        return True
+
+    def _spill(self) -> None:
+        records = [{"kind": k, **_plain(p)} for k, p in self._pending]
+        where = "nowhere (no stage folder)"
+        if self.spill_dir is not None:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            target = self.spill_dir / UNSENT_FILE
+            target.write_text(json.dumps({"run_id": self.run_id, "records": records}, indent=1))
+            where = str(target)
+        self._warn(
+            f"MLflow run {self.run_id}: server still unreachable after {FLUSH_TIMEOUT_S:.0f}s; "
+            f"{len(records)} unsent records written to {where}"
+        )
+
+
+def _plain(payload: dict[str, Any]) -> dict[str, Any]:
+    """A buffered record as JSON-able data."""
+    out: dict[str, Any] = {}
+    for key, value in payload.items():
+        if isinstance(value, list):
+            out[key] = [
+                {"key": v.key, "value": v.value, **({"step": v.step} if key == "metrics" else {})}
+                for v in value
+            ]
+        else:
+            out[key] = value
+    return out
 
 
 def log_params(client: MlflowClient, run_id: str, values: Mapping[str, Any]) -> None:
@@ -211,10 +385,21 @@ def log_params(client: MlflowClient, run_id: str, values: Mapping[str, Any]) -> 
 
 
 @contextlib.contextmanager
-def _terminating(client: MlflowClient, run_id: str) -> Iterator[RunLogger]:
+def _terminating(
+    client: MlflowClient,
+    run_id: str | None,
+    spill_dir: str | os.PathLike | None = None,
+    create: Callable[[], str] | None = None,
+) -> Iterator[RunLogger]:
+    """Yield a logger; end its run FINISHED, FAILED or KILLED whatever happens inside.
+
+    Ending the run goes through the logger's buffer, so an unreachable server at that moment
+    neither hides the exception that is propagating nor fails a run that succeeded.
+    """
+    logger = RunLogger(client, run_id, spill_dir, create=create)
     status = RunStatus.to_string(RunStatus.FAILED)
     try:
-        yield RunLogger(client, run_id)
+        yield logger
         status = RunStatus.to_string(RunStatus.FINISHED)
     except KeyboardInterrupt:
         status = RunStatus.to_string(RunStatus.KILLED)
@@ -225,11 +410,15 @@ def _terminating(client: MlflowClient, run_id: str) -> Iterator[RunLogger]:
             status = RunStatus.to_string(RunStatus.FINISHED)
         raise
     finally:
-        client.set_terminated(run_id, status=status)
+        logger.finish(status)
 
 
 def start_parent(
-    cfg: MlflowConfig, name: str, params: Mapping[str, Any], tags: Mapping[str, str]
+    cfg: MlflowConfig,
+    name: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str],
+    spill_dir: str | os.PathLike | None = None,
 ) -> tuple[Tracker, RunLogger]:
     """Check the store, create the job's parent run; returns the tracker for children."""
     uri = resolve_tracking_uri(cfg)
@@ -241,20 +430,28 @@ def start_parent(
     except Exception as err:
         raise TrackingUnavailable(f"MLflow at {uri} failed: {err}") from err
     log_params(client, run.info.run_id, params)
-    return Tracker(uri, exp, run.info.run_id), RunLogger(client, run.info.run_id)
+    return Tracker(uri, exp, run.info.run_id), RunLogger(client, run.info.run_id, spill_dir)
 
 
 @contextlib.contextmanager
 def parent_run(
-    cfg: MlflowConfig, name: str, params: Mapping[str, Any], tags: Mapping[str, str]
+    cfg: MlflowConfig,
+    name: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str],
+    spill_dir: str | os.PathLike | None = None,
 ) -> Iterator[tuple[Tracker, RunLogger]]:
-    """The job's parent run; on any exit, children left RUNNING are marked KILLED."""
+    """The job's parent run; on any exit, children left RUNNING are marked KILLED.
+
+    ``spill_dir``: where the parent's unsent records go if the server never comes back.
+    """
     tracker, logger = start_parent(cfg, name, params, tags)
     try:
-        with _terminating(logger.client, logger.run_id):
-            yield tracker, logger
+        with _terminating(logger.client, logger.run_id, spill_dir) as buffered:
+            yield tracker, buffered
     finally:
-        tracker.kill_running_children()
+        with contextlib.suppress(Exception):  # never hide the job's own outcome
+            tracker.kill_running_children()
 
 
 class NullRunLogger:
@@ -276,9 +473,228 @@ class NullRunLogger:
 
 
 def child_run(
-    tracker: Tracker | None, key: str, name: str, params: Mapping[str, Any] | None = None
+    tracker: Tracker | None,
+    key: str,
+    name: str,
+    params: Mapping[str, Any] | None = None,
+    *,
+    reused: bool = False,
+    spill_dir: str | os.PathLike | None = None,
 ) -> contextlib.AbstractContextManager[RunLogger | NullRunLogger]:
     """``tracker.child(...)``, or a no-op logger when tracking is off."""
     if tracker is None:
         return contextlib.nullcontext(NullRunLogger())
-    return tracker.child(key, name, params)
+    return tracker.child(key, name, params, reused=reused, spill_dir=spill_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the MLflow UI shows: descriptions, roles, final keys, data, source, links
+
+ROLE_TAG = "cpsd.role"
+NOTE_TAG = "mlflow.note.content"
+# MLflow 3 opens an experiment on its GenAI overview unless the experiment says otherwise.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+ROLES = ("teacher", "ensemble", "student", "baseline", "train", "trial")
+FINAL_KEYS = (
+    "best_val_mAP",
+    "best_epoch",
+    "test_mAP",
+    "test_CF1",
+    "test_OF1",
+    "shift_mAP",
+    "num_classes_evaluated",
+)
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default
+
+
+def source_tags(entry_point: str) -> dict[str, str]:
+    """The tags that fill MLflow's Source column and its git link."""
+    return {
+        "mlflow.source.git.commit": git_commit(),
+        "mlflow.source.name": entry_point,
+        "mlflow.source.type": "LOCAL",
+    }
+
+
+def describe_run(client: MlflowClient, run_id: str, *, role: str, description: str) -> None:
+    """Set a run's description (``mlflow.note.content``) and its ``cpsd.role`` tag.
+
+    The description should say what the run's numbers cover, e.g. "teacher: 4 of 20 classes".
+    """
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; choose from {ROLES}")
+    client.log_batch(run_id, tags=[RunTag(ROLE_TAG, role), RunTag(NOTE_TAG, description)])
+
+
+def describe_experiment(
+    client: MlflowClient, experiment_id: str, description: str | None = None
+) -> None:
+    """Make the UI open the experiment on its training runs; set its description if given.
+
+    MLflow 3.17 opens experiments on the GenAI overview unless ``mlflow.experimentKind`` says
+    the experiment is model training.
+    """
+    client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    if description is not None:
+        client.set_experiment_tag(experiment_id, NOTE_TAG, description)
+
+
+def final_metrics(
+    *,
+    best_val_mAP: float,
+    best_epoch: int,
+    num_classes_evaluated: int,
+    test_mAP: float | None = None,
+    test_CF1: float | None = None,
+    test_OF1: float | None = None,
+    shift_mAP: float | None = None,
+) -> dict[str, float]:
+    """The keys every run ends with, so one column compares teachers, students and baselines.
+
+    ``num_classes_evaluated`` is how many classes the mAPs average over (a teacher's subset);
+    ``test_*``/``shift_mAP`` are left out when the dataset has no such split.
+    """
+    values = {
+        "best_val_mAP": best_val_mAP,
+        "best_epoch": best_epoch,
+        "num_classes_evaluated": num_classes_evaluated,
+        "test_mAP": test_mAP,
+        "test_CF1": test_CF1,
+        "test_OF1": test_OF1,
+        "shift_mAP": shift_mAP,
+    }
+    return {k: float(v) for k, v in values.items() if v is not None}
+
+
+def log_final_metrics(
+    client: MlflowClient,
+    run_id: str,
+    values: Mapping[str, float],
+    *,
+    step: int,
+    model_id: str | None = None,
+) -> None:
+    """Log :func:`final_metrics` at ``step`` (the best epoch, which a logged model links to)."""
+    unknown = set(values) - set(FINAL_KEYS)
+    if unknown:
+        raise ValueError(f"not final keys: {sorted(unknown)} (final keys: {FINAL_KEYS})")
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), now, step, model_id=model_id) for k, v in values.items()],
+    )
+
+
+def log_dataset_input(
+    client: MlflowClient, run_id: str, dataset_root: str | os.PathLike, split: str, *, context: str
+) -> None:
+    """Record one split of a manifest dataset as an input of the run (the Dataset column).
+
+    The dataset is named ``<name>:<split>`` and identified by the manifest's digest; its profile
+    holds the split's size and class count.
+
+    Args:
+        client: Client of the run's tracking store.
+        run_id: The run.
+        dataset_root: Directory holding ``manifest.parquet``.
+        split: Split name.
+        context: What the run did with it: ``training``, ``validation`` or ``test``.
+    """
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from mlcore.data.manifest import Manifest, manifest_digest
+
+    manifest = Manifest.load(dataset_root, with_bytes=False)
+    size = int(manifest.split_rows(split).size)
+    root = Path(dataset_root).resolve()
+    dataset = Dataset(
+        name=f"{manifest.info.name}:{split}",
+        digest=manifest_digest(root),
+        source_type="local",
+        source=json.dumps({"uri": root.as_uri()}),
+        profile=json.dumps({"split": split, "num_rows": size, "num_classes": manifest.num_classes}),
+    )
+    tags = [InputTag("mlflow.data.context", context), InputTag("cpsd.split", split)]
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
+
+
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # where the MLflow UI looks up a shared view
+
+
+def share_runs_view(
+    client: MlflowClient,
+    experiment_id: str,
+    *,
+    group_by_tag: str = ROLE_TAG,
+    metrics: tuple[str, ...] = FINAL_KEYS,
+) -> str:
+    """Save a runs-table view in the experiment: grouped by ``cpsd.role``, final keys shown.
+
+    The MLflow UI opens a runs page whose URL carries ``viewStateShareKey=<key>`` with the view
+    stored in the experiment tag ``mlflow.sharedViewState.<key>`` (what its Share button
+    writes). The key hashes the view, so sharing the same view again reuses it.
+
+    Returns:
+        The share key for :func:`runs_page_link`.
+    """
+    columns = [f"metrics.`{m}`" for m in metrics] + [
+        "attributes.`Models`",
+        "attributes.`Dataset`",
+        "attributes.`Source`",
+    ]
+    view = {
+        "searchFilter": "",
+        "orderByKey": "attributes.start_time",
+        "orderByAsc": False,
+        "startTime": "ALL",
+        "lifecycleFilter": "Active",
+        "datasetsFilter": [],
+        "modelVersionFilter": "All Runs",
+        "selectedColumns": columns,
+        # The final keys first: without an order the table appends metrics after every
+        # attribute column, off screen.
+        "columnOrder": columns,
+        "groupBy": {
+            "aggregateFunction": "average",
+            "groupByKeys": [{"mode": "tag", "groupByData": group_by_tag}],
+        },
+    }
+    text = json.dumps(view, sort_keys=True)
+    key = "cpsd-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+    client.set_experiment_tag(experiment_id, VIEW_TAG_PREFIX + key, text)
+    return key
+
+
+def runs_page_link(
+    tracking_uri: str, experiment_id: str, ui_url: str | None = None, view: str | None = None
+) -> str:
+    """Deep link to the experiment's runs in model-training mode (optionally a shared view).
+
+    A server URI links to that server; a local store links to ``ui_url`` (default
+    ``mlflow ui``'s http://127.0.0.1:5000). ``view`` is a key from :func:`share_runs_view`.
+    """
+    base = tracking_uri if tracking_uri.startswith(("http://", "https://")) else ui_url
+    base = (base or LOCAL_UI).rstrip("/")
+    link = f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return link + (f"&viewStateShareKey={view}" if view else "")
+
+
+def final_metrics_of(
+    best_val_mAP: float,
+    best_epoch: int | None,
+    classes: int,
+    held_out: Mapping[str, Mapping[str, float] | None],
+) -> dict[str, float]:
+    """:func:`final_metrics` from a validation mAP and ``mlcore.cpsd.evaluate_model`` reports."""
+    test = held_out.get("test") or {}
+    shift = held_out.get("shift") or {}
+    return final_metrics(
+        best_val_mAP=best_val_mAP,
+        best_epoch=-1 if best_epoch is None else best_epoch,
+        num_classes_evaluated=classes,
+        test_mAP=test.get("mAP"),
+        test_CF1=test.get("CF1"),
+        test_OF1=test.get("OF1"),
+        shift_mAP=shift.get("mAP"),
+    )

@@ -33,7 +33,7 @@ from mlcore import configlib
 from mlcore.configlib import ConfigError
 from mlcore.experiment import resolve_dataset, train_classifier
 from workflows.config import USER_ERRORS, Config, SweepConfig, config_path, load_config
-from workflows.runtime import init_ray
+from workflows.runtime import device_for_task, init_ray
 from workflows.storage import Storage
 from workflows.tracking import (
     RunLogger,
@@ -154,7 +154,7 @@ def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
     from ray import tune
 
     trial = tune.get_context()
-    cfg = apply_params(ctx.cfg, params)
+    cfg = device_for_task(apply_params(ctx.cfg, params), f"trial {trial.get_trial_id()}")
     # Inside Tune's local trial dir (artifact sync is off): Tune may end the trial's process
     # right after its last report, and the Ray session owns and removes that directory.
     work = Path(trial.get_trial_dir()) / "run"
@@ -391,8 +391,9 @@ def _finish(cfg, results, parsed, tracker, parent, storage, out_dir) -> SweepOut
         }
         table.append(row)
         if tracker is not None and row["trial_id"]:
-            run_id = tracker.find_child(row["trial_id"])
-            if run_id is not None:
+            found = tracker.find_run(row["trial_id"])
+            if found is not None:
+                run_id = found.info.run_id
                 client = tracker.client
                 client.set_tag(run_id, "tune.status", "ERROR" if row["error"] else "TERMINATED")
                 client.set_tag(run_id, "tune.early_stopped", str(row["early_stopped"]).lower())

@@ -24,19 +24,38 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def eval_transform(
+    size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> v2.Compose:
+    """PIL image -> normalised float tensor (3, size, size): what validation and inference see.
+
+    Model bundles record ``size``, ``mean`` and ``std`` and rebuild their preprocessing with this
+    function, so a deployed model sees exactly the validation transform.
+    """
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize((size, size), antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )
+
+
 def build_transform(cfg: DataConfig, *, train: bool) -> v2.Compose:
     """Resize to a square, then (training only) crop/flip/RandAugment/Cutout, then normalise."""
     size = cfg.image_size
+    if not train:
+        return eval_transform(size)
     ops: list[v2.Transform] = [v2.ToImage(), v2.Resize((size, size), antialias=True)]
-    if train:
-        if cfg.random_crop:
-            ops.append(v2.RandomCrop(size, padding=max(1, size // 8), padding_mode="reflect"))
-        if cfg.hflip:
-            ops.append(v2.RandomHorizontalFlip())
-        if cfg.randaugment:
-            ops.append(v2.RandAugment(num_ops=2, magnitude=9))
+    if cfg.random_crop:
+        ops.append(v2.RandomCrop(size, padding=max(1, size // 8), padding_mode="reflect"))
+    if cfg.hflip:
+        ops.append(v2.RandomHorizontalFlip())
+    if cfg.randaugment:
+        ops.append(v2.RandAugment(num_ops=2, magnitude=9))
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    if train and cfg.cutout > 0:
+    if cfg.cutout > 0:
         # One erased square of fixed relative side, as the ASL/CPSD pipelines' CutoutPIL.
         area = cfg.cutout**2
         ops.append(v2.RandomErasing(p=1.0, scale=(area, area), ratio=(1.0, 1.0), value=0.0))
@@ -106,6 +125,13 @@ class MultiLabelDataset(Dataset):
         self.class_subset = None if class_subset is None else list(class_subset)
         self.targets = torch.from_numpy(targets)
         self.label_lists = manifest.label_lists(rows)
+        if class_subset is None:
+            self.subset_label_lists = self.label_lists
+        else:
+            position = {c: j for j, c in enumerate(class_subset)}
+            self.subset_label_lists = [
+                [position[c] for c in labels if c in position] for labels in self.label_lists
+            ]
 
     @property
     def num_classes(self) -> int:
@@ -129,10 +155,19 @@ class MultiLabelDataset(Dataset):
                 f"{where}: {err}"
             ) from err
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        """``key`` is an index, or ``(index, seed)`` from ``SeededKeys``: the transform then
+        draws from a private RNG seeded with ``seed``, so augmentation does not depend on the
+        worker process or on what it decoded before (``data.num_workers`` changes nothing)."""
+        i, seed = key if isinstance(key, tuple) else (key, None)
         image = self.load_image(i)
         if self.transform is not None:
-            image = self.transform(image)
+            if seed is None:
+                image = self.transform(image)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    image = self.transform(image)
         if self.return_index:
             return image, self.targets[i], i
         return image, self.targets[i]

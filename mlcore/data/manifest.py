@@ -40,6 +40,7 @@ through :class:`ManifestWriter`, batch by batch with bounded memory.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -329,6 +330,21 @@ class ManifestWriter:
         """Drop everything written so far (an importer failed half-way)."""
         self.finish()
         self._rows_path.unlink(missing_ok=True)
+
+
+def manifest_digest(root: str | os.PathLike) -> str:
+    """Content identity of a dataset: sha256 of its manifest file (first 16 hex digits).
+
+    ``write_manifest`` is byte-deterministic, so the same rows and metadata give the same digest.
+    """
+    path = manifest_path(root)
+    if not path.is_file():
+        raise ManifestError(f"no {MANIFEST_FILE} in {root}: not a dataset directory")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def read_info(root: str | os.PathLike) -> ManifestInfo:

@@ -181,3 +181,65 @@ class ClassAwareSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class ShuffleSampler(Sampler[int]):
+    """A fresh random permutation of ``range(num_items)`` per epoch, a pure function of
+    ``(seed, epoch)``; rank ``r`` of ``num_replicas`` takes positions ``r::num_replicas`` of the
+    global order (padded by wrapping so every rank gets the same count)."""
+
+    def __init__(self, num_items: int, *, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+        if num_items < 1:
+            raise ValueError(f"num_items must be >= 1, got {num_items}")
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got {rank}")
+        self.num_items = num_items
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+        self.num_samples = math.ceil(num_items / num_replicas)
+        self.total_size = self.num_samples * num_replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items)
+        order = np.resize(order, self.total_size)  # wraps around to pad the last round
+        return iter(order[self.rank :: self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class SeededKeys(Sampler[tuple[int, int]]):
+    """Pairs each index of ``sampler`` with the seed of that draw's augmentation.
+
+    A draw's random crop, flip and RandAugment must not depend on which process decodes it or
+    on what that process decoded before, or ``data.num_workers`` (and a resume, which restarts
+    the worker processes) would change the trained weights. The seed is a pure function of
+    ``(seed, epoch, global position in the epoch)``; the dataset seeds a private RNG scope with it
+    (``MultiLabelDataset.__getitem__`` takes the pair). The sampler's own ``rank`` and
+    ``num_replicas``, when it has them, place its positions in the global order.
+    """
+
+    def __init__(self, sampler: Sampler[int], seed: int):
+        self.sampler = sampler
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        rank = getattr(self.sampler, "rank", 0)
+        world = getattr(self.sampler, "num_replicas", 1)
+        base = (self.seed * 1_000_003 + self.epoch) * 10_000_019
+        for k, index in enumerate(self.sampler):
+            yield index, (base + rank + k * world) % 2**63
+
+    def __len__(self) -> int:
+        return len(self.sampler)

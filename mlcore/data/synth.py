@@ -113,7 +113,7 @@ class _TopicLabelModel:
     def __init__(self, cfg: SynthConfig, rng: np.random.Generator):
         c = cfg.num_classes
         rank = rng.permutation(c)
-        self.prior = 1.0 / (rank + 1.0) ** 0.8
+        self.prior = 1.0 / (rank + 1.0) ** cfg.tail_exponent
         self.prior /= self.prior.sum()
         home = rng.permutation(np.arange(c) % cfg.num_topics)
         # Off-topic classes keep 5% of their weight: rare cross-scene pairs, never impossible.

@@ -12,7 +12,7 @@ from torch import nn
 
 from mlcore.config import LossConfig
 from mlcore.losses.asl import AsymmetricLoss
-from mlcore.losses.asymmetry import AsymmetryController
+from mlcore.losses.asymmetry import DEFAULT_STEP, AsymmetryController
 from mlcore.losses.db import DistributionBalancedLoss
 
 
@@ -65,17 +65,28 @@ def build_loss(
     return LOSSES[cfg.name](cfg, class_freq=class_freq, train_size=train_size)
 
 
-def build_asymmetry_controller(cfg: LossConfig, loss: nn.Module) -> AsymmetryController | None:
-    """The adaptive-asymmetry controller for ``loss`` when ``cfg.adaptive.enabled``."""
+# The batch size the default step sizes were chosen at (the toy problem of the tests).
+REFERENCE_BATCH = 256
+
+
+def build_asymmetry_controller(
+    cfg: LossConfig, loss: nn.Module, *, batch_size: int, lr_warmup_steps: int = 0
+) -> AsymmetryController | None:
+    """The adaptive-asymmetry controller for ``loss`` when ``cfg.adaptive.enabled``.
+
+    Its step is ``λ · batch_size / 256`` (``adaptive.step_size`` is per 256 images), and with
+    ``adaptive.warmup_steps: null`` it waits ``lr_warmup_steps``, the schedule's warm-up
+    (``mlcore.losses.asymmetry`` gives the evidence for both).
+    """
     ad = cfg.adaptive
     if not ad.enabled:
         return None
     return AsymmetryController(
         loss,
         target_gap=ad.target_gap,
-        step_size=ad.step_size,
+        step_size=(ad.step_size or DEFAULT_STEP[ad.adapt]) * batch_size / REFERENCE_BATCH,
         gamma_neg_bounds=(ad.gamma_neg_min, ad.gamma_neg_max),
-        warmup_steps=ad.warmup_steps,
+        warmup_steps=lr_warmup_steps if ad.warmup_steps is None else ad.warmup_steps,
         adapt=ad.adapt,
         margin_bounds=(ad.margin_min, ad.margin_max),
     )

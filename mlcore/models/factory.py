@@ -142,15 +142,15 @@ def build_model_from_config(
     )
 
 
-def word_query_table(state_dict: dict[str, torch.Tensor]) -> ClassEmbeddings:
-    """The class names and embeddings a word-query model's ``state_dict`` carries.
+def word_query_table(state_dict: dict[str, torch.Tensor]) -> ClassEmbeddings | None:
+    """The class names and embeddings a word-query model's ``state_dict`` carries (None for
+    other models).
 
-    Rebuilding such a model: ``build_model_from_config(cfg, len(table.names), table)`` with
-    ``table = word_query_table(state)``, then ``load_state_dict(state)``.
-
-    Raises:
-        KeyError: The state has no word-query head.
+    Rebuilding any model from its state: ``build_model_from_config(cfg, num_classes,
+    word_query_table(state))``, then ``load_state_dict(state)``.
     """
+    if "head.class_embeddings" not in state_dict:
+        return None
     vectors = state_dict["head.class_embeddings"]
     names = decode_names(state_dict["head.class_names_utf8"])
     return ClassEmbeddings(tuple(names), vectors.detach().cpu().float().numpy())

@@ -1,0 +1,422 @@
+"""Using a trained model end to end: cpsd train once, then predict, evaluate, export, MLflow.
+
+One real ``cpsd train`` (tiny config, 1 epoch, SQLite MLflow store with a Model Registry) feeds
+every test of this module.
+"""
+
+import base64
+import csv
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+from torch.utils.data import DataLoader
+
+from mlcore import configlib
+from mlcore.bundle import BUNDLE_FILE, Classifier, Decision, ModelBundle, Preprocessing, load_bundle
+from mlcore.config import MLDecoderConfig, ModelConfig
+from mlcore.data.dataset import MultiLabelDataset
+from mlcore.data.manifest import Manifest, manifest_digest
+from mlcore.evaluation import read_thresholds
+from mlcore.export import HEAD_ADAPTERS, ExportError, export_bundle
+from mlcore.metrics import multilabel_report
+from mlcore.models import build_model_from_config
+from mlcore.train import predict
+from workflows.cli import run
+from workflows.mlflow_model import model_uri, open_bundle
+from workflows.model_commands import manifest_inputs
+from workflows.tracking import (
+    ROLE_TAG,
+    VIEW_TAG_PREFIX,
+    final_metrics,
+    log_final_metrics,
+    runs_page_link,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+REGISTERED = "cpsd-test"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_overrides):
+    root = tmp_path_factory.mktemp("use")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    sets = [
+        *tiny_overrides,
+        "train.epochs=1",
+        "data.synth.num_test_shift=32",
+        f"mlflow.tracking_uri={uri}",
+        f"mlflow.registered_model={REGISTERED}",
+    ]
+    argv = ["train", "--config", "tiny", "--out", str(root / "train")]
+    assert run(argv + [a for s in sets for a in ("--set", s)]) == 0
+    client = MlflowClient(uri)
+    (train_run,) = client.search_runs([client.get_experiment_by_name("cpsd").experiment_id])
+    bundle = load_bundle(root / "train" / BUNDLE_FILE)
+    dataset = Path(bundle.metadata["dataset"]["root"])
+    return SimpleNamespace(
+        root=root,
+        out=root / "train",
+        uri=uri,
+        client=client,
+        run=train_run,
+        bundle=bundle,
+        dataset=dataset,
+        manifest=Manifest.load(dataset),
+    )
+
+
+def cli(*argv, uri=None):
+    return run([*argv, *(["--tracking-uri", uri] if uri else [])])
+
+
+def image_folder(trained, tmp_path, count=3) -> list[Path]:
+    """A few validation images as PNG files in nested folders, plus non-images beside them."""
+    (tmp_path / "imgs" / "nested").mkdir(parents=True)
+    val = MultiLabelDataset(trained.manifest, "val")
+    paths = []
+    for i in range(count):
+        path = tmp_path / "imgs" / ("nested" if i % 2 else ".") / f"img{i}.png"
+        val.load_image(i).save(path)
+        paths.append(path.resolve())
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image and not picked up")
+    return paths
+
+
+def test_bundle_reproduces_the_selected_weights(trained):
+    """The bundle alone gives the validation scores training saved for its best epoch."""
+    classifier = Classifier(trained.bundle, "cpu")
+    loader = DataLoader(MultiLabelDataset(trained.manifest, "val", classifier.transform), 64)
+    scores, _ = predict(classifier.model, loader, classifier.device)
+    saved = np.load(trained.out / "val_scores.npz")["scores"]
+    assert np.allclose(scores, saved, atol=1e-5)
+    meta = trained.bundle.metadata
+    assert meta["best_epoch"] == 0 and meta["train_images"] == 320
+    assert meta["train_positives"] == trained.manifest.positives_per_class("train").tolist()
+    assert trained.bundle.class_names == trained.manifest.class_names
+
+
+def test_predict_images_folders_stdin_and_skips(trained, tmp_path, capsys, monkeypatch):
+    paths = image_folder(trained, tmp_path)
+    out = tmp_path / "labels.jsonl"
+    argv = ["predict", "--model", str(trained.out), "--out", str(out), "--top-k", "3"]
+    assert cli(*argv, "--images", str(tmp_path / "imgs"), str(tmp_path / "absent.png")) == 1
+    err = capsys.readouterr()
+    assert "absent.png: no such file" in err.err and "broken.png: not an image file" in err.err
+    assert "labelled 3 images" in err.out and "skipped 2" in err.out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(Path(r["image"]).resolve() for r in rows) == sorted(paths)
+
+    classifier = Classifier(trained.bundle, "cpu")
+    ((_, scores, _),) = classifier.iter_scores([str(p) for p in paths])
+    expected = Decision(top_k=3).select(scores)
+    by_image = {Path(r["image"]).resolve(): r for r in rows}
+    for path, chosen, row_scores in zip(paths, expected, scores, strict=True):
+        row = by_image[path]
+        assert row["labels"] == [trained.bundle.class_names[c] for c in chosen]
+        assert row["scores"] == pytest.approx(row_scores[chosen], abs=1e-6)
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(f"{p}\n" for p in paths[:2])))
+    assert cli(*argv[:-2], "--images", "-") == 0
+    assert len(out.read_text().splitlines()) == 2
+
+
+def test_evaluate_then_predict_a_split_with_its_thresholds(trained, tmp_path, capsys):
+    ev = tmp_path / "eval"
+    assert cli("evaluate", "--model", str(trained.out), "--out", str(ev)) == 0
+    assert "F1@3" in capsys.readouterr().out
+    report = json.loads((ev / "report.json").read_text())
+    assert report["split"] == "val" and report["images"] == 128
+    assert {"mAP", "CP", "CR", "CF1", "OP", "OR", "OF1", "F1@3", "F1@5"} <= set(report["metrics"])
+    assert report["metrics"]["mAP"] == pytest.approx(trained.run.data.metrics["best_val_mAP"])
+    assert sum(report["buckets"]["classes"].values()) == 10
+    for name in ("per_class.csv", "pr_curves.png", "threshold_sweep.png", "thresholds.json"):
+        assert (ev / name).stat().st_size > 0
+
+    # The thresholds were fitted on val: fine for another split, refused for val itself.
+    thresholds_file = str(ev / "thresholds.json")
+    shift = tmp_path / "shift"
+    argv = ["evaluate", "--model", str(trained.out), "--thresholds", thresholds_file]
+    assert cli(*argv, "--split", "test_shift", "--out", str(shift)) == 0
+    assert "per_class_thresholds" in json.loads((shift / "report.json").read_text())
+    assert cli(*argv, "--out", str(tmp_path / "again")) == 2
+    assert "chosen on 'val'" in capsys.readouterr().err
+
+    out = tmp_path / "shift.csv"
+    argv = ["predict", "--model", str(trained.out / BUNDLE_FILE), "--out", str(out)]
+    argv += ["--manifest", str(trained.dataset), "--split", "test_shift"]
+    assert cli(*argv, "--thresholds", thresholds_file) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 32
+    sources = manifest_inputs(trained.dataset, "test_shift").sources
+    classifier = Classifier(trained.bundle, "cpu")
+    scores = np.concatenate([b.scores for b in classifier.iter_scores(sources)])
+    values = read_thresholds(thresholds_file, trained.bundle.class_names).values
+    for row, chosen in zip(rows, Decision(values).select(scores), strict=True):
+        labels = row["labels"].split(";") if row["labels"] else []
+        assert labels == [trained.bundle.class_names[c] for c in chosen]
+
+
+def test_every_model_reference_gives_the_same_bundle(trained, tmp_path, capsys):
+    run_id = trained.run.info.run_id
+    refs = [
+        str(trained.out),
+        str(trained.out / BUNDLE_FILE),
+        f"runs:/{run_id}/model",
+        f"models:/{REGISTERED}/1",
+        f"models:/{REGISTERED}/train",
+        f"models:/{REGISTERED}@train",
+    ]
+    for ref in refs:
+        with open_bundle(ref, trained.uri) as path:
+            loaded = load_bundle(path)
+        assert loaded.class_names == trained.bundle.class_names, ref
+        for key, value in trained.bundle.state_dict.items():
+            assert torch.equal(loaded.state_dict[key], value), (ref, key)
+    assert model_uri("models:/m/champion") == "models:/m@champion"
+    assert model_uri("models:/m/latest") == "models:/m/latest"
+
+    image = image_folder(trained, tmp_path, count=1)[0]
+    out = str(tmp_path / "p.jsonl")
+    base = ["predict", "--images", str(image), "--out", out]
+    assert cli(*base, "--model", f"models:/{REGISTERED}@train", uri=trained.uri) == 0
+    for bad, message in [
+        (f"models:/{REGISTERED}/7", "--model models:/cpsd-test/7"),
+        (str(tmp_path / "nowhere"), "no such file or directory"),
+        (str(tmp_path), "no model.bundle.pt in"),
+        (str(image), "is not a readable model bundle"),
+    ]:
+        assert cli(*base, "--model", bad, uri=trained.uri) == 2, bad
+        assert message in capsys.readouterr().err
+
+
+def test_export_onnx_and_torchscript_with_parity(trained, tmp_path, capsys):
+    import onnx
+    import onnxruntime
+
+    # A tolerance no float computation meets fails the parity check; the file stays for
+    # inspection, and compared by hand it is within the default tolerance.
+    onnx_file = tmp_path / "model.onnx"
+    argv = ["export", "--model", str(trained.out), "--out"]
+    assert cli(*argv, str(onnx_file), "--format", "onnx", "--atol", "1e-12") == 2
+    assert "onnx parity check failed: max |exported - eager| =" in capsys.readouterr().err
+    session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    images = torch.randn(5, 3, 32, 32)  # a batch size the export never saw
+    with torch.no_grad():
+        eager = trained.bundle.build_model()(images).numpy()
+    assert np.abs(session.run(None, {"images": images.numpy()})[0] - eager).max() <= 1e-4
+    props = {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}
+    assert json.loads(props["cpsd.class_names"]) == list(trained.bundle.class_names)
+
+    script_file = tmp_path / "model.pt"
+    assert cli(*argv, str(script_file), "--format", "torchscript") == 0
+    extra = {"cpsd.json": ""}
+    scripted = torch.jit.load(str(script_file), _extra_files=extra)
+    assert np.abs(scripted(images).detach().numpy() - eager).max() <= 1e-4
+    assert json.loads(extra["cpsd.json"])["cpsd.class_names"]
+    assert "parity with eager PyTorch at batch sizes [1, 3]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_ml_decoder_exports(fmt, tmp_path):
+    cfg = ModelConfig(
+        backbone="test_resnet",
+        head="ml_decoder",
+        ml_decoder=MLDecoderConfig(embed_dim=32, ff_dim=64, num_heads=4),
+    )
+    bundle = ModelBundle(
+        model=cfg,
+        class_names=tuple(f"c{i}" for i in range(7)),
+        preprocessing=Preprocessing(image_size=32),
+        state_dict=build_model_from_config(cfg, 7).state_dict(),
+    )
+    result = export_bundle(bundle, fmt, tmp_path / f"m.{fmt}")
+    assert result.max_abs_diff <= 1e-4 and result.batch_sizes == (1, 3)
+
+
+def test_export_refuses_heads_without_an_adapter(trained, tmp_path, monkeypatch):
+    monkeypatch.delitem(HEAD_ADAPTERS, "gap")
+    with pytest.raises(ExportError, match="export of head 'gap' is not supported yet"):
+        export_bundle(trained.bundle, "onnx", tmp_path / "m.onnx")
+
+
+def test_mlflow_run_has_model_datasets_source_and_final_keys(trained):
+    client, run_ = trained.client, trained.run
+    tags, metrics = run_.data.tags, run_.data.metrics
+    assert tags[ROLE_TAG] == "train" and "val_mAP_plain" in tags["mlflow.note.content"]
+    assert len(tags["mlflow.source.git.commit"]) == 40
+    experiment = client.get_experiment(run_.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    (view,) = [v for k, v in experiment.tags.items() if k.startswith(VIEW_TAG_PREFIX)]
+    view = json.loads(view)
+    assert view["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": ROLE_TAG}]
+    assert view["columnOrder"][0] == "metrics.`best_val_mAP`"
+
+    assert metrics["best_val_mAP"] == pytest.approx(metrics["val_mAP"])
+    assert metrics["best_epoch"] == 0 and metrics["num_classes_evaluated"] == 10
+    assert {"shift_mAP", "test_mAP", "test_CF1", "test_OF1"} <= set(metrics)
+    history = client.get_metric_history(run_.info.run_id, "best_val_mAP")
+    assert [m.step for m in history] == [0]
+
+    inputs = {d.dataset.name: d for d in run_.inputs.dataset_inputs}
+    assert set(inputs) == {"synth:train", "synth:val", "synth:test"}
+    train_input = inputs["synth:train"]
+    assert train_input.dataset.digest == manifest_digest(trained.dataset)
+    assert json.loads(train_input.dataset.profile)["num_rows"] == 320
+    assert {t.key: t.value for t in train_input.tags}["mlflow.data.context"] == "training"
+
+    (output,) = run_.outputs.model_outputs
+    assert output.step == 0
+    model = client.get_logged_model(output.model_id)
+    assert model.source_run_id == run_.info.run_id and model.name == "model"
+    linked = {m.key: m.value for m in model.metrics}
+    assert linked["best_val_mAP"] == pytest.approx(metrics["best_val_mAP"])
+    assert "val_mAP" in linked
+
+    version = client.get_model_version_by_alias(REGISTERED, "train")
+    assert int(version.version) == 1 and version.source == f"models:/{model.model_id}"
+    assert version.run_id == run_.info.run_id
+    assert float(version.tags["best_val_mAP"]) == pytest.approx(metrics["best_val_mAP"])
+    assert version.tags["cpsd.role"] == "train"
+
+
+def test_pyfunc_takes_bytes_or_paths_and_pytorch_flavour_gives_logits(trained, tmp_path):
+    (path,) = image_folder(trained, tmp_path, count=1)
+    mlflow.set_tracking_uri(trained.uri)
+    uri = f"runs:/{trained.run.info.run_id}/model"
+    model = mlflow.pyfunc.load_model(uri)
+    frame = pd.DataFrame(
+        {"image": [path.read_bytes(), None, b"junk"], "path": [None, str(path), None]}
+    )
+    out = model.predict(frame, params={"top_k": 2})
+    assert list(out.columns) == ["labels", "scores", "error"]
+    assert out["labels"][0] == out["labels"][1] and len(out["labels"][0]) == 2
+    assert out["error"][0] == "" and "not an image" in out["error"][2]
+    assert model.metadata.get_input_schema().input_names() == ["image", "path"]
+
+    network = mlflow.pytorch.load_model(uri)
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = trained.bundle.build_model()(images)
+        assert torch.allclose(network(images), expected, atol=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def test_mlflow_models_serve_answers_an_image_with_labels(trained, tmp_path):
+    (path,) = image_folder(trained, tmp_path, count=1)
+    port = _free_port()
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": trained.uri,
+        "PYTHONPATH": str(REPO),  # the pyfunc loader module is this checkout's workflows
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "--env-manager", "local"]
+    command += ["-m", f"models:/{REGISTERED}@train", "--host", "127.0.0.1", "--port", str(port)]
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 (closed below)
+    # Its own process group: the server forks a uvicorn worker, stopped with it by PID.
+    server = subprocess.Popen(command, env=env, stdout=log, stderr=log, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                assert time.time() < deadline, "server did not come up in 180 s"
+                time.sleep(1)
+        encoded = base64.b64encode(path.read_bytes()).decode()
+        body = {"dataframe_split": {"columns": ["image"], "data": [[encoded]]}}
+        answer = _post(f"http://127.0.0.1:{port}/invocations", {**body, "params": {"top_k": 3}})
+        (prediction,) = answer["predictions"]
+        assert len(prediction["labels"]) == 3 and prediction["error"] == ""
+        assert set(prediction["labels"]) <= set(trained.bundle.class_names)
+        assert prediction["scores"] == sorted(prediction["scores"], reverse=True)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+def test_final_keys_and_links():
+    values = final_metrics(best_val_mAP=0.5, best_epoch=3, num_classes_evaluated=4, shift_mAP=0.4)
+    assert values == {
+        "best_val_mAP": 0.5,
+        "best_epoch": 3.0,
+        "num_classes_evaluated": 4.0,
+        "shift_mAP": 0.4,
+    }
+    with pytest.raises(ValueError, match="not final keys"):
+        log_final_metrics(None, "run", {"val_mAP": 1.0}, step=0)
+    assert runs_page_link("sqlite:////x/mlflow.db", "7") == (
+        "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+    )
+    assert runs_page_link("http://10.0.0.2:5000/", "7", view="k").startswith(
+        "http://10.0.0.2:5000/#/experiments/7/runs?workflowType=machine_learning&"
+        "viewStateShareKey=k"
+    )
+
+
+def test_a_teacher_bundle_evaluates_on_its_own_classes(trained, tiny_config, tmp_path, capsys):
+    """A model on a label subset keeps its class order; evaluate matches classes by name."""
+    from mlcore.experiment import train_classifier
+
+    subset = [3, 1]
+    one_epoch = configlib.replace(tiny_config, ["train.epochs=1"])
+    train_classifier(one_epoch, tmp_path / "teacher", class_subset=subset)
+    bundle = load_bundle(tmp_path / "teacher" / BUNDLE_FILE)
+    names = trained.manifest.class_names
+    assert bundle.class_names == (names[3], names[1])
+    assert bundle.metadata["dataset"]["class_indices"] == subset
+    out = tmp_path / "eval"
+    assert cli("evaluate", "--model", str(tmp_path / "teacher"), "--out", str(out)) == 0
+    rows = list(csv.DictReader((out / "per_class.csv").open()))
+    assert sorted(r["class"] for r in rows) == sorted(bundle.class_names)
+    saved = np.load(tmp_path / "teacher" / "val_scores.npz")
+    report = json.loads((out / "report.json").read_text())
+    assert report["classes"] == 2
+    assert report["metrics"]["mAP"] == pytest.approx(
+        multilabel_report(saved["scores"], saved["targets"])["mAP"], abs=1e-6
+    )
+
+
+def test_registered_model_config_is_checked():
+    from workflows.config import ConfigError, MlflowConfig
+
+    with pytest.raises(ConfigError, match=r"needs mlflow\.log_models"):
+        MlflowConfig(registered_model="m", log_models=False)
+    with pytest.raises(ConfigError, match="non-empty"):
+        MlflowConfig(registered_model=" ")

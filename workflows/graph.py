@@ -1,0 +1,261 @@
+"""The stage graph: one builder that submits a config's stages to Ray, memoised by stage key.
+
+``pipeline`` (one config), ``study`` (a grid of configs over seeds) and ``demo`` all build their
+work through :class:`StageGraph`. For one config the graph is::
+
+    partition-cgp ─┬─ teacher-cgp-0 ─ logits ─┐
+    partition-dgp ─┼─ ...                      ├─ student
+                   └─ teacher-dgp-<k-1> ─ logits ┘   ↑
+    baseline ───────────────────────── (cpsd.student_init: baseline)
+
+Every node is a Ray task (``workflows.stages``). A node is identified by its storage folder,
+``<stage>-<key>``, whose key is the fingerprint of what it computes; submitting a node that is
+already in the graph returns the existing ref, even while that task is still running, so
+variants of a study share partitions, teachers, logits and baselines. Dependencies are Ray refs
+passed as task arguments: each teacher's logits start as soon as that teacher finishes, and the
+student as soon as its inputs exist. Baselines and partitions are submitted before any teacher,
+so the baseline is never queued behind all teachers.
+
+Stages already finished in storage return at once (their task only reads the record). On
+Ctrl-C, ``ray job stop`` or a stage that fails for good, :meth:`StageGraph.cancel` cancels every
+outstanding task of the graph; checkpoints stay and a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlcore.cpsd import (
+    ENSEMBLES,
+    TeacherSpec,
+    baseline_fingerprint,
+    plan_teachers,
+    student_fingerprint,
+    teacher_fingerprint,
+)
+from workflows.config import Config
+from workflows.runtime import STOP
+from workflows.stages import (
+    JobContext,
+    baseline_stage,
+    logits_stage,
+    partition_key,
+    partition_of,
+    partition_stage,
+    student_stage,
+    teacher_stage,
+)
+
+
+@dataclass
+class ConfigRefs:
+    """The refs of one config's stages (``final``: the student, or the baseline in mode
+    ``baseline``)."""
+
+    cfg: Config
+    ctx: JobContext
+    specs: list[TeacherSpec] = field(default_factory=list)
+    partitions: dict[str, Any] = field(default_factory=dict)
+    teachers: dict[str, Any] = field(default_factory=dict)
+    logits: dict[str, Any] = field(default_factory=dict)
+    baseline: Any = None
+    final: Any = None
+
+
+def _resources(gpus: float | None, cpus: float) -> dict[str, float]:
+    import ray
+
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    return {"num_gpus": gpus, "num_cpus": cpus}
+
+
+class StageGraph:
+    """Submits stages to Ray at most once each and waits on them with progress lines.
+
+    Args:
+        log: Progress lines.
+    """
+
+    def __init__(self, log: Callable[[str], None] = print):
+        self.log = log
+        self._refs: dict[str, Any] = {}  # stage folder -> ref
+        self._labels: dict[Any, str] = {}  # ref -> label for progress lines
+        self._finished: set[Any] = set()
+        self._started = time.time()
+
+    # -- submission ---------------------------------------------------------------------------
+
+    def submit(self, rel: str, label: str, fn, options: dict[str, Any], *args) -> Any:
+        """``fn.remote(*args)`` as a Ray task, unless the node ``rel`` is already in the graph."""
+        import ray
+
+        if rel in self._refs:
+            return self._refs[rel]
+        ref = ray.remote(fn).options(name=label, **options).remote(*args)
+        self._refs[rel] = ref
+        self._labels[ref] = label
+        return ref
+
+    def start(self, cfg: Config, ctx: JobContext) -> ConfigRefs:
+        """Phase 1 of a config: its partitions and its baseline (both before any teacher)."""
+        c = cfg.cpsd
+        refs = ConfigRefs(cfg, ctx)
+        retries = {"max_retries": cfg.ray.max_retries}
+        for kind in ENSEMBLES[c.mode]:
+            key = partition_key(cfg, kind)
+            # Zero CPUs: planning the graph waits on partitions, which take seconds; they must
+            # not queue behind training tasks that hold every CPU for hours.
+            refs.partitions[kind] = self.submit(
+                ctx.stage_rel(f"partition-{kind}", key),
+                f"partition-{kind}",
+                partition_stage,
+                {"num_cpus": 0, **retries},
+                ctx,
+                kind,
+                key,
+            )
+        if not ENSEMBLES[c.mode] or c.train_baseline:
+            key = baseline_fingerprint(cfg)
+            refs.baseline = self.submit(
+                ctx.stage_rel("baseline", key),
+                "baseline",
+                baseline_stage,
+                {**_resources(self._student_gpus(cfg), cfg.ray.student_cpus), **retries},
+                ctx,
+                key,
+            )
+        if not ENSEMBLES[c.mode]:
+            refs.final = refs.baseline
+        return refs
+
+    def finish(self, refs: ConfigRefs) -> ConfigRefs:
+        """Phase 2: with its partitions known, submit the config's teachers, logits, student."""
+        cfg, ctx = refs.cfg, refs.ctx
+        c = cfg.cpsd
+        if not ENSEMBLES[c.mode]:
+            return refs
+        records = self.wait({f"partition-{k}": r for k, r in refs.partitions.items()}, quiet=True)
+        partitions = {k: partition_of(records[f"partition-{k}"]) for k in refs.partitions}
+        refs.specs = plan_teachers(partitions)
+        retries = {"max_retries": cfg.ray.max_retries}
+        teacher_res = _resources(cfg.ray.teacher_gpus, cfg.ray.teacher_cpus)
+        for spec in refs.specs:
+            key = teacher_fingerprint(cfg, spec)
+            rel = ctx.stage_rel(spec.name, key)
+            refs.teachers[spec.name] = self.submit(
+                rel, spec.name, teacher_stage, {**teacher_res, **retries}, ctx, spec, key
+            )
+            if c.teacher_mode == "cached":
+                refs.logits[spec.name] = self.submit(
+                    f"{rel}/logits",
+                    f"{spec.name}-logits",
+                    logits_stage,
+                    {**teacher_res, **retries},
+                    ctx,
+                    spec,
+                    refs.teachers[spec.name],
+                )
+        key = student_fingerprint(cfg, refs.specs)
+        n = len(refs.specs)
+        teacher_refs = [refs.teachers[s.name] for s in refs.specs]
+        logit_refs = [refs.logits[s.name] for s in refs.specs] if refs.logits else []
+        needs_baseline = c.student_init == "baseline"
+        refs.final = self.submit(
+            ctx.stage_rel("student", key),
+            "student",
+            _student_task,
+            {**_resources(self._student_gpus(cfg), cfg.ray.student_cpus), **retries},
+            ctx,
+            refs.specs,
+            key,
+            n,
+            len(logit_refs),
+            needs_baseline,
+            *teacher_refs,
+            *logit_refs,
+            *([refs.baseline] if needs_baseline else []),
+        )
+        return refs
+
+    @staticmethod
+    def _student_gpus(cfg: Config) -> float | None:
+        return cfg.ray.student_gpus if cfg.ray.student_gpus is not None else cfg.ray.teacher_gpus
+
+    # -- waiting and cancelling ---------------------------------------------------------------
+
+    def labelled(self) -> dict[str, Any]:
+        """Every node's ref, named by its stage folder (``teacher-cgp-0-<key>``...)."""
+        return {rel.split("/stages/", 1)[-1]: ref for rel, ref in self._refs.items()}
+
+    def outstanding(self) -> list[Any]:
+        return [ref for ref in self._refs.values() if ref not in self._finished]
+
+    def wait(self, refs: dict[str, Any], *, quiet: bool = False) -> dict[str, Any]:
+        """``ray.get`` of named refs, one progress line per finished stage (unless ``quiet``).
+
+        Raises:
+            KeyboardInterrupt: A stop was requested (SIGTERM/SIGINT via ``workflows.runtime``).
+        """
+        import ray
+
+        pending = {ref: name for name, ref in refs.items()}
+        done: dict[str, Any] = {}
+        for ref in [r for r in pending if r in self._finished]:
+            done[pending.pop(ref)] = ray.get(ref)
+        while pending:
+            # A timeout hands control back to Python every second, so signal handlers run.
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            if STOP.is_set():
+                raise KeyboardInterrupt("stop requested")
+            if not ready:
+                continue
+            name = pending.pop(ready[0])
+            record = ray.get(ready[0])
+            self._finished.add(ready[0])
+            done[name] = record
+            if not quiet:
+                self._progress(name, record)
+        return done
+
+    def _progress(self, name: str, record: dict[str, Any]) -> None:
+        total, finished = len(self._refs), len(self._finished)
+        metrics = record.get("metrics", {})
+        detail = f"val mAP {100 * metrics['val_mAP']:.2f}" if "val_mAP" in metrics else "done"
+        test = (record.get("held_out") or {}).get("test")
+        if test is not None:
+            detail += f", test mAP {100 * test['mAP']:.2f}"
+        where = record.get("attempts", [{}])[-1].get("gpu_ids") if record.get("attempts") else None
+        self.log(
+            f"  {name}: {detail}{' (reused)' if record.get('reused') else ''}"
+            f"{f' gpu {where}' if where else ''}  [{finished}/{total} stages, "
+            f"{time.time() - self._started:.0f}s]"
+        )
+
+    def cancel(self) -> int:
+        """Cancel every outstanding task of the graph; returns how many."""
+        import ray
+
+        outstanding = self.outstanding()
+        for ref in outstanding:
+            ray.cancel(ref, force=True)
+        return len(outstanding)
+
+
+def _student_task(
+    ctx: JobContext,
+    specs: Sequence[TeacherSpec],
+    key: str,
+    num_teachers: int,
+    num_logits: int,
+    needs_baseline: bool,
+    *inputs: dict[str, Any],
+) -> dict[str, Any]:
+    """Unpacks the records Ray resolved (refs only resolve as top-level arguments)."""
+    teachers = list(inputs[:num_teachers])
+    logits = list(inputs[num_teachers : num_teachers + num_logits]) or None
+    baseline = inputs[num_teachers + num_logits] if needs_baseline else None
+    return student_stage(ctx, specs, key, teachers, logits, baseline)

@@ -1,0 +1,428 @@
+"""Trained models in MLflow: one logged model with a PyTorch flavour and an image pyfunc.
+
+A model bundle (``mlcore.bundle``) is logged as an MLflow 3 *logged model* with two flavours:
+
+* ``pytorch``: the network exported with ``torch.export`` (MLflow's safe ``pt2`` format,
+  nothing pickled); ``mlflow.pytorch.load_model(uri)`` returns a module mapping normalised
+  images (B, 3, S, S) float32 to logits (B, C).
+* ``python_function``: loaded by this module (``_load_pyfunc``) from the bundle file inside the
+  model; ``predict`` takes a DataFrame with an ``image`` column (encoded image bytes; base64 in
+  JSON requests) or a ``path`` column (image files), and returns a DataFrame with ``labels``
+  and ``scores`` (the predicted classes, highest first) and ``error`` (empty, or why the row's
+  image could not be read). Parameters ``threshold`` (default 0.5) and ``top_k`` (0: off)
+  choose the labels. ``mlflow models serve --env-manager local`` serves it: the environment
+  must have this package installed, because the pyfunc code is imported from it rather than
+  copied into every model.
+
+The model signature and input example describe the pyfunc (what serving sees); the PyTorch
+flavour's tensor interface is recorded in the model metadata.
+
+:func:`log_model` links the model to its run at the best epoch, so that MLflow attaches the
+run's metrics of that step (the best epoch's ``val_*`` and the final keys) to the model.
+:func:`register_model` adds a version to the Model Registry with tags and an alias, and
+:func:`open_bundle` resolves every form of ``--model`` (bundle file, training directory,
+``runs:/``, ``models:/``) to a bundle file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
+from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+from PIL import Image
+
+from mlcore.bundle import BUNDLE_FILE, Classifier, Decision, ModelBundle, load_bundle
+
+MODEL_NAME = "model"
+PYTORCH_DATA = "pytorch"  # subdirectory of the model holding the torch.export program
+
+IMAGE_SIGNATURE = ModelSignature(
+    inputs=Schema(
+        [ColSpec("binary", "image", required=False), ColSpec("string", "path", required=False)]
+    ),
+    outputs=Schema(
+        [
+            ColSpec(Array("string"), "labels"),
+            ColSpec(Array("double"), "scores"),
+            ColSpec("string", "error", required=False),
+        ]
+    ),
+    params=ParamSchema([ParamSpec("threshold", "double", 0.5), ParamSpec("top_k", "long", 0)]),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pyfunc flavour
+
+
+class BundlePyfunc:
+    """What ``mlflow.pyfunc.load_model`` wraps: images (bytes or paths) in, labels out."""
+
+    def __init__(self, bundle_path: str | os.PathLike):
+        self.classifier = Classifier.from_file(bundle_path)
+
+    def predict(
+        self, model_input: pd.DataFrame, params: Mapping[str, Any] | None = None
+    ) -> pd.DataFrame:
+        """One output row per input row: ``labels``, ``scores`` and ``error``."""
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        params = dict(params or {})
+        top_k = int(params.get("top_k") or 0)
+        decision = Decision(float(params.get("threshold", 0.5)), top_k or None)
+        names = self.classifier.class_names
+        labels: list[list[str]] = [[] for _ in range(len(frame))]
+        scores: list[list[float]] = [[] for _ in range(len(frame))]
+        errors = [""] * len(frame)
+        sources, positions = [], []
+        for i, row in enumerate(frame.to_dict("records")):
+            source = _row_source(row)
+            if source is None:
+                errors[i] = "row has neither an 'image' (bytes) nor a 'path'"
+            else:
+                sources.append(source)
+                positions.append(i)
+        for batch in self.classifier.iter_scores(sources):
+            chosen_rows = decision.select(batch.scores)
+            for index, row_scores, chosen in zip(
+                batch.indices, batch.scores, chosen_rows, strict=True
+            ):
+                labels[positions[index]] = [names[c] for c in chosen]
+                scores[positions[index]] = [float(row_scores[c]) for c in chosen]
+            for index, reason in batch.failures:
+                errors[positions[index]] = reason
+        return pd.DataFrame({"labels": labels, "scores": scores, "error": errors})
+
+
+def _row_source(row: Mapping[str, Any]) -> bytes | str | None:
+    image, path = row.get("image"), row.get("path")
+    if isinstance(image, bytes | bytearray) and image:
+        return bytes(image)
+    if isinstance(path, str) and path:
+        return path
+    return None
+
+
+def _load_pyfunc(data_path: str, model_config: Mapping[str, Any] | None = None) -> BundlePyfunc:
+    """MLflow's loader hook (``loader_module`` of the python_function flavour)."""
+    return BundlePyfunc(data_path)
+
+
+def _requirements() -> list[str]:
+    """Pinned versions of what the model needs at load time (without this package itself)."""
+    import PIL
+    import timm
+    import torchvision
+
+    def pin(name: str, version: str) -> str:
+        return f"{name}=={version.split('+')[0]}"  # local tags (+cu130) are not on PyPI
+
+    return [
+        pin("mlflow", mlflow.__version__),
+        pin("torch", torch.__version__),
+        pin("torchvision", torchvision.__version__),
+        pin("timm", timm.__version__),
+        pin("pillow", PIL.__version__),
+        pin("pandas", pd.__version__),
+        pin("numpy", np.__version__),
+    ]
+
+
+def _example_image(size: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (127, 127, 127)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def save_model(
+    path: str | os.PathLike, mlflow_model: Model | None = None, *, bundle: str | os.PathLike
+) -> None:
+    """Write the MLflow model directory of a bundle (the ``flavor`` hook of ``Model.log``).
+
+    The python_function flavour carries the bundle file itself; the pytorch flavour is
+    ``mlflow.pytorch``'s own ``pt2`` export, saved to a scratch directory and moved in.
+    """
+    path = Path(path)
+    loaded = load_bundle(bundle)
+    mlflow_model = mlflow_model or Model()
+    size = loaded.preprocessing.image_size
+    requirements = _requirements()
+    with tempfile.TemporaryDirectory(prefix="cpsd-torch-model-") as scratch:
+        torch_dir = Path(scratch) / "torch"
+        # Batch 2 in the example: torch.export treats a size-1 dimension as static.
+        example = np.random.default_rng(0).standard_normal((2, 3, size, size), dtype=np.float32)
+        mlflow.pytorch.save_model(
+            loaded.build_model(),
+            str(torch_dir),
+            signature=ModelSignature(
+                inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, size, size))]),
+                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, loaded.num_classes))]),
+            ),
+            input_example=example,
+            serialization_format="pt2",
+            pip_requirements=requirements,
+        )
+        torch_flavour = dict(Model.load(str(torch_dir)).flavors["pytorch"])
+        mlflow.pyfunc.save_model(
+            str(path),
+            loader_module=__name__,
+            data_path=str(bundle),
+            mlflow_model=mlflow_model,
+            signature=IMAGE_SIGNATURE,
+            input_example=pd.DataFrame({"image": [_example_image(size)]}),
+            pip_requirements=requirements,
+        )
+        shutil.copytree(torch_dir / torch_flavour["model_data"], path / PYTORCH_DATA)
+    torch_flavour["model_data"] = PYTORCH_DATA
+    mlflow_model.add_flavor("pytorch", **torch_flavour)
+    mlflow_model.metadata = {
+        **(mlflow_model.metadata or {}),
+        "cpsd.pytorch_input": f"float32 (batch, 3, {size}, {size}), RGB scaled to [0, 1] and "
+        f"normalised with mean {list(loaded.preprocessing.mean)}, std "
+        f"{list(loaded.preprocessing.std)}",
+        "cpsd.pytorch_output": f"logits (batch, {loaded.num_classes}); sigmoid for probabilities",
+        "cpsd.class_names": list(loaded.class_names),
+    }
+    mlflow_model.save(str(path / "MLmodel"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging and registering
+
+
+@contextlib.contextmanager
+def _global_tracking(uri: str) -> Iterator[None]:
+    """Point MLflow's process-wide tracking URI at ``uri`` for APIs that read only that."""
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def log_model(
+    tracking_uri: str,
+    run_id: str,
+    bundle: str | os.PathLike,
+    *,
+    step: int,
+    tags: Mapping[str, str] | None = None,
+) -> str:
+    """Log a bundle as the run's MLflow model ``model``; returns the logged model's id.
+
+    Log the run's final metrics at ``step`` (the best epoch) first: MLflow links every
+    metric of the run at that step to the model, which fills the Models tab's metric columns.
+    """
+    client = mlflow.MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    # Created here rather than by Model.log, which would file the model under MLflow's
+    # process-wide active experiment instead of the run's.
+    logged = client.create_logged_model(
+        experiment_id=run.info.experiment_id,
+        name=MODEL_NAME,
+        source_run_id=run_id,
+        params=dict(run.data.params),
+        tags=dict(tags or {}),
+        model_type="multi-label image classifier",
+    )
+    with _global_tracking(tracking_uri):
+        info = Model.log(
+            artifact_path=None,  # deprecated in MLflow 3 in favour of name, yet still positional
+            name=MODEL_NAME,
+            flavor=sys.modules[__name__],
+            run_id=run_id,
+            step=step,
+            model_id=logged.model_id,
+            bundle=str(bundle),
+        )
+    return info.model_id
+
+
+def register_model(
+    tracking_uri: str,
+    model_id: str,
+    name: str,
+    *,
+    alias: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+):
+    """Add the logged model as a new version of registered model ``name``.
+
+    Args:
+        tracking_uri: Tracking (and registry) store.
+        model_id: From :func:`log_model`.
+        name: Registered model name (config ``mlflow.registered_model``).
+        alias: Pointed at the new version (e.g. the run's role: ``student``), so
+            ``models:/<name>@<alias>`` always loads the latest such run.
+        tags: Version tags, e.g. ``{"test_mAP": 0.81, "cpsd.role": "student"}``.
+
+    Returns:
+        The ``ModelVersion``.
+    """
+    client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    with contextlib.suppress(MlflowException):  # it exists already: add a version to it
+        client.create_registered_model(name)
+    logged = client.get_logged_model(model_id)
+    # The registry resolves a models:/<id> source through the process-wide tracking URI.
+    with _global_tracking(tracking_uri):
+        version = client.create_model_version(
+            name,
+            source=f"models:/{model_id}",
+            run_id=logged.source_run_id,
+            tags={k: str(v) for k, v in (tags or {}).items()},
+            model_id=model_id,
+        )
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    return version
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving --model
+
+
+def model_uri(ref: str) -> str:
+    """``models:/name/<alias>`` -> ``models:/name@<alias>``; other references unchanged.
+
+    MLflow reads the path segment after a registered model's name as a version number (or
+    ``latest``); aliases need ``@``. Both spellings are accepted here.
+    """
+    match = re.fullmatch(r"models:/([^/@]+)/([^/]+)", ref)
+    if match and not match.group(2).isdigit() and match.group(2).lower() != "latest":
+        return f"models:/{match.group(1)}@{match.group(2)}"
+    return ref
+
+
+def find_bundle(path: str | os.PathLike) -> Path:
+    """The bundle file of a path: the file itself, or inside a training or MLflow model dir.
+
+    Raises:
+        FileNotFoundError: Nothing there, or no bundle inside the directory.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for candidate in (path / BUNDLE_FILE, path / "data" / BUNDLE_FILE):
+            if candidate.is_file():
+                return candidate
+        raise FileNotFoundError(
+            f"no {BUNDLE_FILE} in {path}: expected a training output directory (cpsd train "
+            "--out, a pipeline stage), a downloaded MLflow model, or the bundle file itself"
+        )
+    raise FileNotFoundError(f"--model {path}: no such file or directory")
+
+
+@contextlib.contextmanager
+def open_bundle(ref: str, tracking_uri: str | None = None) -> Iterator[Path]:
+    """A local bundle path for any ``--model`` form; downloads are removed on exit.
+
+    Args:
+        ref: Bundle file, training output directory, ``runs:/<run_id>/model`` or
+            ``models:/<name>/<version | alias>`` (also ``models:/<name>@<alias>``).
+        tracking_uri: Store that ``runs:/`` and ``models:/`` refer to.
+
+    Raises:
+        FileNotFoundError: The path, run, model, version or alias does not exist.
+    """
+    if not ref.startswith(("runs:/", "models:/")):
+        yield find_bundle(ref)
+        return
+    uri = model_uri(ref)
+    with tempfile.TemporaryDirectory(prefix="cpsd-model-") as scratch:
+        store = tracking_uri or mlflow.get_tracking_uri()
+        try:
+            # runs:/ URIs find the run's logged model through the process-wide tracking URI.
+            with _global_tracking(store):
+                local = mlflow.artifacts.download_artifacts(
+                    artifact_uri=uri, dst_path=scratch, tracking_uri=store, registry_uri=store
+                )
+        except MlflowException as err:
+            raise FileNotFoundError(f"--model {ref}: {err.message}") from err
+        yield find_bundle(local)
+
+
+def read_logged_bundle(ref: str, tracking_uri: str | None = None) -> ModelBundle:
+    """The bundle behind any ``--model`` form, read into memory."""
+    with open_bundle(ref, tracking_uri) as path:
+        return load_bundle(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# One call per trained model
+
+
+@dataclass(frozen=True)
+class RecordedModel:
+    """What :func:`record_trained_model` created (None where switched off)."""
+
+    model_id: str | None
+    registered: str | None  # ``models:/<name>/<version>``
+
+
+def record_trained_model(
+    tracking_uri: str,
+    run_id: str,
+    *,
+    role: str,
+    description: str,
+    bundle: str | os.PathLike,
+    final: Mapping[str, float],
+    best_epoch: int,
+    dataset_root: str | os.PathLike | None = None,
+    splits: Mapping[str, str] | None = None,
+    log_models: bool = True,
+    registered_model: str | None = None,
+) -> RecordedModel:
+    """Everything MLflow shows about one trained model, on its (still open) run.
+
+    Sets the description and ``cpsd.role``, logs the dataset splits as inputs, the final keys
+    at the best epoch, then the MLflow model (linked to those metrics), and registers it under
+    ``registered_model`` with the role as alias and the final keys as version tags.
+
+    Args:
+        tracking_uri: The run's tracking store.
+        run_id: The run.
+        role: ``teacher``, ``student``, ``baseline``, ``train`` or ``trial``.
+        description: What the run's numbers cover (``mlflow.note.content``).
+        bundle: The model's ``model.bundle.pt``.
+        final: From ``workflows.tracking.final_metrics``.
+        best_epoch: The step the model and the final keys are logged at.
+        dataset_root: Dataset directory whose splits are logged as inputs (None: none).
+        splits: Split name -> context (``training``, ``validation``, ``test``).
+        log_models: Log the MLflow model (config ``mlflow.log_models``).
+        registered_model: Registry name (config ``mlflow.registered_model``; None: skip).
+    """
+    from workflows.tracking import describe_run, log_dataset_input, log_final_metrics
+
+    client = mlflow.MlflowClient(tracking_uri)
+    describe_run(client, run_id, role=role, description=description)
+    for split, context in (splits or {}).items():
+        log_dataset_input(client, run_id, dataset_root, split, context=context)
+    log_final_metrics(client, run_id, final, step=best_epoch)
+    if not log_models:
+        return RecordedModel(None, None)
+    model_id = log_model(tracking_uri, run_id, bundle, step=best_epoch, tags={"cpsd.role": role})
+    registered = None
+    if registered_model:
+        version = register_model(
+            tracking_uri, model_id, registered_model, alias=role, tags={"cpsd.role": role, **final}
+        )
+        registered = f"models:/{registered_model}/{version.version}"
+    return RecordedModel(model_id, registered)

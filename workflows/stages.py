@@ -1,0 +1,472 @@
+"""The CPSD stages as Ray task bodies: partitions, teachers, teacher logits, baseline, student.
+
+Each stage is a plain function of a :class:`JobContext` and small records, calling the same
+``mlcore.cpsd`` functions as the sequential reference run; ``workflows.graph`` decides where
+and when each runs. A stage reads and writes ``<storage_path>/<namespace>/stages/<stage>-<key>/``
+(local or s3://, gs:// through pyarrow.fs); only small JSON records travel between stages, while
+checkpoints, scores and cached logits stay in storage.
+
+A stage's key is the fingerprint of what it computes (``mlcore.fingerprint``), so a finished
+stage is reused by any job that needs the same result, and a stage whose worker died resumes
+from its last epoch checkpoint; its MLflow run is found by that key and continued, never
+duplicated. Every training stage also scores its selected weights on the held-out splits
+(``test``, ``test_shift``); that evaluation is keyed by the held-out data, so adding a test split
+evaluates finished stages without retraining them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlcore.bundle import BUNDLE_FILE
+from mlcore.cpsd import (
+    Partition,
+    TeacherSpec,
+    cache_teacher_logits,
+    evaluate_model,
+    held_out_splits,
+    make_partition,
+    student_config,
+    teacher_config,
+    train_student,
+    train_teacher,
+)
+from mlcore.data.manifest import read_info
+from mlcore.experiment import resolve_dataset, train_classifier
+from mlcore.fingerprint import split_digest, stable_hash
+from mlcore.partition.cooccurrence import cooccurrence_from_manifest
+from mlcore.train import BEST, LAST, SCORES, TrainResult, load_checkpoint
+from workflows.config import Config
+from workflows.mlflow_model import record_trained_model
+from workflows.runtime import device_for_task
+from workflows.storage import Storage, WorkDir
+from workflows.tracking import Tracker, child_run, final_metrics_of, flat_params, git_commit
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """Small and picklable: the config, where artifacts go, and where to log.
+
+    ``namespace`` is the folder under ``storage_path`` whose ``stages/`` the job reads and
+    writes: the pipeline's ``name``, or the study's, whose variants then share stages.
+    """
+
+    cfg: Config
+    storage_uri: str
+    tracker: Tracker | None
+    namespace: str
+
+    def stage_rel(self, stage: str, key: str) -> str:
+        return f"{self.namespace}/stages/{stage}-{key}"
+
+
+def partition_key(cfg: Config, kind: str) -> str:
+    c, data = cfg.cpsd, cfg.data
+    train = split_digest(resolve_dataset(data), [data.train_split], data.cache_dir)
+    k = 1 if kind == "full" else c.k
+    return stable_hash("partition", kind, train, k, c.tau, c.partition_seed)
+
+
+def _placement() -> dict[str, Any]:
+    import ray
+
+    context = ray.get_runtime_context()
+    return {
+        "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+        "node_id": context.get_node_id(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+
+
+def _print(line: str) -> None:
+    # Ray prefixes worker output with the task name; flush so lines arrive as they happen.
+    print(line, flush=True)
+
+
+def _common_params(cfg: Config) -> dict[str, Any]:
+    c = cfg.cpsd
+    return {
+        "mode": c.mode,
+        "k": c.k,
+        "tau": c.tau,
+        "seed": cfg.train.seed,
+        "git_commit": git_commit(),
+        "loss_source": cfg.loss.source or "config",
+        **flat_params(cfg.loss, "loss"),
+        **flat_params(cfg.model, "model"),
+        **flat_params(cfg.train, "train"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Partitions
+
+
+def partition_stage(ctx: JobContext, kind: str, key: str) -> dict[str, Any]:
+    """One label partition (``cgp``, ``dgp``, ``random`` or ``full``): JSON and heatmap."""
+    storage = Storage(ctx.storage_uri)
+    rel = ctx.stage_rel(f"partition-{kind}", key)
+    done = storage.done(rel)
+    if done is not None:
+        return done
+    cfg = ctx.cfg
+    work = WorkDir(storage, rel)
+    try:
+        root = resolve_dataset(cfg.data)
+        names = read_info(root).class_names
+        if kind != "full" and cfg.cpsd.k > len(names):
+            raise ValueError(
+                f"cpsd.k = {cfg.cpsd.k} is larger than the number of classes ({len(names)})"
+            )
+        pair_counts, class_counts = cooccurrence_from_manifest(root, cfg.data.train_split)
+        partition = make_partition(
+            kind,
+            pair_counts,
+            class_counts,
+            names,
+            k=cfg.cpsd.k,
+            tau=cfg.cpsd.tau,
+            seed=cfg.cpsd.partition_seed,
+            json_path=work.path / f"partition_{kind}.json",
+            png_path=None if kind == "full" else work.path / f"partition_{kind}.png",
+        )
+        record = {
+            "rel": rel,
+            "partition": dataclasses.asdict(partition),
+            "files": sorted(p.name for p in work.path.iterdir() if p.suffix in (".json", ".png")),
+        }
+        work.sync()
+        storage.mark_done(rel, record)
+        return record
+    finally:
+        work.close()
+
+
+def partition_of(record: dict[str, Any]) -> Partition:
+    p = record["partition"]
+    return Partition(p["kind"], tuple(p["assignment"]), p["report"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The shell of every training stage
+
+
+def _held_out(
+    storage: Storage,
+    rel: str,
+    model_cfg: Config,
+    class_subset: Sequence[int] | None,
+    *,
+    workdir: Path | None = None,
+    done: dict[str, Any] | None = None,
+) -> tuple[dict[str, dict[str, float]], str]:
+    """Held-out reports of a stage's selected weights and the digest of the held-out data.
+
+    A stage being trained is evaluated in its ``workdir``. A finished stage (``done``) is
+    evaluated again only when that data changed since (a test split was added), without
+    retraining: its checkpoint is fetched, the new scores are written back.
+    """
+    _, digest = held_out_splits(model_cfg)
+    if workdir is not None:
+        return evaluate_model(model_cfg, workdir / BEST, workdir, class_subset=class_subset), digest
+    if done is not None and done.get("held_out_digest") == digest:
+        return done["held_out"], digest
+    work = WorkDir(storage, rel, files=[BEST])
+    try:
+        reports = evaluate_model(model_cfg, work.path / BEST, work.path, class_subset=class_subset)
+        work.sync()
+        return reports, digest
+    finally:
+        work.close()
+
+
+def _train_stage(
+    ctx: JobContext,
+    stage: str,
+    key: str,
+    params: dict[str, Any],
+    model_cfg: Config,
+    run: Callable[[Path, Callable[[int, dict], None], Callable[[str], None]], TrainResult],
+    *,
+    role: str,
+    classes: int,
+    class_subset: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """Skip when done, else train (resuming), log, evaluate on held-out splits, mark done.
+
+    ``run(workdir, on_epoch, log)`` trains into ``workdir`` and returns the TrainResult.
+    """
+    storage = Storage(ctx.storage_uri)
+    rel = ctx.stage_rel(stage, key)
+    done = storage.done(rel)
+    if done is not None:
+        held_out, digest = _held_out(storage, rel, model_cfg, class_subset, done=done)
+        if digest != done.get("held_out_digest"):
+            done = {**done, "held_out": held_out, "held_out_digest": digest}
+            storage.mark_done(rel, done)
+        # Reused output: this job still gets a child run, pointing at where it came from.
+        with child_run(ctx.tracker, key, stage, params, reused=True) as logger:
+            logger.tags({"cpsd.stage": stage, "cpsd.role": role, "cpsd.reused_from": rel})
+            for row in done["history"]:
+                logger.metrics(row, step=int(row["epoch"]))
+            logger.metrics(_final(done), step=done["best_epoch"])
+        return {**done, "reused": True}
+    work = WorkDir(storage, rel)
+    try:
+        placement = _placement()
+        attempts_file = work.path / "attempts.json"
+        attempts = json.loads(attempts_file.read_text()) if attempts_file.is_file() else []
+        resumed_from = None
+        if (work.path / LAST).is_file():
+            resumed_from = int(load_checkpoint(work.path / LAST)["epoch"])
+        attempts.append({**placement, "resumed_from_epoch": resumed_from, "time": time.time()})
+        attempts_file.write_text(json.dumps(attempts, indent=1))
+        # For operators (and the fault-injection test): which process trains this stage now.
+        (work.path / "worker.pid").write_text(str(os.getpid()))
+        work.sync()
+        with child_run(ctx.tracker, key, stage, params, spill_dir=work.path) as logger:
+            logger.tags(
+                {
+                    "cpsd.stage": stage,
+                    "cpsd.role": role,
+                    "cpsd.attempt": len(attempts),
+                    "ray.gpu_ids": ",".join(placement["gpu_ids"]) or "none",
+                    "ray.host": placement["host"],
+                }
+            )
+
+            def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+                logger.metrics(metrics, step=epoch)
+                work.sync()
+
+            result = run(work.path, on_epoch, _print)
+            held_out, digest = _held_out(storage, rel, model_cfg, class_subset, workdir=work.path)
+            record = {
+                "stage": stage,
+                "role": role,
+                "classes": classes,
+                "key": key,
+                "rel": rel,
+                "best_epoch": result.best_epoch,
+                "metrics": result.best_metrics,
+                "history": result.history,
+                "held_out": held_out,
+                "held_out_digest": digest,
+                "attempts": attempts,
+                "run_id": logger.run_id,
+                "finished": time.time(),
+            }
+            _record_model(ctx, logger, record, model_cfg, work.path, role)
+            if ctx.cfg.mlflow.log_checkpoints:
+                logger.artifact(result.best_checkpoint, "checkpoints")
+        work.sync()
+        storage.mark_done(rel, record)
+        return {**record, "reused": False}
+    finally:
+        work.close()
+
+
+def _final(record: dict[str, Any]) -> dict[str, float]:
+    """The keys every stage run ends with, so runs compare side by side."""
+    return final_metrics_of(
+        record["metrics"]["val_mAP"], record["best_epoch"], record["classes"], record["held_out"]
+    )
+
+
+def _record_model(
+    ctx: JobContext,
+    logger: Any,
+    record: dict[str, Any],
+    cfg: Config,
+    workdir: Path,
+    role: str,
+) -> None:
+    """Description, datasets, final keys, the MLflow model and (student, baseline) a registry
+    version on the stage's run. Tracking never fails a trained stage: the bundle is in storage."""
+    if ctx.tracker is None:
+        return
+    if not logger.send_backlog() or logger.run_id is None:
+        _print(f"MLflow unreachable: the {role} model of {record['rel']} was not logged")
+        logger.metrics(_final(record), step=record["best_epoch"])
+        return
+    data = cfg.data
+    splits = {data.train_split: "training", data.val_split: "validation"}
+    if "test" in record["held_out"]:
+        splits[data.test_split] = "test"
+    what = "its own subset of" if role == "teacher" else "all"
+    try:
+        record_trained_model(
+            ctx.tracker.uri,
+            logger.run_id,
+            role=role,
+            description=(
+                f"{role}: {record['classes']} classes ({what} the task's classes). "
+                "best_val_mAP is the selected epoch on val (the better of val_mAP_plain, the "
+                "trained weights, and val_mAP_ema, their moving average); test_* and shift_mAP "
+                "score that epoch on the held-out splits, over num_classes_evaluated classes."
+            ),
+            bundle=workdir / BUNDLE_FILE,
+            final=_final(record),
+            best_epoch=record["best_epoch"],
+            dataset_root=resolve_dataset(data),
+            splits=splits,
+            log_models=ctx.cfg.mlflow.log_models,
+            registered_model=(
+                ctx.cfg.mlflow.registered_model if role in ("student", "baseline") else None
+            ),
+        )
+    except Exception as err:  # the server went away between the check and the calls
+        _print(f"MLflow: the {role} model of {record['rel']} was not logged ({err})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Teachers, their logits, the baseline and the student
+
+
+def _on_assigned_device(ctx: JobContext, what: str) -> JobContext:
+    return dataclasses.replace(ctx, cfg=device_for_task(ctx.cfg, what))
+
+
+def teacher_stage(ctx: JobContext, spec: TeacherSpec, key: str) -> dict[str, Any]:
+    ctx = _on_assigned_device(ctx, spec.name)
+    cfg = teacher_config(ctx.cfg, spec)
+    names = read_info(resolve_dataset(cfg.data)).class_names
+    params = {
+        **_common_params(cfg),
+        "teacher.kind": spec.kind,
+        "teacher.index": spec.index,
+        "teacher.num_classes": len(spec.subset),
+        "teacher.classes": ",".join(names[c] for c in spec.subset),
+        "teacher.epochs": cfg.train.epochs,
+    }
+    record = _train_stage(
+        ctx,
+        spec.name,
+        key,
+        params,
+        cfg,
+        lambda path, on_epoch, log: train_teacher(ctx.cfg, spec, path, on_epoch=on_epoch, log=log),
+        role="teacher",
+        classes=len(spec.subset),
+        class_subset=spec.subset,
+    )
+    return {**record, "subset": list(spec.subset), "kind": spec.kind}
+
+
+def logits_stage(ctx: JobContext, spec: TeacherSpec, teacher: dict[str, Any]) -> dict[str, Any]:
+    """The teacher's logits on every training image; runs as soon as that teacher is done."""
+    ctx = _on_assigned_device(ctx, f"{spec.name}-logits")
+    storage = Storage(ctx.storage_uri)
+    rel = f"{teacher['rel']}/logits"
+    done = storage.done(rel)
+    if done is not None:
+        return done
+    work = WorkDir(storage, rel)
+    scratch = Path(tempfile.mkdtemp(prefix="cpsd-logits-"))
+    try:
+        checkpoint = storage.download(f"{teacher['rel']}/{BEST}", scratch / BEST)
+        cache_teacher_logits(ctx.cfg, spec, checkpoint, work.path / "logits.parquet")
+        work.sync()
+        record = {"rel": rel, "file": f"{rel}/logits.parquet"}
+        storage.mark_done(rel, record)
+        return record
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        work.close()
+
+
+def baseline_stage(ctx: JobContext, key: str) -> dict[str, Any]:
+    ctx = _on_assigned_device(ctx, "baseline")
+    return _train_stage(
+        ctx,
+        "baseline",
+        key,
+        _common_params(ctx.cfg),
+        ctx.cfg,
+        lambda path, on_epoch, log: train_classifier(ctx.cfg, path, on_epoch=on_epoch, log=log),
+        role="baseline",
+        classes=read_info(resolve_dataset(ctx.cfg.data)).num_classes,
+    )
+
+
+def student_stage(
+    ctx: JobContext,
+    specs: Sequence[TeacherSpec],
+    key: str,
+    teachers: Sequence[dict[str, Any]],
+    logits: Sequence[dict[str, Any]] | None,
+    baseline: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The student, distilled from the teachers' cached logits or the teachers themselves."""
+    ctx = _on_assigned_device(ctx, "student")
+    storage = Storage(ctx.storage_uri)
+    cfg = ctx.cfg
+    c = cfg.cpsd
+
+    def run(path: Path, on_epoch, log) -> TrainResult:
+        # Inputs go to a scratch folder of this attempt, never into the synced stage folder
+        # (on object storage that would upload every teacher checkpoint after each epoch).
+        # Local storage is read in place.
+        scratch = Path(tempfile.mkdtemp(prefix="cpsd-student-inputs-"))
+        try:
+
+            def fetch(rels: Sequence[str]) -> list[Path]:
+                if storage.is_local:
+                    return [Path(storage.path(rel)) for rel in rels]
+                return [
+                    storage.download(rel, scratch / f"{i}-{Path(rel).name}")
+                    for i, rel in enumerate(rels)
+                ]
+
+            cached = c.teacher_mode == "cached"
+            checkpoints = [] if cached else fetch([f"{t['rel']}/{BEST}" for t in teachers])
+            logit_files = fetch([r["file"] for r in logits]) if cached and logits else None
+            init = None
+            if c.student_init == "baseline" and baseline is not None:
+                init = fetch([f"{baseline['rel']}/{BEST}"])[0]
+            return train_student(
+                cfg,
+                specs,
+                path,
+                teacher_checkpoints=checkpoints,
+                teacher_logits=logit_files,
+                baseline_checkpoint=init,
+                on_epoch=on_epoch,
+                log=log,
+            )
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    params = {
+        **_common_params(student_config(cfg)),
+        "teachers": len(specs),
+        "teacher_mode": c.teacher_mode,
+        "kd_reduction": c.kd_reduction,
+        "student_init": c.student_init or "model",
+        "cls_weight": c.cls_weight,
+        "kd_alpha": c.kd_alpha,
+    }
+    classes = read_info(resolve_dataset(cfg.data)).num_classes
+    return _train_stage(
+        ctx, "student", key, params, student_config(cfg), run, role="student", classes=classes
+    )
+
+
+def download_scores(storage: Storage, record: dict[str, Any], scratch: Path) -> Path:
+    """A stage's score files (val and held-out) in a local folder, for merging ensembles."""
+    local = scratch / record["stage"]
+    for name in (SCORES, "scores-test.npz", "scores-shift.npz"):
+        if storage.exists(f"{record['rel']}/{name}"):
+            storage.download(f"{record['rel']}/{name}", local / name)
+    return local
