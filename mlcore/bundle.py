@@ -178,7 +178,7 @@ class ModelBundle:
         if self.class_embeddings is not None:
             vectors = self.class_embeddings.detach().cpu().float().numpy()
             table = ClassEmbeddings(self.class_names, vectors)
-        model = build_model_from_config(cfg, self.num_classes, table)
+        model = build_model_from_config(cfg, self.num_classes, class_embeddings=table)
         try:
             model.load_state_dict(self.state_dict)
         except RuntimeError as err:

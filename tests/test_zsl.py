@@ -237,3 +237,15 @@ def test_cli_synth_compositional(tmp_path: Path, capsys) -> None:
     assert len(manifest.split_rows("test")) == 6
     table = load_class_embeddings(tmp_path / DATASET_FILE, manifest.class_names)
     assert table.names == manifest.class_names
+
+
+def test_bundle_rebuilds_the_word_query_model(tiny_zsl_run) -> None:
+    from mlcore.bundle import BUNDLE_FILE, load_bundle
+
+    cfg, out, _ = tiny_zsl_run
+    bundle = load_bundle(out / BUNDLE_FILE)
+    model = bundle.build_model()
+    assert model.head.class_names == list(bundle.class_names)
+    expected = load_word_query_model(cfg.model, out / "best.pt")
+    images = torch.randn(2, 3, cfg.data.image_size, cfg.data.image_size)
+    torch.testing.assert_close(model(images), expected(images))
