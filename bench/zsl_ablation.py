@@ -3,8 +3,9 @@
 Runs ``cpsd train --config CONFIG`` (default: the bundled ``zsl``) once per (variant, seed), each
 in its own output directory (an interrupted sweep resumes: finished runs are read back, not
 rerun), then reports, per variant, the mean and the 95% t-interval over seeds of the zero-shot
-metrics in each run's ``metrics.json`` (selected on seen-class val mAP, scored on ``test``), and
-the paired per-seed difference of each variant from the first one. Variants:
+metrics in each run's ``metrics.json`` (selected on seen-class val mAP, scored on ``test``) and
+of its seen-class mAPs, and the paired per-seed difference of each variant from the first one.
+Variants:
 
 * ``none``: no query augmentation (``query_noise=0``, ``random_queries=0``);
 * ``noise``: query noise only; ``random``: random queries only;
@@ -42,16 +43,28 @@ METRICS = (
     "gzsl_F1@5",
     "zsl_mAP_chance",
     "gzsl_mAP_chance",
+    "seen_val_mAP",
+    "seen_test_mAP",
 )
+COMPARED = (*METRICS[:6], "seen_test_mAP")
 
 
 def zero_shot_record(run_dir: Path) -> dict | None:
-    """The zero-shot record of a finished run's ``metrics.json`` (None: not finished)."""
+    """The zero-shot record of a finished run's ``metrics.json`` plus its seen-class numbers
+    (``seen_val_mAP``: the selected epoch's val mAP; ``seen_test_mAP``: ``final.json``'s
+    ``test_mAP``, the seen classes on the test split); None while the run is not finished."""
     path = run_dir / "metrics.json"
-    if not path.is_file():
+    if not path.is_file() or not (run_dir / "final.json").is_file():
         return None
     records = json.loads(path.read_text())
-    return records[-1] if records and records[-1].get("evaluation") == "zero_shot" else None
+    if not records or records[-1].get("evaluation") != "zero_shot":
+        return None
+    final = json.loads((run_dir / "final.json").read_text())
+    return {
+        **records[-1],
+        "seen_val_mAP": final["best_val_mAP"],
+        "seen_test_mAP": final["test_mAP"],
+    }
 
 
 def interval(values: np.ndarray) -> tuple[float, float]:
@@ -109,12 +122,12 @@ def main(argv: list[str] | None = None) -> None:
             "",
             f"Paired difference from `{base}` (same seeds), mean ± 95% t half-width:",
             "",
-            "| variant | " + " | ".join(METRICS[:6]) + " |",
-            "|---" * 7 + "|",
+            "| variant | " + " | ".join(COMPARED) + " |",
+            "|---" * (len(COMPARED) + 1) + "|",
         ]
         for variant in args.variants[1:]:
             cells = []
-            for key in METRICS[:6]:
+            for key in COMPARED:
                 diff = np.array(
                     [a[key] - b[key] for a, b in zip(results[variant], results[base], strict=True)]
                 )

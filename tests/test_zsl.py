@@ -249,3 +249,15 @@ def test_bundle_rebuilds_the_word_query_model(tiny_zsl_run) -> None:
     expected = load_word_query_model(cfg.model, out / "best.pt")
     images = torch.randn(2, 3, cfg.data.image_size, cfg.data.image_size)
     torch.testing.assert_close(model(images), expected(images))
+
+
+def test_relative_paths_resolved(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    sets = ["zsl.unseen_classes=unseen.txt", "data.class_embeddings=glove.txt"]
+    cfg = load_config(config_path("zsl_tiny"), sets)
+    assert cfg.zsl.unseen_classes == str(tmp_path / "unseen.txt")
+    assert cfg.data.class_embeddings == str(tmp_path / "glove.txt")
+    assert (
+        load_config(config_path("zsl_tiny"), ["zsl.unseen_classes=manifest"]).zsl.unseen_classes
+        == "manifest"
+    )
