@@ -21,11 +21,11 @@ from mlcore.bundle import BUNDLE_FILE, ModelBundle, Preprocessing, class_embeddi
 from mlcore.config import DataConfig, ExperimentConfig, LossConfig, TrainConfig
 from mlcore.configlib import ConfigError
 from mlcore.data.dataset import MultiLabelDataset, build_transform
-from mlcore.data.embeddings import dataset_class_embeddings
+from mlcore.data.embeddings import DATASET_FILE, dataset_class_embeddings
 from mlcore.data.manifest import Manifest, ManifestError, read_info
 from mlcore.data.sampler import ClassAwareSampler, SeededKeys, ShuffleSampler
 from mlcore.data.synth import ensure_generated
-from mlcore.fingerprint import config_content, split_digest, stable_hash
+from mlcore.fingerprint import config_content, file_digest, split_digest, stable_hash
 from mlcore.losses import build_asymmetry_controller, build_loss
 from mlcore.models import build_model_from_config
 from mlcore.train import (
@@ -57,12 +57,18 @@ def training_fingerprint(
 
     ``extra`` adds what the caller's objective depends on beyond the config sections (the
     student's distillation settings and its teachers' fingerprints). A zero-shot run adds its
-    held-out classes: they change the classes and images it trains on.
+    held-out classes: they change the classes and images it trains on. Word queries reading the
+    dataset's own embedding file add that file's content (``data.class_embeddings`` counts by
+    content already).
     """
     data = cfg.data
     root = resolve_dataset(data)
     if cfg.zsl.enabled:
         extra = [*extra, ["zero_shot", list(zero_shot_split(cfg.zsl, read_info(root)).unseen)]]
+    own_embeddings = root / DATASET_FILE
+    word = cfg.model.head == "ml_decoder" and cfg.model.ml_decoder.queries == "word"
+    if word and data.class_embeddings is None and own_embeddings.is_file():
+        extra = [*extra, ["embeddings", file_digest(own_embeddings, data.cache_dir)]]
     return stable_hash(
         "training",
         config_content(data, data.cache_dir),

@@ -261,3 +261,27 @@ def test_relative_paths_resolved(tmp_path: Path, monkeypatch) -> None:
         load_config(config_path("zsl_tiny"), ["zsl.unseen_classes=manifest"]).zsl.unseen_classes
         == "manifest"
     )
+
+
+def test_fingerprint_covers_held_out_classes_and_own_embeddings(tmp_path, tiny_overrides) -> None:
+    import shutil
+
+    from mlcore.data.embeddings import ClassEmbeddings
+    from mlcore.experiment import training_fingerprint
+
+    cfg = load_config(config_path("zsl_tiny"), tiny_overrides)
+    other = load_config(
+        config_path("zsl_tiny"), [*tiny_overrides, "zsl.unseen_classes=[red_circle]"]
+    )
+    assert training_fingerprint(cfg) != training_fingerprint(other)
+    # A copy of the dataset's manifest and embeddings (the fingerprint reads no image).
+    source = resolve_dataset(cfg.data)
+    for name in ("manifest.parquet", DATASET_FILE):
+        shutil.copy(source / name, tmp_path / name)
+    copy = load_config(
+        config_path("zsl_tiny"), [*tiny_overrides, f"data.root={tmp_path}", "data.synth=null"]
+    )
+    assert training_fingerprint(copy) == training_fingerprint(cfg)  # same content, same key
+    table = load_class_embeddings(tmp_path / DATASET_FILE, Manifest.load(tmp_path).class_names)
+    ClassEmbeddings(table.names, table.vectors * 2).save(tmp_path / DATASET_FILE)
+    assert training_fingerprint(copy) != training_fingerprint(cfg)
