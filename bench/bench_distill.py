@@ -1,7 +1,8 @@
 """Student step cost with cached vs online teachers, relative to a plain student step.
 
 A "step" is what the training loop does per batch: forward, objective, backward, Adam step.
-The cached objective looks the merged teacher logits up by row index and adds two MSE terms;
+The cached objective reads the batch's rows from the teachers' logit stores on disk (page
+cache), merges them and adds two MSE terms;
 the online one runs every teacher (eval mode, no grad) on the batch first. Expected:
 cached ≈ 1×, online ≈ 1 + 2k·t_fwd / (t_fwd + t_bwd).
 
@@ -11,9 +12,13 @@ cached ≈ 1×, online ≈ 1 + 2k·t_fwd / (t_fwd + t_bwd).
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from mlcore.distill import (
@@ -22,6 +27,8 @@ from mlcore.distill import (
     DistillationObjective,
     Ensemble,
     OnlineTeachers,
+    load_cached_ensemble,
+    write_logits,
 )
 from mlcore.losses.asl import AsymmetricLoss
 from mlcore.models import build_model
@@ -68,7 +75,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--train-size", type=int, default=2000, help="rows of the cached table")
+    parser.add_argument("--train-size", type=int, default=2000, help="rows of the logit stores")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -90,7 +97,18 @@ def main() -> None:
     asl = AsymmetricLoss()
     kd = DistillationLoss(asl)
     online = OnlineTeachers(teachers(cgp), teachers(dgp), c)
-    cached = CachedTeachers(torch.randn(args.train_size, c), torch.randn(args.train_size, c))
+    store_dir = Path(tempfile.mkdtemp(prefix="bench-distill-"))
+    ids = [str(i) for i in range(args.train_size)]
+
+    def stores(subsets, seed):
+        rng = np.random.default_rng(seed)
+        paths = [
+            write_logits(store_dir / f"{seed}-{t}", ids, [rng.normal(size=(len(ids), len(s)))], s)
+            for t, s in enumerate(subsets)
+        ]
+        return load_cached_ensemble(paths, ids, c)
+
+    cached = CachedTeachers(stores(cgp, 0), stores(dgp, 1))
 
     results = {}
     for name, objective in (
@@ -102,6 +120,7 @@ def main() -> None:
         model = build_model(args.backbone, c)
         results[name] = _time_steps(model, objective, batches, args.repeats)
     fwd = _time_forward(build_model(args.backbone, c).eval(), batches, args.repeats)
+    shutil.rmtree(store_dir)
     plain = results["plain"]
     expected_online = 1 + 2 * args.k * fwd / plain
 

@@ -72,15 +72,20 @@ class DataConfig:
     """Where the images and labels come from and how they are fed to the model."""
 
     root: str | None = field(default=None, metadata=NOT_RESULT)
-    """Dataset directory holding ``manifest.parquet`` (see ``mlcore.data.manifest``). Where the
-    data lives is not part of a result's identity: stage keys hash the content of the splits a
-    stage reads (``mlcore.fingerprint``)."""
+    """Dataset directory holding ``manifest.parquet`` (see ``mlcore.data.manifest``): a local
+    path or an object-store URI (``s3://bucket/prefix``, ``gs://...``). Where the data lives is
+    not part of a result's identity: stage keys hash the content of the splits a stage reads
+    (``mlcore.fingerprint``)."""
     synth: SynthConfig | None = field(default=None, metadata=NOT_RESULT)
     """Generate the dataset instead (cached under ``cache_dir`` by content hash); with neither
     ``root`` nor ``synth`` set, the default generated dataset is used. Like ``root``, keyed by
     the content of the splits read, so adding a split leaves training keys unchanged."""
     cache_dir: str = field(default=".cache/cpsd", metadata=NOT_RESULT)
-    """Where generated datasets are cached; relative paths are resolved against the cwd."""
+    """Where generated datasets (and copies of remote ones) are cached; relative paths are
+    resolved against the cwd."""
+    cache_remote: bool = field(default=True, metadata=NOT_RESULT)
+    """Copy a remote dataset's manifest and images into ``cache_dir`` on first read (per node),
+    so later epochs and stages read local files."""
     train_split: str = "train"
     """Split used for training and label statistics."""
     val_split: str = "val"
@@ -102,8 +107,20 @@ class DataConfig:
     """Cutout: side of the erased square as a fraction of the image side (0 disables)."""
     class_aware_sampling: bool = False
     """Draw training images with the DB paper's class-aware re-sampling."""
-    num_workers: int = field(default=0, metadata=NOT_RESULT)
-    """DataLoader worker processes (0 decodes in the training process)."""
+    num_workers: int | Literal["auto"] = field(default="auto", metadata=NOT_RESULT)
+    """DataLoader worker processes (0 decodes in the training process). ``auto``: one less than
+    the CPUs the training process holds (its Ray task's ``ray.teacher_cpus`` /
+    ``ray.student_cpus``, or this machine's CPUs outside Ray), at most 16. Results do not depend
+    on it: each sample's augmentation is seeded by its position in the epoch."""
+    decoder: Literal["pil", "torchvision", "simplejpeg"] = field(
+        default="simplejpeg", metadata=NOT_RESULT
+    )
+    """Image decoder (``mlcore.data.dataset.DECODERS``); all give the same pixels (tested), see
+    ``docs/benchmarks.md`` for their speed."""
+    decode_on: Literal["loader", "device"] = field(default="loader", metadata=NOT_RESULT)
+    """Where images are decoded and transformed: ``loader`` (DataLoader workers, on CPUs) or
+    ``device`` (the training device, a batch at a time: JPEGs through nvjpeg on a GPU; on a CPU
+    device, or for other formats, with ``decoder`` on the CPU)."""
     class_embeddings: str | None = field(default=None, metadata=FILE)
     """Class embedding file for word queries (``model.ml_decoder.queries: word``): GloVe,
     fastText or word2vec text (``.txt``/``.vec``) or ``.npz``/``.npy`` with a names array (see
@@ -119,7 +136,10 @@ class DataConfig:
             object.__setattr__(self, "synth", SynthConfig())
         _check(self.image_size >= 16, "data.image_size must be >= 16")
         _check(0.0 <= self.cutout < 1.0, "data.cutout must be in [0, 1)")
-        _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+        _check(
+            self.num_workers == "auto" or self.num_workers >= 0,
+            "data.num_workers must be >= 0 or 'auto'",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -167,6 +187,36 @@ class MLDecoderConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RNNConfig:
+    """The orderless CNN-RNN decoder (PLA paper §3.1 and the authors' ``model.py``).
+
+    Defaults are the paper's sizes; the decoder runs ``max_steps + 1`` steps so that the
+    ``<end>`` token always fits after the longest label set.
+    """
+
+    embed_dim: int = 256
+    """Size of the label embeddings fed back as the next step's input (paper: 256)."""
+    hidden_dim: int = 512
+    """LSTM hidden and cell size (paper: 512); h0 and c0 are linear maps of the pooled vector."""
+    attention_dim: int = 512
+    """Width of the additive soft attention over the spatial map (paper: 512)."""
+    dropout: float = 0.0
+    """Dropout on the fed-back label embeddings and on the LSTM output before the classifier
+    (the authors' ``-dropout``, default 0)."""
+    attention_dropout: float = 0.5
+    """Dropout on the spatial features inside the attention, redrawn every step (authors: 0.5)."""
+    max_steps: int = 19
+    """Most labels one image may have (the authors run 20 steps for at most 18 COCO labels). A
+    dataset image with more is an error, raised before training starts."""
+
+    def __post_init__(self) -> None:
+        for name in ("embed_dim", "hidden_dim", "attention_dim", "max_steps"):
+            _check(getattr(self, name) >= 1, f"model.rnn.{name} must be >= 1")
+        for name in ("dropout", "attention_dropout"):
+            _check(0.0 <= getattr(self, name) < 1.0, f"model.rnn.{name} must be in [0, 1)")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Backbone and classification head."""
 
@@ -176,8 +226,9 @@ class ModelConfig:
     """Extra ``timm.create_model`` keyword arguments, e.g. ``{output_stride: 8}`` for a finer
     ResNet feature map (more tokens for ML-Decoder at low resolution) or ``{img_size: 64}``
     for a ViT."""
-    head: Literal["gap", "ml_decoder"] = "gap"
-    """``gap``: global average pooling + linear; ``ml_decoder``: the ML-Decoder head."""
+    head: Literal["gap", "ml_decoder", "rnn"] = "gap"
+    """``gap``: global average pooling + linear; ``ml_decoder``: the ML-Decoder head; ``rnn``:
+    the orderless LSTM decoder with attention (PLA), trained with ``loss.name: orderless``."""
     pretrained: bool = False
     """Load timm's pretrained weights (needs the hub or a local cache)."""
     pretrained_file: str | None = field(default=None, metadata=FILE)
@@ -187,6 +238,19 @@ class ModelConfig:
     """Dropout before the classifier (GAP head)."""
     ml_decoder: MLDecoderConfig = field(default_factory=MLDecoderConfig)
     """Used when ``head: ml_decoder``."""
+    rnn: RNNConfig = field(default_factory=RNNConfig)
+    """Used when ``head: rnn``."""
+    encoder_checkpoint: str | None = field(default=None, metadata=FILE)
+    """``head: rnn``: initialise the encoder from this checkpoint of a ``head: gap`` model of
+    the same backbone (the PLA paper's stage 1, a BCE-trained classifier; its classifier is
+    dropped). Read when training starts only: a trained model is rebuilt from this config, the
+    number of classes and its own weights."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.encoder_checkpoint is None or self.head == "rnn",
+            "model.encoder_checkpoint needs model.head: rnn",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -257,8 +321,8 @@ class DBConfig:
 class LossConfig:
     """Classification loss. ``focal`` is ASL with γ+ = γ− = ``gamma`` and no margin."""
 
-    name: Literal["bce", "focal", "asl", "db"] = "asl"
-    """Which loss."""
+    name: Literal["bce", "focal", "asl", "db", "orderless"] = "asl"
+    """Which loss; ``orderless`` is the label-sequence cross-entropy of ``model.head: rnn``."""
     gamma_neg: float = 4.0
     """ASL γ−."""
     gamma_pos: float = 0.0
@@ -271,6 +335,20 @@ class LossConfig:
     """Adaptive asymmetry (``name: asl``)."""
     db: DBConfig = field(default_factory=DBConfig)
     """Distribution-Balanced loss settings (``name: db``)."""
+    order: Literal["frequent", "rare", "dictionary", "random", "mla", "pla"] = "pla"
+    """``name: orderless``: how each image's labels are ordered into the target sequence.
+    ``frequent``/``rare``: by training-split class frequency (ties: lower class index first);
+    ``dictionary``: by class name; ``random``: a new random class ranking for every batch;
+    ``mla``: minimal-loss alignment to the predictions (PLA paper Eq. 4); ``pla``: predicted-label
+    alignment (Eq. 5). See ``mlcore.orderless``."""
+    pla_variant: Literal["paper", "code"] = "paper"
+    """``order: pla``: ``paper`` is Eq. 5 (predictions of the first n steps fix labels);
+    ``code`` is the authors' code, where a label predicted only after step n keeps its slot in
+    the base (class-index) order. See ``mlcore.orderless.align_targets``."""
+    teacher_forcing: bool = False
+    """``name: orderless`` with a fixed order (frequent, rare, dictionary): feed the target
+    sequence as the decoder's input in training instead of its own argmax. A control: the
+    paper's models are free-running (its Eq. 2); evaluation is always free-running."""
     source: str | None = field(default=None, metadata=NOT_RESULT)
     """Where these settings came from (e.g. a sweep's MLflow run id); recorded, not used."""
 
@@ -281,6 +359,29 @@ class LossConfig:
             not self.adaptive.enabled or self.name == "asl",
             "loss.adaptive.enabled needs loss.name: asl",
         )
+        _check(
+            not self.teacher_forcing or self.order in ("frequent", "rare", "dictionary"),
+            "loss.teacher_forcing needs a fixed loss.order (frequent, rare or dictionary): the "
+            "decoder's input must be known before the forward pass",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class SWAConfig:
+    """Stochastic weight averaging (Izmailov et al., 2018), as the PLA authors train stage 2."""
+
+    enabled: bool = False
+    """Keep a running mean of the weights; validation also scores it (BN statistics
+    recomputed on the training data) and keeps the best of plain, EMA and SWA weights."""
+    start_epoch: int = 0
+    """First epoch (0-based) whose weights enter the average."""
+    every_steps: int = 4
+    """Average after every this many optimiser steps (the authors: every 4 iterations, at the
+    low point of their cyclical learning rate; here the loop's own schedule runs unchanged)."""
+
+    def __post_init__(self) -> None:
+        _check(self.start_epoch >= 0, "train.swa.start_epoch must be >= 0")
+        _check(self.every_steps >= 1, "train.swa.every_steps must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -301,6 +402,11 @@ class TrainConfig:
     """Keep an EMA of the weights; validation keeps the better of EMA and plain weights."""
     ema_decay: float = 0.9997
     """EMA decay (with timm's warm-up, so short runs still move)."""
+    swa: SWAConfig = field(default_factory=SWAConfig)
+    """Stochastic weight averaging."""
+    select_metric: Literal["mAP", "CF1", "OF1"] = "mAP"
+    """Validation metric that keeps the best epoch (``best.pt``) and picks between plain,
+    EMA and SWA weights."""
     amp: bool = True
     """bf16 autocast when running on a GPU (ignored on CPU)."""
     channels_last: bool = True
@@ -363,6 +469,9 @@ class CPSDConfig:
     ``model.pretrained``/``model.pretrained_file`` (the authors: ImageNet); ``baseline``: the
     trained baseline's selected weights (our extension, not in the paper; needs
     ``train_baseline``). None: like every model, pretrained when ``model`` says so, else random."""
+    logits_dtype: Literal["float32", "float16"] = "float32"
+    """Storage type of cached teacher logits (``teacher_mode: cached``); float16 halves their
+    disk and I/O at a precision of about 1e-3 relative."""
     cls_weight: float = 0.5
     """Weight of the student's classification loss (authors' code: 0.5)."""
     kd_alpha: float = 0.5
@@ -435,6 +544,15 @@ class ExperimentConfig:
         _check(
             init != "baseline" or (self.cpsd.train_baseline and self.cpsd.mode != "baseline"),
             "cpsd.student_init: baseline needs cpsd.train_baseline: true and a mode with teachers",
+        )
+        _check(
+            (self.model.head == "rnn") == (self.loss.name == "orderless"),
+            "model.head: rnn and loss.name: orderless go together (the decoder emits label "
+            "sequences, the other losses score per-class logits)",
+        )
+        _check(
+            self.model.head != "rnn" or self.cpsd.mode == "baseline",
+            "model.head: rnn needs cpsd.mode: baseline (CPSD teachers distil per-class logits)",
         )
         decoder = self.model.ml_decoder
         word = self.model.head == "ml_decoder" and decoder.queries == "word"

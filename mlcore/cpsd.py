@@ -40,24 +40,32 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader
 
 from mlcore.config import ExperimentConfig
-from mlcore.data.dataset import MultiLabelDataset, build_transform
-from mlcore.data.manifest import Manifest
+from mlcore.data.manifest import Manifest, read_info
 from mlcore.distill import (
+    LOGIT_STORE,
     CachedTeachers,
     DistillationLoss,
     DistillationObjective,
     Ensemble,
     OnlineTeachers,
+    iter_logits,
     load_cached_ensemble,
     merge_logits,
-    predict_logits,
     write_logits,
 )
-from mlcore.experiment import resolve_dataset, train_classifier, training_fingerprint
+from mlcore.experiment import (
+    load_manifest,
+    loader_workers,
+    resolve_dataset,
+    split_dataset,
+    train_classifier,
+    training_fingerprint,
+)
 from mlcore.fingerprint import split_digest
 from mlcore.metrics import bucket_map, frequency_buckets, multilabel_report
 from mlcore.models import build_model_from_config, word_query_table
@@ -67,8 +75,10 @@ from mlcore.partition.random_partition import random_partition
 from mlcore.partition.report import label_stats_hash, partition_report, plot_affinity_heatmap
 from mlcore.partition.spectral import normalized_cut, spectral_partition
 from mlcore.train import (
+    LOCAL,
     SCORES,
     MetricsCallback,
+    Placement,
     TrainResult,
     load_checkpoint,
     predict,
@@ -177,7 +187,7 @@ def compute_partitions(
     kinds = ENSEMBLES[cfg.cpsd.mode]
     if not kinds:
         return {}
-    names = Manifest.load(root, with_bytes=False).class_names
+    names = read_info(root).class_names
     c = cfg.cpsd
     if any(kind != "full" for kind in kinds) and c.k > len(names):
         raise ValueError(f"cpsd.k = {c.k} is larger than the number of classes ({len(names)})")
@@ -245,6 +255,8 @@ def train_teacher(
     out_dir: str | os.PathLike,
     *,
     on_epoch: MetricsCallback | None = None,
+    on_step: MetricsCallback | None = None,
+    placement: Placement = LOCAL,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train one teacher on all training images with targets restricted to its subset."""
@@ -253,6 +265,8 @@ def train_teacher(
         out_dir,
         class_subset=list(spec.subset),
         on_epoch=on_epoch,
+        on_step=on_step,
+        placement=placement,
         log=lambda line: log(f"[{spec.name}] {line}"),
     )
 
@@ -274,11 +288,13 @@ def _eval_loader(
     split: str,
     class_subset: Sequence[int] | None = None,
 ) -> DataLoader:
-    dataset = MultiLabelDataset(
-        manifest, split, build_transform(cfg.data, train=False), class_subset=class_subset
+    dataset = split_dataset(manifest, cfg.data, split, train=False, class_subset=class_subset)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.train.eval_batch_size or 2 * cfg.train.batch_size,
+        collate_fn=dataset.collate_fn,
+        num_workers=loader_workers(cfg.data, None),
     )
-    batch = cfg.train.eval_batch_size or 2 * cfg.train.batch_size
-    return DataLoader(dataset, batch_size=batch, num_workers=cfg.data.num_workers)
 
 
 def cache_teacher_logits(
@@ -287,12 +303,15 @@ def cache_teacher_logits(
     checkpoint: str | os.PathLike,
     out_path: str | os.PathLike,
 ) -> Path:
-    """Logits of one teacher on every training image (eval transform) -> Parquet."""
-    manifest = Manifest.load(resolve_dataset(cfg.data))
+    """Logits of one teacher on every training image (eval transform) -> a logit store,
+    written batch by batch in ``cpsd.logits_dtype``."""
+    manifest = load_manifest(cfg.data)
     loader = _eval_loader(cfg, manifest, cfg.data.train_split)
     model = load_trained(cfg, len(spec.subset), checkpoint)
-    logits = predict_logits(model, loader, resolve_device(cfg.train.device))
-    return write_logits(out_path, loader.dataset.image_ids, logits, spec.subset)
+    logits = iter_logits(model, loader, resolve_device(cfg.train.device))
+    return write_logits(
+        out_path, loader.dataset.ids, logits, spec.subset, dtype=cfg.cpsd.logits_dtype
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,6 +346,7 @@ def student_fingerprint(cfg: ExperimentConfig, specs: Sequence[TeacherSpec]) -> 
         "student",
         c.mode,
         c.teacher_mode,
+        c.logits_dtype if c.teacher_mode == "cached" else None,
         c.cls_weight,
         c.kd_alpha,
         c.kd_reduction,
@@ -359,37 +379,38 @@ def train_student(
     baseline_checkpoint: str | os.PathLike | None = None,
     on_epoch: MetricsCallback | None = None,
     on_step: MetricsCallback | None = None,
+    placement: Placement = LOCAL,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Distil the teacher ensembles into a student on all classes (Eq. 7).
 
-    ``cpsd.teacher_mode: cached`` reads ``teacher_logits`` (one Parquet file per teacher, in
-    ``specs`` order); ``online`` loads every teacher checkpoint and runs them on each batch.
-    ``cpsd.student_init: baseline`` starts from ``baseline_checkpoint``. With no teachers (mode
-    ``baseline``) this is plain training.
+    ``cpsd.teacher_mode: cached`` reads ``teacher_logits`` (one logit store per teacher, in
+    ``specs`` order) a batch at a time; ``online`` loads every teacher checkpoint and runs them
+    on each batch. ``cpsd.student_init: baseline`` starts from ``baseline_checkpoint``. With no
+    teachers (mode ``baseline``) this is plain training.
     """
     if not specs:
-        return train_classifier(cfg, out_dir, on_epoch=on_epoch, on_step=on_step, log=log)
+        return train_classifier(
+            cfg, out_dir, on_epoch=on_epoch, on_step=on_step, placement=placement, log=log
+        )
     c = cfg.cpsd
     if c.student_init == "baseline" and baseline_checkpoint is None:
         raise ValueError("cpsd.student_init: baseline needs the baseline's checkpoint")
-    manifest = Manifest.load(resolve_dataset(cfg.data), with_bytes=False)
+    manifest = load_manifest(cfg.data, with_bytes=False)
     num_classes = manifest.num_classes
     cached = c.teacher_mode == "cached"
     if cached:
         if teacher_logits is None or len(teacher_logits) != len(specs):
-            raise ValueError("cached teacher mode needs one logit file per teacher")
-        image_ids = (
-            manifest.table.column("image_id")
-            .take(manifest.split_rows(cfg.data.train_split))
-            .to_pylist()
+            raise ValueError("cached teacher mode needs one logit store per teacher")
+        image_ids = manifest.table.column("image_id").take(
+            pa.array(manifest.split_rows(cfg.data.train_split))
         )
-        tables = [
+        stores = [
             load_cached_ensemble(paths, image_ids, num_classes)
             for _, paths in _ensembles(specs, teacher_logits)
         ]
         teachers: OnlineTeachers | CachedTeachers = CachedTeachers(
-            *tables, *[None] * (2 - len(tables))
+            *stores, *[None] * (2 - len(stores))
         )
     else:
         if len(teacher_checkpoints) != len(specs):
@@ -421,6 +442,7 @@ def train_student(
         return_index=cached,
         on_epoch=on_epoch,
         on_step=on_step,
+        placement=placement,
         log=log,
     )
 
@@ -438,7 +460,7 @@ def held_out_splits(cfg: ExperimentConfig) -> tuple[dict[str, str], str]:
     """The held-out splits the dataset has (``{"test": name, "shift": name}``, absent ones
     left out) and the digest of their content."""
     root = resolve_dataset(cfg.data)
-    splits = Manifest.load(root, with_bytes=False).splits()
+    splits = load_manifest(cfg.data, with_bytes=False).splits()
     present = {r: s for r, s in report_splits(cfg).items() if s in splits}
     digest = split_digest(root, list(present.values()), cfg.data.cache_dir) if present else ""
     return present, digest
@@ -464,7 +486,7 @@ def evaluate_model(
         record = json.loads(record_path.read_text())
         if record.get("digest") == digest:
             return record["reports"]
-    manifest = Manifest.load(resolve_dataset(cfg.data))
+    manifest = load_manifest(cfg.data)
     outputs = len(class_subset) if class_subset is not None else manifest.num_classes
     model = load_trained(cfg, outputs, checkpoint)
     device = resolve_device(cfg.train.device)
@@ -618,7 +640,7 @@ def run_local(
     """The whole algorithm in this process, sequentially: the reference the pipeline matches."""
     out = Path(out_dir)
     root = resolve_dataset(cfg.data)
-    num_classes = Manifest.load(root, with_bytes=False).num_classes
+    num_classes = load_manifest(cfg.data, with_bytes=False).num_classes
     log(f"mode {cfg.cpsd.mode}: label statistics and partitions")
     partitions = compute_partitions(cfg, root, out / "partitions")
     specs = plan_teachers(partitions)
@@ -632,7 +654,7 @@ def run_local(
         teachers.append(_trained(spec.name, "teacher", len(spec.subset), result, held_out))
         checkpoints.append(result.best_checkpoint)
         if cfg.cpsd.teacher_mode == "cached":
-            path = teacher_dir / "logits.parquet"
+            path = teacher_dir / LOGIT_STORE
             logits.append(cache_teacher_logits(cfg, spec, result.best_checkpoint, path))
     finals = []
     baseline_checkpoint = None

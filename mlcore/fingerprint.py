@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mlcore import configlib
-from mlcore.data.manifest import manifest_path, read_info
+from mlcore.data.manifest import MANIFEST_FILE, filesystem, is_uri, read_info
 
 _BLOCK = 1 << 20
 
@@ -38,12 +38,14 @@ def stable_hash(*parts: Any, length: int = 12) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
-def _cached(cache_dir: str | os.PathLike | None, path: Path, tag: str, compute) -> str:
-    """``compute()``, memoised on disk by (path, size, mtime): hashing big files once per change."""
+def _cached(cache_dir: str | os.PathLike | None, location: str, tag: str, compute) -> str:
+    """``compute()``, memoised on disk by (location, size, mtime): a big file is hashed once per
+    change (a local path or an object-store URI)."""
     if cache_dir is None:
         return compute()
-    stat = path.stat()
-    name = stable_hash(str(path.resolve()), stat.st_size, stat.st_mtime_ns, tag, length=24)
+    fs, path = filesystem(location)
+    info = fs.get_file_info(path)
+    name = stable_hash(location, info.size, info.mtime_ns, tag, length=24)
     memo = Path(cache_dir) / "digests" / f"{name}.txt"
     if memo.is_file():
         return memo.read_text().strip()
@@ -72,7 +74,7 @@ def file_digest(path: str | os.PathLike, cache_dir: str | os.PathLike | None = N
                 digest.update(block)
         return digest.hexdigest()[:16]
 
-    return _cached(cache_dir, path, "file", compute)
+    return _cached(cache_dir, str(path.resolve()), "file", compute)
 
 
 def split_digest(
@@ -85,12 +87,14 @@ def split_digest(
     images by their bytes. Streams the manifest, so memory stays bounded.
     """
     splits = sorted(set(splits))
-    path = manifest_path(root)
+    location = str(root) if is_uri(root) else str(Path(root).expanduser().resolve())
+    location = f"{location.rstrip('/')}/{MANIFEST_FILE}"
 
     def compute() -> str:
         digest = hashlib.sha256()
         digest.update(json.dumps(list(read_info(root).class_names)).encode())
-        parquet = pq.ParquetFile(path)
+        fs, path = filesystem(location)
+        parquet = pq.ParquetFile(fs.open_input_file(path))
         columns = [c for c in ("image_id", "path", "image_bytes", "labels", "split")]
         columns = [c for c in columns if c in parquet.schema_arrow.names]
         for split in splits:
@@ -105,7 +109,7 @@ def split_digest(
                         digest.update(b"\0")
         return digest.hexdigest()[:16]
 
-    return _cached(cache_dir, path, "splits:" + ",".join(splits), compute)
+    return _cached(cache_dir, location, "splits:" + ",".join(splits), compute)
 
 
 def config_content(section: Any, cache_dir: str | os.PathLike | None = None) -> Any:

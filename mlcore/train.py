@@ -2,16 +2,23 @@
 
 ``train`` takes a built model, loaders and an objective, and runs Adam (no weight decay on
 biases and norms) with a OneCycle schedule, an optional EMA of the weights (validation keeps the
-better of EMA and plain weights each epoch, as the ASL/CPSD code does), bf16 autocast and
-channels_last on GPU, optional gradient clipping, and an optional adaptive-asymmetry
-controller. It reports through callbacks, so ``workflows`` can send the numbers to MLflow or
-Ray without this module knowing either.
+better of EMA and plain weights each epoch, as the ASL/CPSD code does), optional stochastic
+weight averaging (``mlcore.swa``, scored the same way), bf16 autocast and channels_last on GPU,
+optional gradient clipping, and an optional adaptive-asymmetry controller. Model families whose
+training forward or validation differ from "logits (B, C), sigmoid scores" (the orderless RNN)
+bring a ``Forward`` and an ``Evaluator``. It reports through callbacks, so ``workflows`` can
+send the numbers to MLflow or Ray without this module knowing either.
+
+Data-parallel training (``workflows.distributed`` runs it under Ray Train) comes in as one more
+argument, a :class:`Placement`: every rank runs this same loop on its share of each global
+batch, the wrapped model sums the ranks' gradients, and the adaptive controller sees the whole
+global batch. The default, :data:`LOCAL`, is one process and every hook is the identity.
 
 Every epoch ends with an atomic checkpoint (``last.pt``: everything needed to resume) and, when
 the epoch is the best so far, ``best.pt`` (the selected weights) with ``val_scores.npz``. Resuming
 from ``last.pt`` gives the same final weights as an uninterrupted run on CPU, for any number of
 DataLoader workers: every epoch re-seeds all RNGs from (seed, epoch), and each sample's
-augmentation is seeded by its position in the epoch (``mlcore.data.sampler.SeededKeys``).
+augmentation is seeded by its position in the epoch (``mlcore.data.dataset.SeededSampler``).
 
 A run resumes only from a checkpoint carrying the same ``fingerprint`` (``mlcore.fingerprint``:
 the config fields and data its result depends on); anything else is a
@@ -44,9 +51,12 @@ from torch.utils.data import DataLoader
 
 from mlcore.config import TrainConfig
 from mlcore.metrics import multilabel_report
+from mlcore.swa import WeightAveraging
 
 LAST = "last.pt"
 BEST = "best.pt"
+SCORES = "val_scores.npz"
+PENDING = ".next"  # suffix of a best checkpoint staged but not yet recorded (settle_best)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -63,8 +73,19 @@ class Batch(NamedTuple):
     indices: torch.Tensor | None  # (B,) positions in the split, when the dataset returns them
 
 
+class Forward(Protocol):
+    """Runs the model on a training batch; its output is what the objective scores."""
+
+    def __call__(self, model: nn.Module, batch: Batch) -> torch.Tensor: ...
+
+
+def forward_images(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The default :class:`Forward`: ``model(images)``."""
+    return model(batch.images)
+
+
 class Objective(Protocol):
-    """Maps the model's logits (B, C) and the batch to a scalar loss."""
+    """Maps the model's training output (logits (B, C) by default) and the batch to a loss."""
 
     def __call__(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor: ...
 
@@ -88,6 +109,56 @@ class StepObserver(Protocol):
 
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
+
+
+class Placement(Protocol):
+    """Where this training process runs: its rank among data-parallel workers, and its CPUs.
+
+    Every rank trains on a disjoint share of each global batch (the loaders are built per rank).
+    The global objective is the *sum* of the ranks' objectives: with a loss summed over the
+    batch (ASL, the distillation MSE) that is exactly the single-process loss of the global
+    batch, so ``wrap`` must sum the ranks' gradients, not average them. A loss that averages
+    over the batch (DB) then gets ``world_size`` times its single-process gradient, which Adam's
+    per-parameter normalisation cancels except for the L2 weight-decay term and ``grad_clip``.
+    """
+
+    rank: int
+    world_size: int
+    cpus: float | None
+    """CPUs this process holds (a Ray task's or worker's share); None: the whole machine."""
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The module to run forward/backward through (e.g. DDP around ``model``)."""
+        ...
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` summed over all ranks (every rank gets the result)."""
+        ...
+
+    def gather(self, value: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``value`` concatenated along dim 0, in rank order."""
+        ...
+
+
+@dataclass(frozen=True)
+class LocalPlacement:
+    """One training process (no data parallelism): every hook is the identity."""
+
+    cpus: float | None = None
+    rank: int = 0
+    world_size: int = 1
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def gather(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+
+LOCAL = LocalPlacement()
 
 
 @dataclass
@@ -126,9 +197,26 @@ class TrainResult:
     def best_checkpoint(self) -> Path:
         return self.out_dir / BEST
 
+    @classmethod
+    def from_dir(cls, out_dir: str | os.PathLike) -> TrainResult:
+        """The result of a finished run, read back from its ``last.pt`` and saved scores."""
+        out = Path(out_dir)
+        state = load_checkpoint(out / LAST)
+        scores, targets = _saved_scores(out)
+        best = state["best"]
+        return cls(out, best["epoch"], best["metrics"], state["history"], scores, targets)
+
     @property
     def last_checkpoint(self) -> Path:
         return self.out_dir / LAST
+
+
+def _saved_scores(out: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
+    path = out / SCORES
+    if not path.is_file():
+        return None, None
+    with np.load(path) as saved:
+        return saved["scores"], saved["targets"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -156,10 +244,6 @@ def save_atomic(obj: dict[str, Any], path: Path) -> None:
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
-
-
-SCORES = "val_scores.npz"
-PENDING = ".next"
 
 
 def _save_scores_atomic(path: Path, scores: np.ndarray, targets: np.ndarray) -> None:
@@ -253,33 +337,43 @@ def train(
     observe_every: int = 10,
     on_epoch: MetricsCallback | None = None,
     on_step: MetricsCallback | None = None,
+    forward: Forward = forward_images,
     evaluate: Evaluator = evaluate_scores,
     fingerprint: str | None = None,
     resume: bool = True,
+    placement: Placement = LOCAL,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
-    """Train ``model`` and keep the best weights by validation mAP.
+    """Train ``model`` and keep the best weights by validation ``cfg.select_metric``.
 
     Args:
-        model: Returns logits (B, C) for images (B, 3, H, W).
+        model: In eval mode, logits (B, C) for images (B, 3, H, W) (what the default
+            ``evaluate`` reads); in training, whatever ``forward`` makes of it for ``objective``.
         train_loader: Yields ``(images, targets)`` or ``(images, targets, indices)``.
         val_loader: Same, over the validation split (targets over the same C classes).
-        objective: Loss of (logits, batch).
+        objective: Loss of (forward's output, batch).
         cfg: Loop settings.
         out_dir: Where ``last.pt`` and ``best.pt`` go.
         observer: Updated with (logits, targets) after each step; its returned numbers are
             reported every ``observe_every`` steps through ``on_step``.
         observe_every: Step-metric interval.
         on_epoch: Called with (epoch, metrics) after every epoch; metrics hold ``train_loss``,
-            ``val_mAP``, ``val_CP`` ... ``val_OF1`` (of the selected weights), ``val_mAP_plain``,
-            ``val_mAP_ema``, ``lr`` and ``epoch_time_s``.
+            ``val_mAP``, ``val_CP`` ... ``val_OF1`` and whatever else ``evaluate`` reports (of
+            the selected weights), the selection metric of each candidate (``val_mAP_plain``,
+            ``val_mAP_ema``, ``val_mAP_swa`` for ``select_metric: mAP``), ``lr`` and
+            ``epoch_time_s``.
         on_step: Called with (global_step, metrics) every ``observe_every`` steps.
-        evaluate: Scores the plain and EMA weights on ``val_loader`` each epoch; its
-            ``mAP`` selects the kept weights, and all its metrics are reported as ``val_*``.
+        forward: Runs the model (DDP-wrapped on a worker group) on a training batch (default:
+            ``model(images)``).
+        evaluate: Scores the plain, EMA and SWA weights on ``val_loader`` each epoch; its
+            ``cfg.select_metric`` selects the kept weights, and all its metrics are reported
+            as ``val_*``.
         fingerprint: Identity of this run's config and data; stored in ``last.pt`` and
             required to match on resume.
         resume: Continue from ``out_dir/last.pt`` when it exists (and its fingerprint
             matches).
+        placement: Data-parallel hooks; ``train_loader`` must then yield this rank's share of
+            every global batch. Each rank keeps its own ``out_dir`` (rank 0's is the result).
         log: Progress lines.
 
     Returns:
@@ -303,6 +397,8 @@ def train(
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    # Forward/backward go through ``net``; EMA, validation and checkpoints use ``model``.
+    net = placement.wrap(model)
     optimizer = torch.optim.Adam(param_groups_weight_decay(model, cfg.weight_decay), lr=cfg.lr)
     steps_per_epoch = len(train_loader)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -312,9 +408,15 @@ def train(
         pct_start=cfg.pct_start,
     )
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None
+    swa = (
+        WeightAveraging(model, start_epoch=cfg.swa.start_epoch, every_steps=cfg.swa.every_steps)
+        if cfg.swa.enabled
+        else None
+    )
+    select = cfg.select_metric
 
     start_epoch, history = 0, []
-    best: dict[str, Any] = {"epoch": -1, "metrics": {"val_mAP": -math.inf}}
+    best: dict[str, Any] = {"epoch": -1, "metrics": {f"val_{select}": -math.inf}}
     settle_best(out)
     if resume and (out / LAST).is_file():
         check_resumable(out, fingerprint)
@@ -324,6 +426,8 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
+        if swa is not None and state.get("swa") is not None:
+            swa.load_state_dict(state["swa"])
         if observer is not None and state.get("observer") is not None:
             observer.load_state_dict(state["observer"])
         start_epoch, history, best = state["epoch"] + 1, state["history"], state["best"]
@@ -332,17 +436,21 @@ def train(
     global_step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, cfg.epochs):
         # -- one epoch ---------------------------------------------------------------------------
-        seed_everything(_epoch_seed(cfg.seed, epoch))
         sampler = getattr(train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
+        # Starting the loader's iterator may draw a worker seed from the global RNG, and with
+        # persistent workers only the first epoch of a process does: seeding after it keeps
+        # a resumed run's randomness (dropout, random label orders) that of an unbroken one.
+        batches = iter(train_loader)
+        seed_everything(_epoch_seed(cfg.seed, epoch))
         model.train()
         started = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
-        for step, raw in enumerate(train_loader):
+        for step, raw in enumerate(batches):
             batch = unpack(raw, device, channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(batch.images)
+                logits = forward(net, batch)
             # Losses run in float32 even under autocast: log(1 - p) near p = 1 needs it.
             logits = logits.float()
             loss = objective(logits, batch)
@@ -360,22 +468,29 @@ def train(
             global_step += 1
             if ema is not None:
                 ema.update(model, step=global_step)
+            if swa is not None:
+                swa.update(model, epoch, global_step)
             loss_sum += loss.detach()
             if observer is not None:
-                stats = observer.update(logits.detach(), batch.targets)
+                # The whole global batch, so every rank's controller takes the same step.
+                stats = observer.update(
+                    placement.gather(logits.detach()), placement.gather(batch.targets)
+                )
                 if on_step is not None and global_step % observe_every == 0:
                     on_step(global_step, {"train_loss_step": loss.item(), **stats})
 
-        # -- validate: plain and EMA weights, keep the better -------------------------------------
-        train_loss = (loss_sum / steps_per_epoch).item()
-        plain = evaluate(model, val_loader, device, amp)
-        metrics = {"val_mAP_plain": plain.metrics["mAP"]}
-        selected, chosen = "plain", plain
+        # -- validate: plain, EMA and SWA weights, keep the best ----------------------------------
+        train_loss = (placement.sum(loss_sum) / steps_per_epoch).item()
+        candidates = {"plain": model}
         if ema is not None:
-            averaged = evaluate(ema.module, val_loader, device, amp)
-            metrics["val_mAP_ema"] = averaged.metrics["mAP"]
-            if averaged.metrics["mAP"] > plain.metrics["mAP"]:
-                selected, chosen = "ema", averaged
+            candidates["ema"] = ema.module
+        if swa is not None and (averaged := swa.refreshed(train_loader, device)) is not None:
+            candidates["swa"] = averaged
+        evaluations = {name: evaluate(m, val_loader, device, amp) for name, m in candidates.items()}
+        metrics = {f"val_{select}_{name}": e.metrics[select] for name, e in evaluations.items()}
+        # max keeps the first of equals, so averaged weights must beat the plain ones strictly.
+        selected = max(evaluations, key=lambda name: evaluations[name].metrics[select])
+        chosen = evaluations[selected]
         report, selected_scores, targets = chosen.metrics, chosen.scores, chosen.targets
         metrics.update({f"val_{k}": v for k, v in report.items()})
         metrics.update(
@@ -386,8 +501,8 @@ def train(
         history.append({"epoch": epoch, **metrics})
 
         # -- checkpoint --------------------------------------------------------------------------
-        weights = (ema.module if selected == "ema" else model).state_dict()
-        improved = metrics["val_mAP"] > best["metrics"]["val_mAP"]
+        weights = candidates[selected].state_dict()
+        improved = metrics[f"val_{select}"] > best["metrics"][f"val_{select}"]
         if improved:
             best = {"epoch": epoch, "metrics": metrics, "weights": selected}
             _save_scores_atomic(out / (SCORES + PENDING), selected_scores, targets)
@@ -400,6 +515,7 @@ def train(
                 "fingerprint": fingerprint,
                 "model": model.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None,
+                "swa": swa.state_dict() if swa is not None else None,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "observer": observer.state_dict() if observer is not None else None,
@@ -411,19 +527,18 @@ def train(
         if improved:
             settle_best(out)
         log(
-            f"epoch {epoch + 1}/{cfg.epochs}  loss {train_loss:.4f}  val mAP "
-            f"{metrics['val_mAP']:.4f} ({selected})  {metrics['epoch_time_s']:.1f}s"
+            f"epoch {epoch + 1}/{cfg.epochs}  loss {train_loss:.4f}  val {select} "
+            f"{metrics[f'val_{select}']:.4f} ({selected})  {metrics['epoch_time_s']:.1f}s"
         )
         if on_epoch is not None:
             on_epoch(epoch, metrics)
 
-    scores_file = out / SCORES
-    saved = np.load(scores_file) if scores_file.is_file() else None
+    scores, targets = _saved_scores(out)
     return TrainResult(
         out_dir=out,
         best_epoch=best["epoch"],
         best_metrics=best["metrics"],
         history=history,
-        val_scores=None if saved is None else saved["scores"],
-        val_targets=None if saved is None else saved["targets"],
+        val_scores=scores,
+        val_targets=targets,
     )

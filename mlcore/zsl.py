@@ -42,10 +42,8 @@ from torch.utils.data import DataLoader
 
 from mlcore.config import UNSEEN_FROM_MANIFEST, ExperimentConfig, ModelConfig, ZSLConfig
 from mlcore.configlib import ConfigError
-from mlcore.data.dataset import MultiLabelDataset, build_transform
 from mlcore.data.embeddings import ClassEmbeddings, dataset_class_embeddings
-from mlcore.data.manifest import Manifest, ManifestInfo
-from mlcore.distill import predict_logits
+from mlcore.data.manifest import ManifestInfo
 from mlcore.metrics import f1_at_k, mean_average_precision
 from mlcore.models import build_model_from_config, word_query_table
 from mlcore.train import Batch, Objective, load_checkpoint, resolve_device
@@ -218,37 +216,47 @@ def load_word_query_model(cfg: ModelConfig, checkpoint: str | os.PathLike) -> nn
     return model.eval()
 
 
+@torch.inference_mode()
 def score_classes(
     model: nn.Module, classes: ClassEmbeddings, loader: DataLoader, device: torch.device
-) -> np.ndarray:
-    """Logits ``(N, M)`` of ``classes`` (any names, seen or not) on the loader's images.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits ``(N, M)`` of ``classes`` (any names, seen or not) on the loader's images, and the
+    loader's targets (the classes its dataset covers).
 
     Ranking metrics read logits rather than sigmoid probabilities: float32 probabilities of
     logits beyond about 17 all round to 1.0, and the ties would blur the ranking.
     """
     model.head.set_class_embeddings(classes.names, torch.from_numpy(classes.vectors))
-    return predict_logits(model, loader, device)
+    model.eval().to(device)
+    logits, targets = [], []
+    for images, batch_targets, *_ in loader:
+        logits.append(model(images.to(device)).float().cpu())
+        targets.append(batch_targets)
+    return torch.cat(logits).numpy(), torch.cat(targets).numpy()
 
 
 def evaluate_zero_shot(
     cfg: ExperimentConfig,
     checkpoint: str | os.PathLike,
-    dataset_dir: str | os.PathLike,
     *,
     log: Callable[[str], None] = print,
 ) -> dict[str, float]:
     """ZSL and GZSL metrics of a checkpoint trained under the protocol, on ``data.test_split``."""
-    manifest = Manifest.load(dataset_dir)
+    # mlcore.experiment imports this module (its training applies the protocol).
+    from mlcore.experiment import load_manifest, loader_workers, resolve_dataset, split_dataset
+
+    manifest = load_manifest(cfg.data)
     split = zero_shot_split(cfg.zsl, manifest.info)
-    classes = dataset_class_embeddings(cfg.data, dataset_dir, manifest.class_names)
-    dataset = MultiLabelDataset(
-        manifest, cfg.data.test_split, build_transform(cfg.data, train=False)
+    classes = dataset_class_embeddings(cfg.data, resolve_dataset(cfg.data), manifest.class_names)
+    dataset = split_dataset(manifest, cfg.data, cfg.data.test_split, train=False)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.train.eval_batch_size or 2 * cfg.train.batch_size,
+        collate_fn=dataset.collate_fn,
+        num_workers=loader_workers(cfg.data, None),
     )
-    batch = cfg.train.eval_batch_size or 2 * cfg.train.batch_size
-    loader = DataLoader(dataset, batch_size=batch, num_workers=cfg.data.num_workers)
     model = load_word_query_model(cfg.model, checkpoint)
-    scores = score_classes(model, classes, loader, resolve_device(cfg.train.device))
-    targets = dataset.targets.numpy()
+    scores, targets = score_classes(model, classes, loader, resolve_device(cfg.train.device))
     metrics = zero_shot_metrics(
         scores, targets, split, chance_draws=cfg.zsl.chance_draws, seed=cfg.train.seed
     )

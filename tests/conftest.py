@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -45,3 +46,10 @@ def label_stats(name: str) -> Path:
     if not path.is_file():
         pytest.skip(f"{path} not present (shared/ data is beside the repo in CI)")
     return path
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (for servers the tests start on 127.0.0.1)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -10,11 +10,11 @@ from mlcore.distill import (
     CachedTeachers,
     DistillationLoss,
     Ensemble,
+    LogitStore,
     OnlineTeachers,
+    iter_logits,
     load_cached_ensemble,
     merge_logits,
-    predict_logits,
-    read_logits,
     write_logits,
 )
 from mlcore.experiment import resolve_dataset
@@ -67,14 +67,27 @@ def test_distillation_loss_by_hand():
     assert single == pytest.approx(0.5 * cls + 0.5 * 5)
 
 
-def test_logit_files_round_trip(tmp_path):
-    logits = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
-    write_logits(tmp_path / "a.parquet", ["a", "b", "c", "d"], logits, [5, 0, 2])
-    ids, back, classes = read_logits(tmp_path / "a.parquet")
-    assert ids == ["a", "b", "c", "d"] and classes == [5, 0, 2]
-    np.testing.assert_array_equal(back, logits)
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_logit_store_round_trip_in_blocks(tmp_path, dtype):
+    logits = np.random.default_rng(0).normal(size=(7, 3)).astype(np.float32)
+    ids = list("abcdefg")
+    write_logits(tmp_path / "a", ids, [logits[:4], logits[4:]], [5, 0, 2], dtype=dtype)
+    store = LogitStore(tmp_path / "a")
+    assert store.class_indices == [5, 0, 2] and (store.num_rows, store.width) == (7, 3)
+    rows = np.array([6, 0, 3, 3])
+    back = store.rows(rows)
+    assert back.dtype == np.float32
+    # float16 keeps ~3 significant digits: relative error at most 2^-11.
+    tol = 0 if dtype == "float32" else 2.0**-11
+    np.testing.assert_allclose(back, logits[rows], rtol=tol, atol=tol)
+    assert np.load(tmp_path / "a" / "values.npy").dtype == np.dtype(dtype)  # a plain .npy
+    with pytest.raises(IndexError, match="row 7 outside"):
+        store.rows(np.array([7]))
     with pytest.raises(ValueError, match="do not match"):
-        load_cached_ensemble([tmp_path / "a.parquet"], ["a", "b", "c", "x"], 3)
+        load_cached_ensemble([tmp_path / "a"], list("abcdefx"), 6)
+    with pytest.raises(ValueError, match="6 logit rows for 7 image ids"):
+        write_logits(tmp_path / "b", ids, [logits[:6]], [5, 0, 2])
+    assert not (tmp_path / "b").exists()  # nothing half-written
 
 
 def test_online_and_cached_teachers_agree_on_unaugmented_inputs(tiny_config, tmp_path):
@@ -87,14 +100,16 @@ def test_online_and_cached_teachers_agree_on_unaugmented_inputs(tiny_config, tmp
     dataset = MultiLabelDataset(
         manifest, "train", build_transform(tiny_config.data, train=False), return_index=True
     )
-    loader = torch.utils.data.DataLoader(dataset, batch_size=64)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64, collate_fn=dataset.collate_fn)
     paths = []
     for t, (model, subset) in enumerate(zip(teachers, subsets, strict=True)):
-        logits = predict_logits(model, loader, torch.device("cpu"))
-        paths.append(write_logits(tmp_path / f"t{t}.parquet", dataset.image_ids, logits, subset))
-    cached = CachedTeachers(load_cached_ensemble(paths, dataset.image_ids, c), None)
+        logits = iter_logits(model, loader, torch.device("cpu"))
+        paths.append(write_logits(tmp_path / f"t{t}", dataset.ids, logits, subset))
+    cached = CachedTeachers(load_cached_ensemble(paths, dataset.ids, c), None)
     online = OnlineTeachers(Ensemble(tuple(map(tuple, subsets)), tuple(teachers)), None, c)
-    batch_loader = torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=True)
+    batch_loader = torch.utils.data.DataLoader(
+        dataset, batch_size=16, shuffle=True, collate_fn=dataset.collate_fn
+    )
     images, targets, indices = next(iter(batch_loader))
     batch = Batch(images, targets, indices)
     (from_cache, none_a), (from_online, none_b) = cached(batch), online(batch)

@@ -194,3 +194,27 @@ def test_device_follows_the_gpus_ray_assigned(local_ray, tiny_config):
     with pytest.raises(ray.exceptions.RayTaskError) as err:
         device(configlib.replace(tiny_config, ["train.device=cuda"]), 0)
     assert isinstance(err.value.cause, ConfigError) and "requested no GPU" in str(err.value)
+
+
+def test_baseline_mode_trains_the_orderless_rnn(local_ray, tiny_overrides, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(
+        config_path("pla_tiny"),
+        [
+            *tiny_overrides,
+            f"storage_path={tmp_path / 'storage'}",
+            f"mlflow.tracking_uri={uri}",
+            "train.epochs=1",
+            "data.synth.num_test_shift=32",
+        ],
+    )
+    summary = run_pipeline(cfg, log=lambda _: None)
+    reference = run_local(cfg, tmp_path / "ref", log=lambda _: None)
+    assert [r["name"] for r in summary.rows] == [r["name"] for r in reference.rows] == ["baseline"]
+    for metric in ("mAP", "CF1", "OF1", "shift_mAP"):
+        assert summary.rows[0][metric] == pytest.approx(reference.rows[0][metric], abs=1e-9)
+    parents, children = _children(uri)
+    (run,) = children[parents[0].info.run_id]
+    assert run.info.run_name == "baseline" and run.info.status == "FINISHED"
+    assert {"val_OF1", "val_duplicate_ratio", "val_mla_loss"} <= set(run.data.metrics)
+    assert run.data.params["model.head"] == "rnn"

@@ -4,7 +4,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,18 +17,12 @@ from mlflow import MlflowClient
 from workflows.config import config_path, load_config
 from workflows.pipeline import run_pipeline
 
-from .conftest import REPO
+from .conftest import REPO, free_port
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
 
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_http(url: str, timeout: float = 60) -> None:
@@ -46,7 +39,7 @@ def _wait_http(url: str, timeout: float = 60) -> None:
 @pytest.fixture
 def ray_head(tmp_path):
     """`ray start --head --block` as our child; stopped through its PID, also on failure."""
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard = free_port(), free_port()
     log = open(tmp_path / "head.log", "w")  # noqa: SIM115 - lives as long as the head
     proc = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--port", str(gcs), "--num-cpus", "2",
@@ -181,7 +174,8 @@ def test_ray_job_submit_then_job_stop(ray_head, tmp_path, tiny_overrides):
             for r in _runs(tmp_path)
             if r.info.status == "RUNNING" and r.info.start_time > max(x.info.end_time for x in runs)
         }
-        if "baseline" in running and any(n.startswith("teacher") for n in running):
+        checkpointed = list((tmp_path / "storage" / "long" / "stages").glob("teacher-*/last.pt"))
+        if "baseline" in running and checkpointed:
             break
         time.sleep(0.5)
     assert "baseline" in running, client.get_job_logs("cpsd-stop")[-3000:]

@@ -39,7 +39,7 @@ def test_appearances_are_unique():
 
 def test_manifest_contents(small):
     m = Manifest.load(small)
-    assert m.num_classes == 12 and m.splits() == ["test_shift", "train", "val"]
+    assert m.num_classes == 12 and m.splits() == ["test", "test_shift", "train", "val"]
     assert len(m.split_rows("train")) == 1000
     assert all(len(row) >= 1 for row in m.label_lists())
     assert (m.image_root / m.table.column("path")[0].as_py()).is_file()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ from mlcore.train import LAST, load_checkpoint
 from workflows.config import config_path, load_config
 from workflows.pipeline import run_pipeline
 
-from .conftest import REPO
+from .conftest import REPO, free_port
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
@@ -28,17 +27,11 @@ pytestmark = pytest.mark.slow
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class MlflowServer:
     """`mlflow server` as our child on a fixed port; start/stop by PID."""
 
     def __init__(self, root: Path):
-        self.root, self.port = root, _free_port()
+        self.root, self.port = root, free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 

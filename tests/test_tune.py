@@ -167,3 +167,52 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_overrides, 
             next(r.info.run_id for r in trials if r.info.run_name == name), "val_mAP"
         )
         assert sorted(m.step for m in history) == [0, 1, 2]  # not trained again
+
+
+def test_trials_train_on_two_worker_groups(tiny_overrides, tmp_path):
+    # The trial holds no CPU; its two gloo workers hold one each, all of the two CPUs (with a
+    # CPU, or 0.01, for the trial the group could never start: Tune-over-Train deadlock).
+    cfg = load_config(
+        config_path("tune_asl_tiny"),
+        _sets(
+            tiny_overrides,
+            tmp_path,
+            "name=group",
+            "ray.train_workers=2",
+            "tune.num_samples=1",
+            "tune.scheduler.name=fifo",
+        ),
+    )
+    outcome = run_sweep(cfg, out_dir=tmp_path / "out")
+    assert [row["epochs"] for row in outcome.table] == [2]
+    client, runs = _runs(tmp_path)
+    trials = [r for r in runs if r.info.run_name != "group"]
+    assert len(trials) == 1
+    for run in trials:
+        assert run.info.status == "FINISHED" and run.data.tags["ray.world_size"] == "2"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_mAP")]
+        assert sorted(steps) == [0, 1]  # rank 0 alone logs, once per epoch
+        assert "gamma_neg" in run.data.metrics  # the controller's step metrics, from rank 0
+    assert not list((tmp_path / "storage" / "group").glob("tune-train/*/*"))
+
+
+def test_sweep_over_label_orders_with_the_orderless_rnn(tiny_overrides, tmp_path):
+    for name in ("tune_pla", "tune_pla_tiny"):
+        assert set(validate_space(load_config(config_path(name)))) >= {"loss.order"}
+    # Three of the six orders keep the test short: a fixed order and both alignments.
+    orders = ["frequent", "mla", "pla"]
+    space = f"tune.space={{loss.order: {{grid: [{', '.join(orders)}]}}}}"
+    cfg = load_config(
+        config_path("tune_pla_tiny"), _sets(tiny_overrides, tmp_path, "train.epochs=1", space)
+    )
+    outcome = run_sweep(cfg, out_dir=tmp_path / "out")
+    assert sorted(row["loss.order"] for row in outcome.table) == sorted(orders)
+    assert all(row["error"] is None and row["epochs"] == 1 for row in outcome.table)
+    _, runs = _runs(tmp_path)
+    trials = [r for r in runs if r.info.run_name != "tune_pla_tiny"]
+    assert len(trials) == 3 and all(r.info.status == "FINISHED" for r in trials)
+    assert sorted(r.data.params["sweep.loss.order"] for r in trials) == sorted(orders)
+    for run in trials:
+        assert {"val_OF1", "val_duplicate_ratio", "val_mla_loss"} <= set(run.data.metrics)
+    best = yaml.safe_load(outcome.best_loss_file.read_text())
+    assert best["name"] == "orderless" and best["order"] == outcome.best_params["loss.order"]

@@ -10,7 +10,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from mlcore import configlib
@@ -46,6 +46,8 @@ from workflows.tracking import (
     log_final_metrics,
     runs_page_link,
 )
+
+from .conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 REGISTERED = "cpsd-test"
@@ -91,7 +93,7 @@ def image_folder(trained, tmp_path, count=3) -> list[Path]:
     paths = []
     for i in range(count):
         path = tmp_path / "imgs" / ("nested" if i % 2 else ".") / f"img{i}.png"
-        val.load_image(i).save(path)
+        Image.fromarray(val.load_image(i).permute(1, 2, 0).numpy()).save(path)
         paths.append(path.resolve())
     (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG not really")
     (tmp_path / "imgs" / "notes.txt").write_text("not an image and not picked up")
@@ -101,7 +103,8 @@ def image_folder(trained, tmp_path, count=3) -> list[Path]:
 def test_bundle_reproduces_the_selected_weights(trained):
     """The bundle alone gives the validation scores training saved for its best epoch."""
     classifier = Classifier(trained.bundle, "cpu")
-    loader = DataLoader(MultiLabelDataset(trained.manifest, "val", classifier.transform), 64)
+    val = MultiLabelDataset(trained.manifest, "val", classifier.transform)
+    loader = DataLoader(val, 64, collate_fn=val.collate_fn)
     scores, _ = predict(classifier.model, loader, classifier.device)
     saved = np.load(trained.out / "val_scores.npz")["scores"]
     assert np.allclose(scores, saved, atol=1e-5)
@@ -316,12 +319,6 @@ def test_pyfunc_takes_bytes_or_paths_and_pytorch_flavour_gives_logits(trained, t
         assert torch.allclose(network(images), expected, atol=1e-5)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: dict) -> dict:
     request = urllib.request.Request(
         url, json.dumps(body).encode(), {"Content-Type": "application/json"}
@@ -332,7 +329,7 @@ def _post(url: str, body: dict) -> dict:
 
 def test_mlflow_models_serve_answers_an_image_with_labels(trained, tmp_path):
     (path,) = image_folder(trained, tmp_path, count=1)
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": trained.uri,

@@ -165,7 +165,11 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     cfg = load(args)
     result = train_one(cfg, out_dir=args.out)
-    print(f"best val mAP {result.best_metrics['val_mAP']:.4f} at epoch {result.best_epoch + 1}")
+    metric = cfg.train.select_metric
+    print(
+        f"best val {metric} {result.best_metrics[f'val_{metric}']:.4f} "
+        f"at epoch {result.best_epoch + 1}"
+    )
     print(f"outputs in {result.out_dir}")
 
 

@@ -7,6 +7,7 @@ different working directory.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -56,7 +57,23 @@ class RayConfig:
     student_cpus: float = 1.0
     """CPUs of the student task."""
     max_retries: int = 2
-    """Retries of a stage whose worker died; a teacher resumes from its last epoch."""
+    """Retries of a stage whose worker died; a teacher resumes from its last epoch. With
+    ``train_workers > 1`` also the restarts of a worker group (Ray Train ``FailureConfig``)."""
+    train_workers: int = 1
+    """Data-parallel workers per model (Ray Train ``TorchTrainer``, DDP: nccl on GPUs, gloo on
+    CPUs) for teachers, student, baseline and Tune trials; each worker holds the stage's
+    ``*_cpus`` / ``*_gpus`` (trials: ``tune.resources_per_trial``). 1: the stage trains in its
+    Ray task. Changes where a model trains, not what it computes."""
+    student_train_workers: int | None = None
+    """Workers of the student and the baseline (None: like ``train_workers``)."""
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0:
+            raise ConfigError("ray.max_retries must be >= 0")
+        if self.train_workers < 1 or (
+            self.student_train_workers is not None and self.student_train_workers < 1
+        ):
+            raise ConfigError("ray.train_workers and ray.student_train_workers must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -212,6 +229,8 @@ def resolve_paths(cfg: Config) -> Config:
     model = cfg.model
     if model.pretrained_file is not None:
         model = dataclasses.replace(model, pretrained_file=_absolute(model.pretrained_file))
+    if model.encoder_checkpoint is not None:
+        model = dataclasses.replace(model, encoder_checkpoint=_absolute(model.encoder_checkpoint))
     zsl = cfg.zsl
     if isinstance(zsl.unseen_classes, str) and zsl.unseen_classes != UNSEEN_FROM_MANIFEST:
         zsl = dataclasses.replace(zsl, unseen_classes=_absolute(zsl.unseen_classes))
@@ -234,6 +253,14 @@ def config_path(name: str | None) -> Path | None:
     raise ConfigError(f"config {name!r} not found (bundled configs: {available})")
 
 
+def config_arg_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The ``--config FILE --set key=value ...`` arguments every ``python -m workflows.X`` takes."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", required=True, help="YAML config (or a bundled name)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return parser
+
+
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:
     """Load, override, check and resolve a config; errors are :class:`ConfigError`."""
     return resolve_paths(configlib.load(Config, path, overrides))
@@ -249,6 +276,7 @@ __all__ = [
     "StudyConfig",
     "SweepConfig",
     "TrackingUnavailable",
+    "config_arg_parser",
     "config_path",
     "load_config",
     "resolve_paths",

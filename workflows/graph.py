@@ -37,6 +37,7 @@ from mlcore.cpsd import (
     teacher_fingerprint,
 )
 from workflows.config import Config
+from workflows.distributed import model_resources, task_options
 from workflows.runtime import STOP
 from workflows.stages import (
     JobContext,
@@ -63,14 +64,6 @@ class ConfigRefs:
     logits: dict[str, Any] = field(default_factory=dict)
     baseline: Any = None
     final: Any = None
-
-
-def _resources(gpus: float | None, cpus: float) -> dict[str, float]:
-    import ray
-
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    return {"num_gpus": gpus, "num_cpus": cpus}
 
 
 class StageGraph:
@@ -124,7 +117,7 @@ class StageGraph:
                 ctx.stage_rel("baseline", key),
                 "baseline",
                 baseline_stage,
-                {**_resources(self._student_gpus(cfg), cfg.ray.student_cpus), **retries},
+                {**task_options(cfg, "baseline"), **retries},
                 ctx,
                 key,
             )
@@ -142,19 +135,21 @@ class StageGraph:
         partitions = {k: partition_of(records[f"partition-{k}"]) for k in refs.partitions}
         refs.specs = plan_teachers(partitions)
         retries = {"max_retries": cfg.ray.max_retries}
-        teacher_res = _resources(cfg.ray.teacher_gpus, cfg.ray.teacher_cpus)
+        teacher_task = {**task_options(cfg, "teacher"), **retries}
+        # A teacher's logits are one pass of one model: the resources of one copy.
+        logits_task = {**model_resources(cfg, "teacher"), **retries}
         for spec in refs.specs:
             key = teacher_fingerprint(cfg, spec)
             rel = ctx.stage_rel(spec.name, key)
             refs.teachers[spec.name] = self.submit(
-                rel, spec.name, teacher_stage, {**teacher_res, **retries}, ctx, spec, key
+                rel, spec.name, teacher_stage, teacher_task, ctx, spec, key
             )
             if c.teacher_mode == "cached":
                 refs.logits[spec.name] = self.submit(
-                    f"{rel}/logits",
+                    f"{rel}/logits-{c.logits_dtype}",
                     f"{spec.name}-logits",
                     logits_stage,
-                    {**teacher_res, **retries},
+                    logits_task,
                     ctx,
                     spec,
                     refs.teachers[spec.name],
@@ -168,7 +163,7 @@ class StageGraph:
             ctx.stage_rel("student", key),
             "student",
             _student_task,
-            {**_resources(self._student_gpus(cfg), cfg.ray.student_cpus), **retries},
+            {**task_options(cfg, "student"), **retries},
             ctx,
             refs.specs,
             key,
@@ -180,10 +175,6 @@ class StageGraph:
             *([refs.baseline] if needs_baseline else []),
         )
         return refs
-
-    @staticmethod
-    def _student_gpus(cfg: Config) -> float | None:
-        return cfg.ray.student_gpus if cfg.ray.student_gpus is not None else cfg.ray.teacher_gpus
 
     # -- waiting and cancelling ---------------------------------------------------------------
 

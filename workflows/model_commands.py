@@ -258,7 +258,9 @@ def run_evaluate(
                 "are optimistic; evaluate another split (e.g. test) with it"
             )
     dataset = MultiLabelDataset(manifest, split, classifier.transform, class_subset=columns)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=dataset.collate_fn
+    )
     scores, targets = predict_loader(
         classifier.model, _batches(loader, progress), classifier.device
     )

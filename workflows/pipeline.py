@@ -14,7 +14,6 @@ last epoch. MLflow gets a parent run per job and a child per stage (``cpsd.role`
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import shutil
 import sys
@@ -28,7 +27,7 @@ from mlcore.configlib import ConfigError
 from mlcore.cpsd import ENSEMBLES, RunSummary
 from mlcore.data.manifest import read_info
 from mlcore.experiment import resolve_dataset
-from workflows.config import USER_ERRORS, Config, config_path, load_config
+from workflows.config import USER_ERRORS, Config, config_arg_parser, config_path, load_config
 from workflows.graph import StageGraph
 from workflows.report import (
     collect,
@@ -148,12 +147,9 @@ def run_pipeline(cfg: Config, *, log: Callable[[str], None] = print) -> RunSumma
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m workflows.pipeline", description="Run the CPSD pipeline on Ray."
-    )
-    parser.add_argument("--config", required=True, help="YAML config (or a bundled name)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
+    args = config_arg_parser(
+        "python -m workflows.pipeline", "Run the CPSD pipeline on Ray."
+    ).parse_args(argv)
     try:
         cfg = load_config(config_path(args.config), args.overrides)
         summary = run_pipeline(cfg)

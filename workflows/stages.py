@@ -23,7 +23,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,11 +42,13 @@ from mlcore.cpsd import (
     train_teacher,
 )
 from mlcore.data.manifest import read_info
+from mlcore.distill import LOGIT_STORE
 from mlcore.experiment import resolve_dataset, train_classifier
 from mlcore.fingerprint import split_digest, stable_hash
 from mlcore.partition.cooccurrence import cooccurrence_from_manifest
 from mlcore.train import BEST, LAST, SCORES, TrainResult, load_checkpoint
 from workflows.config import Config
+from workflows.distributed import Role, TrainingRun, train_stage, train_workers
 from workflows.mlflow_model import record_trained_model
 from workflows.runtime import device_for_task
 from workflows.storage import Storage, WorkDir
@@ -197,7 +199,7 @@ def _train_stage(
     key: str,
     params: dict[str, Any],
     model_cfg: Config,
-    run: Callable[[Path, Callable[[int, dict], None], Callable[[str], None]], TrainResult],
+    run: TrainingRun,
     *,
     role: str,
     classes: int,
@@ -205,7 +207,8 @@ def _train_stage(
 ) -> dict[str, Any]:
     """Skip when done, else train (resuming), log, evaluate on held-out splits, mark done.
 
-    ``run(workdir, on_epoch, log)`` trains into ``workdir`` and returns the TrainResult.
+    ``run(workdir, **hooks)`` trains into ``workdir`` and returns the TrainResult, in this task
+    or on a Ray Train worker group (``workflows.distributed.train_stage``).
     """
     storage = Storage(ctx.storage_uri)
     rel = ctx.stage_rel(stage, key)
@@ -250,7 +253,17 @@ def _train_stage(
                 logger.metrics(metrics, step=epoch)
                 work.sync()
 
-            result = run(work.path, on_epoch, _print)
+            result = train_stage(
+                ctx.cfg,
+                role,
+                run,
+                work.path,
+                storage=storage,
+                rel=rel,
+                on_epoch=on_epoch,
+                logger=logger,
+                log=_print,
+            )
             held_out, digest = _held_out(storage, rel, model_cfg, class_subset, workdir=work.path)
             record = {
                 "stage": stage,
@@ -334,12 +347,15 @@ def _record_model(
 # Teachers, their logits, the baseline and the student
 
 
-def _on_assigned_device(ctx: JobContext, what: str) -> JobContext:
+def _on_assigned_device(ctx: JobContext, what: str, role: Role) -> JobContext:
+    """The device this task's GPUs decide; a worker group's workers pick their own."""
+    if train_workers(ctx.cfg, role) > 1:
+        return ctx
     return dataclasses.replace(ctx, cfg=device_for_task(ctx.cfg, what))
 
 
 def teacher_stage(ctx: JobContext, spec: TeacherSpec, key: str) -> dict[str, Any]:
-    ctx = _on_assigned_device(ctx, spec.name)
+    ctx = _on_assigned_device(ctx, spec.name, "teacher")
     cfg = teacher_config(ctx.cfg, spec)
     names = read_info(resolve_dataset(cfg.data)).class_names
     params = {
@@ -356,7 +372,7 @@ def teacher_stage(ctx: JobContext, spec: TeacherSpec, key: str) -> dict[str, Any
         key,
         params,
         cfg,
-        lambda path, on_epoch, log: train_teacher(ctx.cfg, spec, path, on_epoch=on_epoch, log=log),
+        lambda path, **hooks: train_teacher(ctx.cfg, spec, path, **hooks),
         role="teacher",
         classes=len(spec.subset),
         class_subset=spec.subset,
@@ -366,9 +382,9 @@ def teacher_stage(ctx: JobContext, spec: TeacherSpec, key: str) -> dict[str, Any
 
 def logits_stage(ctx: JobContext, spec: TeacherSpec, teacher: dict[str, Any]) -> dict[str, Any]:
     """The teacher's logits on every training image; runs as soon as that teacher is done."""
-    ctx = _on_assigned_device(ctx, f"{spec.name}-logits")
+    ctx = dataclasses.replace(ctx, cfg=device_for_task(ctx.cfg, f"{spec.name}-logits"))
     storage = Storage(ctx.storage_uri)
-    rel = f"{teacher['rel']}/logits"
+    rel = f"{teacher['rel']}/logits-{ctx.cfg.cpsd.logits_dtype}"
     done = storage.done(rel)
     if done is not None:
         return done
@@ -376,9 +392,9 @@ def logits_stage(ctx: JobContext, spec: TeacherSpec, teacher: dict[str, Any]) ->
     scratch = Path(tempfile.mkdtemp(prefix="cpsd-logits-"))
     try:
         checkpoint = storage.download(f"{teacher['rel']}/{BEST}", scratch / BEST)
-        cache_teacher_logits(ctx.cfg, spec, checkpoint, work.path / "logits.parquet")
+        cache_teacher_logits(ctx.cfg, spec, checkpoint, work.path / LOGIT_STORE)
         work.sync()
-        record = {"rel": rel, "file": f"{rel}/logits.parquet"}
+        record = {"rel": rel, "file": f"{rel}/{LOGIT_STORE}"}
         storage.mark_done(rel, record)
         return record
     finally:
@@ -387,14 +403,14 @@ def logits_stage(ctx: JobContext, spec: TeacherSpec, teacher: dict[str, Any]) ->
 
 
 def baseline_stage(ctx: JobContext, key: str) -> dict[str, Any]:
-    ctx = _on_assigned_device(ctx, "baseline")
+    ctx = _on_assigned_device(ctx, "baseline", "baseline")
     return _train_stage(
         ctx,
         "baseline",
         key,
         _common_params(ctx.cfg),
         ctx.cfg,
-        lambda path, on_epoch, log: train_classifier(ctx.cfg, path, on_epoch=on_epoch, log=log),
+        lambda path, **hooks: train_classifier(ctx.cfg, path, **hooks),
         role="baseline",
         classes=read_info(resolve_dataset(ctx.cfg.data)).num_classes,
     )
@@ -409,12 +425,12 @@ def student_stage(
     baseline: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """The student, distilled from the teachers' cached logits or the teachers themselves."""
-    ctx = _on_assigned_device(ctx, "student")
+    ctx = _on_assigned_device(ctx, "student", "student")
     storage = Storage(ctx.storage_uri)
     cfg = ctx.cfg
     c = cfg.cpsd
 
-    def run(path: Path, on_epoch, log) -> TrainResult:
+    def run(path: Path, **hooks) -> TrainResult:
         # Inputs go to a scratch folder of this attempt, never into the synced stage folder
         # (on object storage that would upload every teacher checkpoint after each epoch).
         # Local storage is read in place.
@@ -442,8 +458,7 @@ def student_stage(
                 teacher_checkpoints=checkpoints,
                 teacher_logits=logit_files,
                 baseline_checkpoint=init,
-                on_epoch=on_epoch,
-                log=log,
+                **hooks,
             )
         finally:
             shutil.rmtree(scratch, ignore_errors=True)

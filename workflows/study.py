@@ -22,7 +22,6 @@ Everything is chosen on ``val`` inside each run and reported on the held-out ``t
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import itertools
@@ -38,7 +37,7 @@ from typing import Any
 from mlcore import configlib
 from mlcore.experiment import resolve_dataset
 from mlcore.stats import mean_interval, paired_interval
-from workflows.config import USER_ERRORS, Config, config_path, load_config
+from workflows.config import USER_ERRORS, Config, config_arg_parser, config_path, load_config
 from workflows.graph import ConfigRefs, StageGraph
 from workflows.pipeline import preflight, spill_dir_for
 from workflows.report import collect, final_keys, mlflow_link, summarise, write_summary
@@ -79,9 +78,14 @@ class Run:
 
 
 def _short(key: str, keys: Sequence[str]) -> str:
-    """The last part of a dotted key, unless another grid key ends the same way."""
-    last = key.rsplit(".", 1)[-1]
-    return last if sum(k.rsplit(".", 1)[-1] == last for k in keys) == 1 else key
+    """The last part of a dotted key (``loss.name`` is ``loss``), unless another key of the
+    variant ends the same way."""
+
+    def last(k: str) -> str:
+        parts = k.split(".")
+        return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
+
+    return last(key) if sum(last(k) == last(key) for k in keys) == 1 else key
 
 
 def variant_name(values: dict[str, Any]) -> str:
@@ -424,7 +428,7 @@ def plot_study(rows, summary, paired, cfg: Config, out: Path) -> list[Path]:
 
     written = []
     variants = list(dict.fromkeys(r["variant"] for r in rows))
-    fig = Figure(figsize=(max(6.0, 0.9 * len(variants)), 4.5))
+    fig = Figure(figsize=(max(7.0, 1.2 * len(variants)), 4.8), layout="constrained")
     FigureCanvasAgg(fig)
     ax, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
     means = [100 * stat(v, "test_mAP")["mean"] for v in variants]
@@ -457,7 +461,7 @@ def plot_study(rows, summary, paired, cfg: Config, out: Path) -> list[Path]:
     written.append(out / "study_modes.png")
 
     if "cpsd.k" in cfg.study.grid and "cpsd.mode" in cfg.study.grid:
-        fig = Figure(figsize=(6, 4.5))
+        fig = Figure(figsize=(6, 4.5), layout="constrained")
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
         for mode in cfg.study.grid["cpsd.mode"]:
@@ -492,12 +496,9 @@ def plot_study(rows, summary, paired, cfg: Config, out: Path) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m workflows.study", description="Run an ablation study on Ray."
-    )
-    parser.add_argument("--config", required=True, help="YAML config (or a bundled name)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
+    args = config_arg_parser(
+        "python -m workflows.study", "Run an ablation study on Ray."
+    ).parse_args(argv)
     try:
         cfg = load_config(config_path(args.config), args.overrides)
         if not cfg.study.grid and len(cfg.study.seeds) < 2:

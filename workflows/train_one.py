@@ -105,7 +105,7 @@ def train_one(cfg: Config, out_dir: str | Path | None = None) -> TrainResult:
         (out / "final.json").write_text(json.dumps(final, indent=1))
         records: list[dict] = list(result.history)
         if cfg.zsl.enabled:
-            zero_shot = evaluate_zero_shot(cfg, result.best_checkpoint, dataset)
+            zero_shot = evaluate_zero_shot(cfg, result.best_checkpoint)
             records.append(
                 {
                     "evaluation": "zero_shot",

@@ -11,11 +11,16 @@ in ``loss.source``, so the pipeline's runs say where their loss came from.
 
 An interrupted sweep resumes with ``--resume`` (``Tuner.restore``): finished trials are not
 rerun, unfinished ones continue from their last epoch checkpoint, and their MLflow runs resume.
+
+With ``ray.train_workers > 1`` each trial trains on a Ray Train worker group
+(``workflows.distributed``): every worker holds ``tune.resources_per_trial`` and the trial
+itself no CPU (``TRIAL_RESOURCES``; Tune over Train deadlocks otherwise). Rank 0 logs the trial's
+metrics; the γ−/Δp plot is not drawn for such trials; an interrupted trial resumes from the
+group's last epoch checkpoint (same Ray Train run).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import shutil
@@ -32,7 +37,15 @@ from mlflow import MlflowClient
 from mlcore import configlib
 from mlcore.configlib import ConfigError
 from mlcore.experiment import resolve_dataset, train_classifier
-from workflows.config import USER_ERRORS, Config, SweepConfig, config_path, load_config
+from workflows.config import (
+    USER_ERRORS,
+    Config,
+    SweepConfig,
+    config_arg_parser,
+    config_path,
+    load_config,
+)
+from workflows.distributed import TRIAL_RESOURCES, fit_group, task_placement
 from workflows.runtime import device_for_task, init_ray
 from workflows.storage import Storage
 from workflows.tracking import (
@@ -154,7 +167,9 @@ def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
     from ray import tune
 
     trial = tune.get_context()
-    cfg = device_for_task(apply_params(ctx.cfg, params), f"trial {trial.get_trial_id()}")
+    cfg = apply_params(ctx.cfg, params)
+    if cfg.ray.train_workers == 1:  # a worker group's workers pick their own device
+        cfg = device_for_task(cfg, f"trial {trial.get_trial_id()}")
     # Inside Tune's local trial dir (artifact sync is off): Tune may end the trial's process
     # right after its last report, and the Ray session owns and removes that directory.
     work = Path(trial.get_trial_dir()) / "run"
@@ -194,14 +209,33 @@ def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
                         checkpoint=tune.Checkpoint.from_directory(tmp),
                     )
 
-            train_classifier(
-                cfg,
-                work,
-                class_subset=list(cfg.tune.class_subset) if cfg.tune.class_subset else None,
-                on_epoch=on_epoch,
-                on_step=on_step if cfg.loss.adaptive.enabled else None,
-                log=lambda line: print(line, flush=True),
-            )
+            subset = list(cfg.tune.class_subset) if cfg.tune.class_subset else None
+
+            def train(out: Path, **hooks):
+                return train_classifier(cfg, out, class_subset=subset, **hooks)
+
+            if cfg.ray.train_workers > 1:
+                from ray.tune.integration.ray_train import TuneReportCallback
+
+                fit_group(
+                    train,
+                    work,
+                    workers=cfg.ray.train_workers,
+                    resources=dict(cfg.tune.resources_per_trial),
+                    max_failures=cfg.tune.max_failures,
+                    logger=run,
+                    storage=Storage(cfg.storage_path),
+                    rel=f"{cfg.name}/tune-train/{trial.get_trial_id()}",
+                    callbacks=[TuneReportCallback()],
+                )
+            else:
+                train(
+                    work,
+                    on_epoch=on_epoch,
+                    on_step=on_step if cfg.loss.adaptive.enabled else None,
+                    placement=task_placement(),
+                    log=lambda line: print(line, flush=True),
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -314,7 +348,7 @@ def run_sweep(
         resolve_dataset(cfg.data)  # generate the synth data once, before trials start
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, ctx=SweepContext(cfg, tracker)),
-            dict(sweep.resources_per_trial),
+            dict(sweep.resources_per_trial) if cfg.ray.train_workers == 1 else TRIAL_RESOURCES,
         )
         max_t = cfg.train.epochs
         if sweep.scheduler.name == "asha":
@@ -468,11 +502,7 @@ def plot_sweep(table: list[dict[str, Any]], keys: list[str], metric: str, path: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m workflows.tune", description="Run a Ray Tune loss sweep."
-    )
-    parser.add_argument("--config", required=True, help="sweep YAML (or a bundled name)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser = config_arg_parser("python -m workflows.tune", "Run a Ray Tune loss sweep.")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     parser.add_argument("--out", help="where to write best_loss.yaml, results.csv, sweep.png")
     args = parser.parse_args(argv)

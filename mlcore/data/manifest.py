@@ -32,10 +32,17 @@ JSON in the Parquet schema metadata under the key ``cpsd``::
     {"format_version": 1, "name": str, "class_names": [str, ...],
      "image_root": str, "source": {...}}
 
-``image_root`` is absolute, or relative to ``DIR``; the default ``"."`` means paths are relative
-to the dataset directory itself. Importers of datasets that live elsewhere (COCO on a shared
-disk) store the absolute root, so no image is copied. Importers of very large sources write
-through :class:`ManifestWriter`, batch by batch with bounded memory.
+``image_root`` is absolute (a path or a URI), or relative to ``DIR``; the default ``"."`` means
+paths are relative to the dataset directory itself. Importers of datasets that live elsewhere
+(COCO on a shared disk) store the absolute root, so no image is copied.
+
+``DIR`` may be an object-store URI (``s3://bucket/prefix``, ``gs://...``): everything here reads
+through ``pyarrow.fs``, which takes credentials and endpoints from the usual environment
+(``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ...; see
+``cluster/README.md``).
+
+Importers of very large sources write through :class:`ManifestWriter`, batch by batch
+with bounded memory.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 FORMAT_VERSION = 1
@@ -129,6 +137,58 @@ class ManifestInfo:
 
 def manifest_path(root: str | os.PathLike) -> Path:
     return Path(root) / MANIFEST_FILE
+
+
+def is_uri(location: str | os.PathLike) -> bool:
+    """An object-store (or other pyarrow.fs) URI rather than a local path."""
+    return "://" in str(location)
+
+
+def filesystem(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem of a local path or a URI, and the path within it."""
+    if is_uri(location):
+        fs, path = pafs.FileSystem.from_uri(str(location))
+        return fs, path.rstrip("/")
+    return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+
+
+def _manifest_file(root: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    fs, base = filesystem(root)
+    path = f"{base}/{MANIFEST_FILE}"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise ManifestError(f"no {MANIFEST_FILE} in {root}: not a dataset directory")
+    return fs, path
+
+
+def manifest_digest(root: str | os.PathLike) -> str:
+    """Content identity of a dataset: sha256 of its manifest's bytes, local or remote (first 16
+    hex digits); ``write_manifest`` is byte-deterministic, so equal rows give equal digests."""
+    fs, path = _manifest_file(root)
+    digest = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def cached_copy(root: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
+    """A local copy of a remote dataset's manifest, refreshed when the remote file changes.
+
+    Returns the local manifest file. Keyed by the URI; the remote size and modification time
+    decide whether the copy is current.
+    """
+    fs, path = _manifest_file(root)
+    info = fs.get_file_info(path)
+    stamp = f"{info.size}-{info.mtime_ns}"
+    folder = Path(cache_dir).expanduser() / "remote-manifests"
+    local = folder / f"{hashlib.sha256(str(root).encode()).hexdigest()[:16]}-{stamp}.parquet"
+    if not local.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        os.close(fd)
+        pafs.copy_files(path, tmp, source_filesystem=fs)
+        os.replace(tmp, local)
+    return local
 
 
 def build_table(
@@ -332,28 +392,11 @@ class ManifestWriter:
         self._rows_path.unlink(missing_ok=True)
 
 
-def manifest_digest(root: str | os.PathLike) -> str:
-    """Content identity of a dataset: sha256 of its manifest file (first 16 hex digits).
-
-    ``write_manifest`` is byte-deterministic, so the same rows and metadata give the same digest.
-    """
-    path = manifest_path(root)
-    if not path.is_file():
-        raise ManifestError(f"no {MANIFEST_FILE} in {root}: not a dataset directory")
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
 def read_info(root: str | os.PathLike) -> ManifestInfo:
     """Read only the dataset metadata (cheap: no row data)."""
-    path = manifest_path(root)
-    if not path.is_file():
-        raise ManifestError(f"no {MANIFEST_FILE} in {root}: not a dataset directory")
+    fs, path = _manifest_file(root)
     try:
-        meta = pq.read_schema(path).metadata or {}
+        meta = pq.read_schema(path, filesystem=fs).metadata or {}
     except (OSError, pa.ArrowException) as err:
         raise ManifestError(f"{path} is not a readable Parquet file: {err}") from err
     if METADATA_KEY not in meta:
@@ -373,7 +416,8 @@ def iter_label_batches(
 
     Memory stays bounded by ``batch_rows`` whatever the dataset size.
     """
-    pf = pq.ParquetFile(manifest_path(root))
+    fs, path = _manifest_file(root)
+    pf = pq.ParquetFile(fs.open_input_file(path))
     for batch in pf.iter_batches(batch_size=batch_rows, columns=["labels", "split"]):
         labels = batch.column("labels")
         if split is not None:
@@ -385,19 +429,32 @@ def iter_label_batches(
 
 @dataclass(frozen=True)
 class Manifest:
-    """A dataset loaded in memory (without image bytes unless asked for)."""
+    """A dataset loaded in memory (without image bytes unless asked for).
 
-    root: Path
+    ``root`` is the dataset directory as given: a local path or a URI.
+    """
+
+    root: str | Path
     info: ManifestInfo
     table: pa.Table
 
     @classmethod
-    def load(cls, root: str | os.PathLike, *, with_bytes: bool = True) -> Manifest:
-        root = Path(root)
+    def load(
+        cls,
+        root: str | os.PathLike,
+        *,
+        with_bytes: bool = True,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> Manifest:
+        """Read the rows; a remote manifest is read through a local copy under ``cache_dir``."""
         info = read_info(root)
         columns = [f.name for f in SCHEMA if with_bytes or f.name != "image_bytes"]
-        table = pq.read_table(manifest_path(root), columns=columns)
-        return cls(root=root, info=info, table=table)
+        if is_uri(root) and cache_dir is not None:
+            table = pq.read_table(cached_copy(root, cache_dir), columns=columns)
+        else:
+            fs, path = _manifest_file(root)
+            table = pq.read_table(path, columns=columns, filesystem=fs)
+        return cls(root=root if is_uri(root) else Path(root), info=info, table=table)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -408,9 +465,15 @@ class Manifest:
         return self.info.num_classes
 
     @property
-    def image_root(self) -> Path:
-        root = Path(self.info.image_root)
-        return root if root.is_absolute() else self.root / root
+    def image_root(self) -> Path | str:
+        """Where ``path`` values are relative to: a local directory, or a URI (a string)."""
+        root = self.info.image_root
+        if is_uri(root):
+            return root
+        if is_uri(self.root):
+            base = str(self.root).rstrip("/")
+            return base if root == "." else f"{base}/{root}"
+        return Path(root) if Path(root).is_absolute() else Path(self.root) / root
 
     def splits(self) -> list[str]:
         return sorted(set(self.table.column("split").to_pylist()))

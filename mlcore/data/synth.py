@@ -14,11 +14,10 @@ label sets come from a model with co-occurrence:
   class is drawn by frequency, each further one by its mean conditional co-occurrence
   P(j | already chosen) — an approximation that keeps the strong pairs of the real data.
 
-The optional ``test`` split is drawn like ``train`` and ``val`` (an i.i.d. held-out set to report
-on after selecting on ``val``). The optional ``test_shift`` split draws every class
-independently with its training frequency, so co-occurrence carries no information there: the
-drop from ``val`` to ``test_shift`` measures how much a model leans on context (CPSD paper,
-Fig. 1).
+The optional ``test`` split is drawn like ``val``: a held-out split to report on after choosing
+settings on ``val``. The optional ``test_shift`` split draws every class independently with its
+training frequency, so co-occurrence carries no information there: the drop from ``val`` to
+``test_shift`` measures how much a model leans on context (CPSD paper, Fig. 1).
 
 ``compositional=True`` makes the data a zero-shot benchmark: every class is a (shape, colour)
 combination, and ``class_embeddings.npz`` beside the manifest gives each class a vector built

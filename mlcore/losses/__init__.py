@@ -1,11 +1,12 @@
 """Loss registry: ``build_loss(cfg, ...)`` maps ``loss.name`` to a module.
 
 ``bce`` and ``focal`` are the special cases of ASL (γ+ = γ−, no margin), so they share its code.
+``orderless`` scores the label sequences of ``model.head: rnn`` (step logits, not per-class).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from torch import nn
@@ -14,6 +15,7 @@ from mlcore.config import LossConfig
 from mlcore.losses.asl import AsymmetricLoss
 from mlcore.losses.asymmetry import DEFAULT_STEP, AsymmetryController
 from mlcore.losses.db import DistributionBalancedLoss
+from mlcore.losses.orderless import FIXED_ORDERS, OrderlessLoss, class_ranking
 
 
 def _bce(cfg: LossConfig, **_) -> nn.Module:
@@ -48,21 +50,41 @@ def _db(cfg: LossConfig, *, class_freq=None, train_size=None, **_) -> nn.Module:
     )
 
 
+def _orderless(cfg: LossConfig, *, class_freq=None, class_names=None, **_) -> nn.Module:
+    num_classes = len(class_freq) if class_freq is not None else len(class_names or ())
+    if num_classes == 0:
+        raise ValueError("loss 'orderless' needs the training class frequencies or names")
+    rank = class_ranking(cfg.order, class_freq, class_names) if cfg.order in FIXED_ORDERS else None
+    return OrderlessLoss(num_classes, cfg.order, rank=rank, pla_variant=cfg.pla_variant)
+
+
 LOSSES: dict[str, Callable[..., nn.Module]] = {
     "bce": _bce,
     "focal": _focal,
     "asl": _asl,
     "db": _db,
+    "orderless": _orderless,
 }
 
 
 def build_loss(
-    cfg: LossConfig, *, class_freq: np.ndarray | None = None, train_size: int | None = None
+    cfg: LossConfig,
+    *,
+    class_freq: np.ndarray | None = None,
+    train_size: int | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> nn.Module:
-    """The loss module named by ``cfg.name``; ``db`` needs the training class frequencies."""
+    """The loss module named by ``cfg.name``.
+
+    ``db`` needs the training class frequencies and size; ``orderless`` the frequencies (its
+    number of classes, and the ``frequent``/``rare`` orders) and the class names
+    (``dictionary``).
+    """
     if cfg.name not in LOSSES:
         raise ValueError(f"unknown loss {cfg.name!r}; choose from {sorted(LOSSES)}")
-    return LOSSES[cfg.name](cfg, class_freq=class_freq, train_size=train_size)
+    return LOSSES[cfg.name](
+        cfg, class_freq=class_freq, train_size=train_size, class_names=class_names
+    )
 
 
 # The batch size the default step sizes were chosen at (the toy problem of the tests).
@@ -97,6 +119,7 @@ __all__ = [
     "AsymmetricLoss",
     "AsymmetryController",
     "DistributionBalancedLoss",
+    "OrderlessLoss",
     "build_asymmetry_controller",
     "build_loss",
 ]

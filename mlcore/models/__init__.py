@@ -1,4 +1,4 @@
-"""Models: timm backbones with a GAP or ML-Decoder head."""
+"""Models: timm backbones with a GAP, ML-Decoder or orderless RNN head."""
 
 from mlcore.models.factory import (
     BackboneWithHead,
@@ -6,5 +6,12 @@ from mlcore.models.factory import (
     build_model_from_config,
     word_query_table,
 )
+from mlcore.models.orderless_rnn import OrderlessRNN
 
-__all__ = ["BackboneWithHead", "build_model", "build_model_from_config", "word_query_table"]
+__all__ = [
+    "BackboneWithHead",
+    "OrderlessRNN",
+    "build_model",
+    "build_model_from_config",
+    "word_query_table",
+]

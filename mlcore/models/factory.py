@@ -2,7 +2,8 @@
 
 timm is the backbone registry (``timm.create_model``); the heads are ours: ``gap`` is timm's own
 global-average-pool + linear classifier, ``ml_decoder`` replaces it with the ML-Decoder head
-fed by the backbone's unpooled ``forward_features`` (a CNN map (B, C, H, W) or ViT tokens).
+fed by the backbone's unpooled ``forward_features`` (a CNN map (B, C, H, W) or ViT tokens), and
+``rnn`` is the orderless LSTM decoder of the PLA paper (``mlcore.models.orderless_rnn``).
 
 A model is rebuilt from its ``ModelConfig``, its class count and its ``state_dict``; with word
 queries the class embedding table and names are in the ``state_dict`` too
@@ -20,10 +21,11 @@ import timm
 import torch
 from torch import nn
 
-from mlcore.config import MLDecoderConfig, ModelConfig
+from mlcore.config import MLDecoderConfig, ModelConfig, RNNConfig
 from mlcore.configlib import ConfigError
 from mlcore.data.embeddings import ClassEmbeddings
 from mlcore.models.ml_decoder import MLDecoder, decode_names
+from mlcore.models.orderless_rnn import OrderlessRNN
 
 
 class BackboneWithHead(nn.Module):
@@ -73,19 +75,24 @@ def build_model(
     pretrained_file: str | None = None,
     drop_rate: float = 0.0,
     ml_decoder: MLDecoderConfig | None = None,
+    rnn: RNNConfig | None = None,
     class_embeddings: ClassEmbeddings | None = None,
     backbone_args: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """A multi-label classifier returning logits (B, num_classes).
 
+    ``head="rnn"`` returns these logits in eval mode only; in training mode it returns the
+    decoder's step logits (see ``mlcore.models.orderless_rnn``).
+
     Args:
         backbone: timm model name.
         num_classes: Output logits.
-        head: ``gap`` or ``ml_decoder``.
+        head: ``gap``, ``ml_decoder`` or ``rnn``.
         pretrained: Use timm's pretrained weights (needs the hub or its cache).
         pretrained_file: Local weights file; implies pretrained.
         drop_rate: Dropout before the GAP classifier.
         ml_decoder: ML-Decoder settings (defaults: the paper's).
+        rnn: Orderless RNN decoder settings (defaults: the PLA paper's).
         class_embeddings: Names and vectors of the ``num_classes`` classes, in logit order;
             required by (and only used with) ML-Decoder word queries.
         backbone_args: Extra ``timm.create_model`` keyword arguments.
@@ -93,6 +100,7 @@ def build_model(
     Raises:
         ValueError: Unknown backbone or head, num_classes < 1, or class embeddings missing
             for word queries or given for another head.
+        ConfigError: ``backbone_args`` the architecture does not take.
         RuntimeError: Pretrained weights requested but not reachable.
     """
     if num_classes < 1:
@@ -122,7 +130,10 @@ def build_model(
             )
         body = _create_backbone(backbone, pretrained, pretrained_file, num_classes=0, **extra)
         return BackboneWithHead(body, MLDecoder(num_classes, body.num_features, **kwargs))
-    raise ValueError(f"unknown head {head!r}: choose 'gap' or 'ml_decoder'")
+    if head == "rnn":
+        encoder = _create_backbone(backbone, pretrained, pretrained_file, num_classes=0, **extra)
+        return OrderlessRNN(encoder, num_classes, **dataclasses.asdict(rnn or RNNConfig()))
+    raise ValueError(f"unknown head {head!r}: choose 'gap', 'ml_decoder' or 'rnn'")
 
 
 def build_model_from_config(
@@ -137,6 +148,7 @@ def build_model_from_config(
         pretrained_file=cfg.pretrained_file,
         drop_rate=cfg.drop_rate,
         ml_decoder=cfg.ml_decoder,
+        rnn=cfg.rnn,
         class_embeddings=class_embeddings,
         backbone_args=cfg.backbone_args,
     )
