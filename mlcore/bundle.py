@@ -22,8 +22,8 @@ is not a tensor travels as JSON text.
 
 Class embeddings are generic: a model whose module exposes a ``class_embeddings`` tensor (e.g. a
 word-query ML-Decoder's fixed embedding table) gets it saved, and :meth:`ModelBundle.build_model`
-hands it back to the model factory as ``class_embeddings=``, so such a head can be rebuilt
-without the word-vector file it was trained from.
+hands it back to the model factory with the class names (a ``ClassEmbeddings`` table), so such a
+head can be rebuilt without the word-vector file it was trained from.
 
 This module is what ``cpsd predict``, ``cpsd evaluate``, ``cpsd export`` and the MLflow pyfunc
 all load models with: :class:`Classifier` turns images (paths or encoded bytes) into per-class
@@ -55,6 +55,7 @@ from mlcore import configlib
 from mlcore.config import ModelConfig
 from mlcore.configlib import ConfigError
 from mlcore.data.dataset import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from mlcore.data.embeddings import ClassEmbeddings
 from mlcore.models import build_model_from_config
 from mlcore.train import save_atomic
 
@@ -173,8 +174,11 @@ class ModelBundle:
         """
         # The weights are in the bundle: pretrained backbones must not be fetched again.
         cfg = dataclasses.replace(self.model, pretrained=False, pretrained_file=None)
-        extra = {} if self.class_embeddings is None else {"class_embeddings": self.class_embeddings}
-        model = build_model_from_config(cfg, self.num_classes, **extra)
+        table = None
+        if self.class_embeddings is not None:
+            vectors = self.class_embeddings.detach().cpu().float().numpy()
+            table = ClassEmbeddings(self.class_names, vectors)
+        model = build_model_from_config(cfg, self.num_classes, class_embeddings=table)
         try:
             model.load_state_dict(self.state_dict)
         except RuntimeError as err:

@@ -8,7 +8,7 @@ Ray, Tune and MLflow sections into the one schema every command reads.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from mlcore.configlib import FILE, NOT_RESULT, ConfigError
 
@@ -46,6 +46,9 @@ class SynthConfig:
     labels_from: str | None = None
     """Optional ``.npz`` with real label statistics: a ``labels`` matrix (sampled per image) or
     ``class_counts`` + ``pair_counts`` (sampled pairwise); class names from ``class_names``."""
+    compositional: bool = False
+    """Zero-shot benchmark: also write ``class_embeddings.npz``, each class's (shape, colour)
+    attribute vector through a fixed random projection plus noise (``mlcore.data.synth``)."""
     seed: int = 0
     """Seed: the same config gives a byte-identical manifest."""
 
@@ -54,6 +57,10 @@ class SynthConfig:
         _check(self.num_train > 0 and self.num_val > 0, "data.synth needs train and val images")
         _check(self.num_test >= 0, "data.synth.num_test must be >= 0")
         _check(self.num_test_shift >= 0, "data.synth.num_test_shift must be >= 0")
+        _check(
+            not (self.compositional and self.labels_from is not None),
+            "data.synth.compositional draws its own classes; it cannot use labels_from",
+        )
         _check(16 <= self.image_size <= 512, "data.synth.image_size must be in [16, 512]")
         _check(self.num_topics >= 1, "data.synth.num_topics must be >= 1")
         _check(self.mean_objects >= 1, "data.synth.mean_objects must be >= 1")
@@ -114,6 +121,11 @@ class DataConfig:
     """Where images are decoded and transformed: ``loader`` (DataLoader workers, on CPUs) or
     ``device`` (the training device, a batch at a time: JPEGs through nvjpeg on a GPU; on a CPU
     device, or for other formats, with ``decoder`` on the CPU)."""
+    class_embeddings: str | None = field(default=None, metadata=FILE)
+    """Class embedding file for word queries (``model.ml_decoder.queries: word``): GloVe,
+    fastText or word2vec text (``.txt``/``.vec``) or ``.npz``/``.npy`` with a names array (see
+    ``mlcore.data.embeddings``). None: the dataset's own ``class_embeddings.npz`` (written by
+    ``cpsd data synth --compositional``). Keyed by content, like ``model.pretrained_file``."""
 
     def __post_init__(self) -> None:
         _check(
@@ -146,8 +158,32 @@ class MLDecoderConfig:
     """Cross-attention heads."""
     dropout: float = 0.1
     """Dropout in the decoder layer."""
-    learnable_queries: bool = False
-    """Train the group queries (the paper keeps them fixed)."""
+    queries: Literal["learned", "fixed", "word"] = "fixed"
+    """``fixed``: random group queries kept fixed (the paper's choice, §2.3.2 (3));
+    ``learned``: trained group queries; ``word``: one query per class from its class embedding
+    (``data.class_embeddings``) through a shared Linear + ReLU, scored by a group FC shared by
+    all queries, so the head scores any set of classes, unseen ones included (§2.3.3)."""
+    query_noise: float = 0.1
+    """Word queries, training only: size of the Gaussian noise added each batch to the
+    unit-norm class embeddings (per-coordinate std ``query_noise / sqrt(E)``, so the noise
+    vector's norm is about ``query_noise``); the paper's query-noise augmentation, the value is
+    ours (the paper's is in an appendix we do not have)."""
+    random_queries: int = 4
+    """Word queries, training only: random unit vectors added as extra queries each batch,
+    every image labelled positive for them (the paper's random-query augmentation; the count
+    is ours)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.num_groups is None or self.num_groups >= 1,
+            "model.ml_decoder.num_groups must be >= 1",
+        )
+        _check(
+            self.queries != "word" or self.num_groups is None,
+            "model.ml_decoder.queries: word decodes one query per class; leave num_groups unset",
+        )
+        _check(self.query_noise >= 0, "model.ml_decoder.query_noise must be >= 0")
+        _check(self.random_queries >= 0, "model.ml_decoder.random_queries must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -186,6 +222,10 @@ class ModelConfig:
 
     backbone: str = "resnet50"
     """Any timm model name (resnet18/50/101, tresnet_m, convnext_tiny, ...)."""
+    backbone_args: dict[str, Any] = field(default_factory=dict)
+    """Extra ``timm.create_model`` keyword arguments, e.g. ``{output_stride: 8}`` for a finer
+    ResNet feature map (more tokens for ML-Decoder at low resolution) or ``{img_size: 64}``
+    for a ViT."""
     head: Literal["gap", "ml_decoder", "rnn"] = "gap"
     """``gap``: global average pooling + linear; ``ml_decoder``: the ML-Decoder head; ``rnn``:
     the orderless LSTM decoder with attention (PLA), trained with ``loss.name: orderless``."""
@@ -449,6 +489,31 @@ class CPSDConfig:
         _check(self.student_lr_scale > 0, "cpsd.student_lr_scale must be > 0")
 
 
+UNSEEN_FROM_MANIFEST = "manifest"
+"""``zsl.unseen_classes`` value that reads the zero-shot split an importer recorded."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ZSLConfig:
+    """The zero-shot protocol (``mlcore.zsl``): train on seen classes, score unseen ones."""
+
+    unseen_classes: tuple[str, ...] | str = ()
+    """Classes held out of training: a list of class names, a text file with one name per
+    line, or ``manifest`` for the split an importer recorded (``source.zsl.unseen``). Empty:
+    no zero-shot protocol. The ZSL and GZSL evaluation runs on ``data.test_split``."""
+    chance_draws: int = 5
+    """Random-score draws averaged into ``zsl_mAP_chance`` and ``gzsl_mAP_chance``."""
+
+    def __post_init__(self) -> None:
+        _check(self.unseen_classes != "", "zsl.unseen_classes: give names, a file or 'manifest'")
+        _check(self.chance_draws >= 1, "zsl.chance_draws must be >= 1")
+
+    @property
+    def enabled(self) -> bool:
+        """True when some classes are held out."""
+        return bool(self.unseen_classes)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ExperimentConfig:
     """The ML sections every command shares (``workflows`` adds Ray, Tune and MLflow)."""
@@ -467,6 +532,8 @@ class ExperimentConfig:
     """Training loop."""
     cpsd: CPSDConfig = field(default_factory=CPSDConfig)
     """CPSD algorithm."""
+    zsl: ZSLConfig = field(default_factory=ZSLConfig)
+    """Zero-shot protocol (``cpsd train`` with word queries)."""
 
     def __post_init__(self) -> None:
         init = self.cpsd.student_init
@@ -486,4 +553,24 @@ class ExperimentConfig:
         _check(
             self.model.head != "rnn" or self.cpsd.mode == "baseline",
             "model.head: rnn needs cpsd.mode: baseline (CPSD teachers distil per-class logits)",
+        )
+        decoder = self.model.ml_decoder
+        word = self.model.head == "ml_decoder" and decoder.queries == "word"
+        _check(
+            not self.zsl.enabled or word,
+            "zsl.unseen_classes needs model.head: ml_decoder with model.ml_decoder.queries: word",
+        )
+        _check(
+            not self.zsl.enabled
+            or self.data.test_split not in (self.data.train_split, self.data.val_split),
+            f"zero-shot evaluation needs a held-out data.test_split, not the train or val split "
+            f"({self.data.test_split!r})",
+        )
+        # The random-query logits have no column in the targets the DB statistics and the
+        # adaptive controller are computed over.
+        _check(
+            not (word and decoder.random_queries > 0)
+            or (self.loss.name != "db" and not self.loss.adaptive.enabled),
+            "model.ml_decoder.random_queries > 0 works with loss bce/focal/asl without "
+            "loss.adaptive; set model.ml_decoder.random_queries=0",
         )

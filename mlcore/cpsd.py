@@ -68,7 +68,7 @@ from mlcore.experiment import (
 )
 from mlcore.fingerprint import split_digest
 from mlcore.metrics import bucket_map, frequency_buckets, multilabel_report
-from mlcore.models import build_model_from_config
+from mlcore.models import build_model_from_config, word_query_table
 from mlcore.partition.affinity import affinity
 from mlcore.partition.cooccurrence import cooccurrence_from_manifest
 from mlcore.partition.random_partition import random_partition
@@ -275,8 +275,10 @@ def load_trained(
     cfg: ExperimentConfig, num_outputs: int, checkpoint: str | os.PathLike
 ) -> torch.nn.Module:
     """The selected (best) weights of a trained model, in eval mode on CPU."""
-    model = build_model_from_config(cfg.model, num_outputs)
-    model.load_state_dict(load_checkpoint(checkpoint)["model"])
+    state = load_checkpoint(checkpoint)["model"]
+    # A word-query head carries its class embeddings in its state.
+    model = build_model_from_config(cfg.model, num_outputs, word_query_table(state))
+    model.load_state_dict(state)
     return model.eval()
 
 

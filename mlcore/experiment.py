@@ -3,7 +3,9 @@
 ``train_classifier`` is the one entry point that trains a model (a baseline, a CPSD teacher on a
 label subset, an orderless RNN, or anything else) from config: dataset, loaders, model, loss,
 adaptive controller, and for ``model.head: rnn`` its forward and evaluator. Every model it
-trains leaves a model bundle (``mlcore.bundle``) next to its ``best.pt``.
+trains leaves a model bundle (``mlcore.bundle``) next to its ``best.pt``. With
+``zsl.unseen_classes`` set it trains on the seen classes only, whatever the caller asks
+(``mlcore.zsl`` describes the protocol).
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from mlcore.data.dataset import (
     SeededSampler,
     build_transform,
 )
-from mlcore.data.manifest import Manifest, is_uri
+from mlcore.data.embeddings import DATASET_FILE, dataset_class_embeddings
+from mlcore.data.manifest import Manifest, ManifestError, is_uri, read_info
 from mlcore.data.sampler import ClassAwareSampler
 from mlcore.data.synth import ensure_generated
-from mlcore.fingerprint import config_content, split_digest, stable_hash
+from mlcore.fingerprint import config_content, file_digest, split_digest, stable_hash
 from mlcore.losses import build_asymmetry_controller, build_loss
 from mlcore.losses.orderless import TeacherForcing
 from mlcore.models import OrderlessRNN, build_model_from_config
@@ -49,6 +52,7 @@ from mlcore.train import (
     resolve_device,
     train,
 )
+from mlcore.zsl import RandomQueryTargets, zero_shot_split
 
 MAX_AUTO_WORKERS = 16
 
@@ -70,10 +74,20 @@ def training_fingerprint(
     """Identity of what ``train_classifier(cfg, class_subset=...)`` computes.
 
     ``extra`` adds what the caller's objective depends on beyond the config sections (the
-    student's distillation settings and its teachers' fingerprints).
+    student's distillation settings and its teachers' fingerprints). A zero-shot run adds its
+    held-out classes: they change the classes and images it trains on. Word queries reading the
+    dataset's own embedding file add that file's content (``data.class_embeddings`` counts by
+    content already).
     """
     data = cfg.data
     root = resolve_dataset(data)
+    if cfg.zsl.enabled:
+        extra = [*extra, ["zero_shot", list(zero_shot_split(cfg.zsl, read_info(root)).unseen)]]
+    word = cfg.model.head == "ml_decoder" and cfg.model.ml_decoder.queries == "word"
+    if word and data.class_embeddings is None and not is_uri(root):
+        own = Path(root) / DATASET_FILE
+        if own.is_file():
+            extra = [*extra, ["embeddings", file_digest(own, data.cache_dir)]]
     return stable_hash(
         "training",
         config_content(data, data.cache_dir),
@@ -113,6 +127,7 @@ def split_dataset(
     class_subset: Sequence[int] | None = None,
     return_index: bool = False,
     encoded: bool = False,
+    require_label: bool = False,
 ) -> MultiLabelDataset:
     """One split with the configured transform, decoder and image cache."""
     return MultiLabelDataset(
@@ -124,6 +139,7 @@ def split_dataset(
         decoder=data.decoder,
         cache_dir=_remote_cache(data),
         encoded=encoded,
+        require_label=require_label,
     )
 
 
@@ -135,8 +151,12 @@ def build_loaders(
     class_subset: Sequence[int] | None = None,
     return_index: bool = False,
     placement: Placement = LOCAL,
+    require_label: bool = False,
 ) -> tuple[DataLoader | DeviceDecodedLoader, DataLoader | DeviceDecodedLoader]:
     """Training and validation loaders over ``class_subset`` (None: all classes).
+
+    ``require_label`` leaves out images without a label among those classes (zero-shot
+    training and model selection on the seen classes).
 
     The training loader yields this rank's share of each global batch of
     ``train_cfg.batch_size``: every rank draws the same global order for the epoch (a seeded
@@ -164,9 +184,16 @@ def build_loaders(
         class_subset=class_subset,
         return_index=return_index,
         encoded=on_device,
+        require_label=require_label,
     )
     val_set = split_dataset(
-        manifest, data, data.val_split, train=False, class_subset=class_subset, encoded=on_device
+        manifest,
+        data,
+        data.val_split,
+        train=False,
+        class_subset=class_subset,
+        encoded=on_device,
+        require_label=require_label,
     )
     if data.class_aware_sampling:
         # Balanced over the classes this model learns: a teacher's labels are its subset's, so
@@ -280,6 +307,9 @@ def train_classifier(
     """
     train_cfg = cfg.train
     manifest = load_manifest(cfg.data)
+    fingerprint = training_fingerprint(cfg, class_subset=class_subset, extra=fingerprint_extra)
+    if cfg.zsl.enabled:
+        class_subset = seen_classes(cfg, manifest, class_subset)
     train_loader, val_loader = build_loaders(
         manifest,
         cfg.data,
@@ -287,10 +317,17 @@ def train_classifier(
         class_subset=class_subset,
         return_index=return_index,
         placement=placement,
+        require_label=cfg.zsl.enabled,
     )
-    num_outputs = len(class_subset) if class_subset is not None else manifest.num_classes
+    classes = list(class_subset) if class_subset is not None else range(manifest.num_classes)
+    embeddings = None
+    decoder = cfg.model.ml_decoder
+    word_queries = cfg.model.head == "ml_decoder" and decoder.queries == "word"
+    if word_queries:
+        names = [manifest.class_names[c] for c in classes]
+        embeddings = dataset_class_embeddings(cfg.data, resolve_dataset(cfg.data), names)
     torch.manual_seed(train_cfg.seed)  # identical initial weights for identical configs
-    model = build_model_from_config(cfg.model, num_outputs)
+    model = build_model_from_config(cfg.model, len(classes), embeddings)
     if init_weights is not None:
         model.load_state_dict(load_checkpoint(init_weights)["model"])
     loss = build_criterion(cfg.loss, manifest, cfg.data, class_subset)
@@ -306,18 +343,21 @@ def train_classifier(
         if class_subset is not None or make_objective is not None:
             raise ValueError("the orderless RNN trains on all classes, without CPSD teachers")
         forward, evaluate = sequence_training(cfg, manifest, model, loss)
+    objective = make_objective(loss) if make_objective is not None else Supervised(loss)
+    if word_queries and decoder.random_queries > 0:
+        objective = RandomQueryTargets(objective)
     result = train(
         model,
         train_loader,
         val_loader,
-        make_objective(loss) if make_objective is not None else Supervised(loss),
+        objective,
         train_cfg,
         out_dir,
         observer=controller,
         observe_every=cfg.loss.adaptive.log_every,
         on_epoch=on_epoch,
         on_step=on_step,
-        fingerprint=training_fingerprint(cfg, class_subset=class_subset, extra=fingerprint_extra),
+        fingerprint=fingerprint,
         placement=placement,
         forward=forward,
         evaluate=evaluate,
@@ -372,3 +412,29 @@ def write_training_bundle(
         metadata=metadata,
     )
     return bundle.save(result.out_dir / BUNDLE_FILE)
+
+
+def seen_classes(
+    cfg: ExperimentConfig, manifest: Manifest, class_subset: Sequence[int] | None = None
+) -> list[int]:
+    """The classes a zero-shot run may train on: the seen ones (or the caller's, if all seen).
+
+    Raises:
+        ConfigError: ``class_subset`` holds an unseen class.
+        ManifestError: The dataset has no ``data.test_split`` to evaluate on.
+    """
+    split = zero_shot_split(cfg.zsl, manifest.info)
+    if manifest.split_rows(cfg.data.test_split).size == 0:
+        raise ManifestError(
+            f"{manifest.root}: zero-shot evaluation needs data.test_split "
+            f"{cfg.data.test_split!r}, which has no rows (splits: {manifest.splits()})"
+        )
+    if class_subset is None:
+        return list(split.seen)
+    unseen = sorted(set(class_subset) & set(split.unseen))
+    if unseen:
+        raise ConfigError(
+            "zero-shot training must not see unseen classes, but the class subset holds "
+            f"{[manifest.class_names[c] for c in unseen]}"
+        )
+    return list(class_subset)

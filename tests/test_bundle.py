@@ -157,7 +157,9 @@ def test_class_embeddings_are_stored_and_handed_to_the_factory(tmp_path, monkeyp
 
     monkeypatch.setattr(bundle_module, "build_model_from_config", factory)
     loaded.build_model()
-    assert torch.equal(seen["class_embeddings"], embeddings)
+    handed = seen["class_embeddings"]  # with the names, so a word-query head can be rebuilt
+    assert handed.names == tuple(NAMES)
+    assert torch.equal(torch.from_numpy(handed.vectors), embeddings)
     with pytest.raises(BundleError, match="class_embeddings must be"):
         make_bundle(class_embeddings=torch.randn(3, 6))
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import timm
 import torch
 from torch import nn
 
+from mlcore.data.embeddings import ClassEmbeddings
 from mlcore.models.ml_decoder import GroupFullyConnected, MLDecoder
 
 # Small widths keep every test well under a second on two CPU cores.
@@ -91,7 +93,7 @@ def test_queries_fixed_by_default() -> None:
 
 
 def test_queries_learnable_when_asked() -> None:
-    head = MLDecoder(12, 16, num_groups=4, learnable_queries=True, **SMALL)
+    head = MLDecoder(12, 16, num_groups=4, queries="learned", **SMALL)
     assert dict(head.named_parameters())["queries"].requires_grad
     head(torch.randn(2, 16, 2, 2)).sum().backward()
     assert head.queries.grad is not None
@@ -167,3 +169,99 @@ def test_timm_backbones(model_name: str) -> None:
         logits = head(features)
     assert logits.shape == (2, 9600)
     assert torch.isfinite(logits).all()
+
+
+# --------------------------------------------------------------------------- word queries
+
+
+def _word_head(num_classes: int = 6, width: int = 10, **kwargs) -> MLDecoder:
+    torch.manual_seed(0)
+    vectors = torch.randn(num_classes, width)
+    names = [f"class {i}" for i in range(num_classes)]
+    return MLDecoder(
+        num_classes,
+        16,
+        queries="word",
+        class_embeddings=vectors,
+        class_names=names,
+        **SMALL,
+        **kwargs,
+    )
+
+
+def test_word_queries_share_one_fc_and_score_any_class_order() -> None:
+    head = _word_head().eval()
+    assert head.num_groups == head.num_classes == 6 and head.group_factor == 1
+    # One weight vector and one bias for every query: nothing depends on the class index.
+    assert head.shared_fc.weight.shape == (SMALL["embed_dim"], 1) and head.shared_fc.bias.ndim == 0
+    assert not hasattr(head, "group_fc") and "queries" not in head.state_dict()
+    features = torch.randn(3, 16, 2, 2)
+    logits = head(features)
+    table, names = head.class_embeddings.clone(), head.class_names
+    order = [4, 0, 5]
+    head.set_class_embeddings([names[i] for i in order], table[order])
+    # A class's logit does not depend on which or how many other classes are scored.
+    torch.testing.assert_close(head(features), logits[:, order])
+    assert head.class_names == ["class 4", "class 0", "class 5"]
+
+
+def test_word_queries_buffers_travel_in_state_dict_and_rebuild() -> None:
+    from mlcore.config import MLDecoderConfig
+    from mlcore.models import build_model, word_query_table
+
+    cfg = MLDecoderConfig(queries="word", **SMALL)
+    names = ["traffic light", "baseball bat", "dog"]
+    table = ClassEmbeddings(tuple(names), np.random.default_rng(0).normal(size=(3, 7)).astype("f"))
+    model = build_model("test_resnet", 3, "ml_decoder", ml_decoder=cfg, class_embeddings=table)
+    state = model.state_dict()
+    assert "head.class_embeddings" in state and "head.class_names_utf8" in state
+    back = word_query_table(state)
+    assert back.names == tuple(names)
+    np.testing.assert_array_equal(back.vectors, table.vectors)
+    # Rebuilt from config + class count + the table the state carries, then the state itself.
+    again = build_model("test_resnet", 3, "ml_decoder", ml_decoder=cfg, class_embeddings=back)
+    again.load_state_dict(state)
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(again.eval()(images), model.eval()(images))
+    with pytest.raises(ValueError, match="needed by, and only by"):
+        build_model("test_resnet", 3, "ml_decoder", ml_decoder=cfg)
+
+
+def test_query_augmentations_only_in_training() -> None:
+    head = _word_head(query_noise=0.5, random_queries=3, dropout=0.0)
+    features = torch.randn(2, 16, 2, 2)
+    assert head.train()(features).shape == (2, 6 + 3)
+    evaluated = head.eval()(features)
+    assert evaluated.shape == (2, 6)
+    torch.testing.assert_close(head(features), evaluated)  # no augmentation at evaluation
+    # Without dropout, training-mode logits still change from call to call: the query noise.
+    head.train()
+    assert not torch.allclose(head(features)[:, :6], head(features)[:, :6])
+    quiet = _word_head(query_noise=0.0, random_queries=0, dropout=0.0).train()
+    torch.testing.assert_close(quiet(features), quiet(features))
+    torch.testing.assert_close(quiet(features), quiet.eval()(features))
+
+
+def test_word_query_errors() -> None:
+    head = _word_head()
+    with pytest.raises(ValueError, match="width 4, the head was trained on 10"):
+        head.set_class_embeddings(["a"], torch.randn(1, 4))
+    with pytest.raises(ValueError, match="need an \\(M, E\\) table for M = 2"):
+        head.set_class_embeddings(["a", "b"], torch.randn(3, 10))
+    with pytest.raises(ValueError, match="finite and non-zero"):
+        head.set_class_embeddings(["a"], torch.zeros(1, 10))
+    with pytest.raises(ValueError, match="single lines"):
+        head.set_class_embeddings(["a\nb"], torch.randn(1, 10))
+    with pytest.raises(ValueError, match="num_groups must be None"):
+        MLDecoder(
+            2,
+            16,
+            num_groups=2,
+            queries="word",
+            class_embeddings=torch.randn(2, 3),
+            class_names=["a", "b"],
+        )
+    with pytest.raises(ValueError, match="need class_embeddings"):
+        MLDecoder(2, 16, queries="word")
+    with pytest.raises(ValueError, match="no class embeddings to set"):
+        MLDecoder(2, 16, **SMALL).set_class_embeddings(["a"], torch.randn(1, 3))

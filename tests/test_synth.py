@@ -39,7 +39,7 @@ def test_appearances_are_unique():
 
 def test_manifest_contents(small):
     m = Manifest.load(small)
-    assert m.num_classes == 12 and m.splits() == ["test_shift", "train", "val"]
+    assert m.num_classes == 12 and m.splits() == ["test", "test_shift", "train", "val"]
     assert len(m.split_rows("train")) == 1000
     assert all(len(row) >= 1 for row in m.label_lists())
     assert (m.image_root / m.table.column("path")[0].as_py()).is_file()
@@ -112,3 +112,40 @@ def test_cache_by_content_hash(tmp_path):
     )
     assert b != a
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".synth-tmp")]
+
+
+def test_compositional_embeddings_and_iid_test_split(tmp_path):
+    from mlcore.data.embeddings import DATASET_FILE, load_class_embeddings
+    from mlcore.data.synth import EMBEDDING_DIM, SHAPES
+
+    cfg = SynthConfig(
+        num_classes=30, num_train=40, num_val=10, num_test=20, image_size=16, compositional=True
+    )
+    root = generate(cfg, tmp_path / "z")
+    m = Manifest.load(root)
+    assert m.splits() == ["test", "train", "val"] and len(m.split_rows("test")) == 20
+    table = load_class_embeddings(root / DATASET_FILE, m.class_names)
+    assert table.vectors.shape == (30, EMBEDDING_DIM)
+    unit = table.vectors / np.linalg.norm(table.vectors, axis=1, keepdims=True)
+    cosine = unit @ unit.T
+    attrs = [class_appearance(c) for c in range(30)]
+    share_one = [
+        (i, j)
+        for i in range(30)
+        for j in range(i)
+        if (attrs[i][0] == attrs[j][0]) != (attrs[i][1] == attrs[j][1])
+    ]
+    share_none = [
+        (i, j)
+        for i in range(30)
+        for j in range(i)
+        if attrs[i][0] != attrs[j][0] and attrs[i][1] != attrs[j][1]
+    ]
+    # Classes sharing their shape or their colour point the same way; others do not.
+    assert np.mean([cosine[p] for p in share_one]) > 0.3
+    assert abs(np.mean([cosine[p] for p in share_none])) < 0.15
+    assert len({s for s, _ in attrs}) == len(SHAPES)
+    plain = generate(
+        SynthConfig(num_classes=4, num_train=4, num_val=2, image_size=16), tmp_path / "p"
+    )
+    assert not (plain / DATASET_FILE).exists()

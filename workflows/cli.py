@@ -61,11 +61,13 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
         num_topics=args.num_topics,
         mean_objects=args.mean_objects,
         labels_from=args.labels_from,
+        compositional=args.compositional,
         seed=args.seed,
     )
     out = generate(cfg, args.out)
     total = cfg.num_train + cfg.num_val + cfg.num_test + cfg.num_test_shift
-    print(f"wrote {total} images to {out}")
+    extra = " and class_embeddings.npz" if cfg.compositional else ""
+    print(f"wrote {total} images{extra} to {out}")
 
 
 def cmd_data_import(args: argparse.Namespace) -> None:
@@ -91,6 +93,32 @@ def cmd_data_import(args: argparse.Namespace) -> None:
             splits=importers.parse_split_map(args.split or ["train:train", "val:val"]),
             include_difficult=args.include_difficult,
             name=args.name,
+            **common,
+        )
+    elif args.kind == "openimages":
+        if not args.labels or not args.class_descriptions:
+            raise UsageError(
+                "openimages needs --class-descriptions CSV and at least one "
+                "--labels LABELS.csv:SPLIT:IMAGE_DIR"
+            )
+        result = importers.import_openimages(
+            [importers.OpenImagesEntry.parse(spec) for spec in args.labels],
+            args.out,
+            class_descriptions=args.class_descriptions,
+            trainable_classes=args.trainable_classes,
+            check_images=args.check_images,
+            name=args.name or "open-images",
+            progress=print,
+            **common,
+        )
+    elif args.kind == "nuswide1k":
+        result = importers.import_nuswide1k(
+            args.source,
+            args.out,
+            image_dir=args.image_dir,
+            val_fraction=args.val_fraction,
+            invalid_labels=args.invalid_labels,
+            name=args.name or "nus-wide-1k",
             **common,
         )
     elif args.kind == "nuswide":
@@ -409,13 +437,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write a 'test_shift' split of N images (default 400) whose labels ignore "
         "co-occurrence",
     )
+    synth.add_argument(
+        "--compositional",
+        action="store_true",
+        help="zero-shot benchmark: also write class_embeddings.npz, each (shape, colour) "
+        "class's attribute vector through a fixed random projection plus noise",
+    )
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=cmd_data_synth)
 
-    imp = data_sub.add_parser("import", help="import COCO, VOC, NUS-WIDE or CSV labels")
-    imp.add_argument("kind", choices=["coco", "voc", "nuswide", "csv"])
+    imp = data_sub.add_parser(
+        "import", help="import COCO, VOC, NUS-WIDE (81 or 1k tags), Open Images or CSV labels"
+    )
+    imp.add_argument("kind", choices=["coco", "voc", "nuswide", "nuswide1k", "openimages", "csv"])
     imp.add_argument(
-        "source", nargs="?", help="VOC20XX dir, NUS-WIDE root or CSV file (not for coco)"
+        "source",
+        nargs="?",
+        help="VOC20XX dir, NUS-WIDE root or CSV file (not for coco/openimages)",
     )
     imp.add_argument("--out", required=True, help="dataset directory to write")
     imp.add_argument("--name", help="dataset name stored in the manifest")
@@ -427,7 +465,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--split", action="append", metavar="SOURCE:SPLIT", help="voc/nuswide split mapping"
     )
     imp.add_argument("--include-difficult", action="store_true", help="voc")
-    imp.add_argument("--image-dir", help="nuswide/csv image directory")
+    imp.add_argument(
+        "--labels",
+        action="append",
+        metavar="LABELS.csv:SPLIT:IMAGE_DIR",
+        help="openimages: a human-verified image-level labels CSV (repeatable)",
+    )
+    imp.add_argument("--class-descriptions", help="openimages: class descriptions CSV")
+    imp.add_argument("--trainable-classes", help="openimages: trainable class ids, one a line")
+    imp.add_argument(
+        "--no-check-images",
+        dest="check_images",
+        action="store_false",
+        help="openimages: import labels without looking for the image files",
+    )
+    imp.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="nuswide1k: fraction of training images moved to a 'val' split (by id hash)",
+    )
+    imp.add_argument("--image-dir", help="nuswide/nuswide1k/csv image directory")
     imp.add_argument("--invalid-labels", choices=["error", "negative"], default="error")
     imp.add_argument("--classes", help="csv: class names file, one per line")
     imp.add_argument("--num-classes", type=int, help="csv: number of classes (index labels)")

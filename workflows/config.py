@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mlcore import configlib
-from mlcore.config import ExperimentConfig
+from mlcore.config import UNSEEN_FROM_MANIFEST, ExperimentConfig
 from mlcore.configlib import ConfigError
 from mlcore.data.manifest import ManifestError
 from mlcore.train import ResumeMismatchError
@@ -222,14 +222,20 @@ def resolve_paths(cfg: Config) -> Config:
         root=None if data.root is None else _absolute(data.root),
         cache_dir=_absolute(data.cache_dir),
         synth=synth,
+        class_embeddings=(
+            None if data.class_embeddings is None else _absolute(data.class_embeddings)
+        ),
     )
     model = cfg.model
     if model.pretrained_file is not None:
         model = dataclasses.replace(model, pretrained_file=_absolute(model.pretrained_file))
     if model.encoder_checkpoint is not None:
         model = dataclasses.replace(model, encoder_checkpoint=_absolute(model.encoder_checkpoint))
+    zsl = cfg.zsl
+    if isinstance(zsl.unseen_classes, str) and zsl.unseen_classes != UNSEEN_FROM_MANIFEST:
+        zsl = dataclasses.replace(zsl, unseen_classes=_absolute(zsl.unseen_classes))
     return dataclasses.replace(
-        cfg, storage_path=_absolute(cfg.storage_path), data=data, model=model
+        cfg, storage_path=_absolute(cfg.storage_path), data=data, model=model, zsl=zsl
     )
 
 

@@ -7,7 +7,9 @@ instead of creating a duplicate. Runs are always terminated (FINISHED / FAILED /
 ``finally`` blocks; the driver sweeps children left RUNNING by workers that were killed.
 
 Metric names are the same on every run (``val_mAP``, ``val_CF1``, ``val_OF1``, ``train_loss``,
-...), with the epoch as step, so MLflow's compare view lines teachers and student up.
+...), with the epoch as step, so MLflow's compare view lines teachers and student up. MLflow
+refuses ``@`` in a metric name, so the zero-shot ``zsl_F1@3`` is logged as ``zsl_F1_at_3``
+(:func:`mlflow_metric_name`); files keep the ``@`` names.
 
 Training never waits on tracking. A :class:`RunLogger` whose server is unreachable keeps the
 metrics, tags and artifacts it could not send, warns once, and sends them, in order, on a later
@@ -226,6 +228,11 @@ class Tracker:
         return len(runs)
 
 
+def mlflow_metric_name(name: str) -> str:
+    """``name`` in the characters MLflow accepts: ``F1@3`` becomes ``F1_at_3``."""
+    return name.replace("@", "_at_")
+
+
 class RunLogger:
     """Logs to one run id; buffers what an unreachable server cannot take (module docstring).
 
@@ -306,7 +313,7 @@ class RunLogger:
     def metrics(self, values: Mapping[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         batch = [
-            Metric(k, float(v), now, step)
+            Metric(mlflow_metric_name(k), float(v), now, step)
             for k, v in values.items()
             if isinstance(v, int | float) and math.isfinite(v)
         ]

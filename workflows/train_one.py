@@ -14,6 +14,7 @@ from mlcore.cpsd import evaluate_model
 from mlcore.data.manifest import read_info
 from mlcore.experiment import resolve_dataset, train_classifier, training_fingerprint
 from mlcore.train import TrainResult, check_resumable
+from mlcore.zsl import evaluate_zero_shot, zero_shot_split
 from workflows.config import Config
 from workflows.mlflow_model import record_trained_model
 from workflows.tracking import (
@@ -33,13 +34,21 @@ ROLE = "train"
 
 def run_description(cfg: Config, num_classes: int, dataset: str) -> str:
     """What the run's numbers cover (shown as the run's description in MLflow)."""
+    classes = f"all {num_classes} classes"
+    zero_shot = ""
+    if cfg.zsl.enabled:
+        classes = f"the {num_classes} seen classes"
+        zero_shot = (
+            " zsl_* and gzsl_* are the zero-shot metrics of the kept epoch on the test split "
+            "(ZSL: the unseen classes, GZSL: all classes; see docs/zsl.md)."
+        )
     return (
         f"cpsd train: {cfg.model.backbone} with a {cfg.model.head} head and {cfg.loss.name} "
-        f"loss on all {num_classes} classes of '{dataset}'. val_mAP is the selected weights' "
+        f"loss on {classes} of '{dataset}'. val_mAP is the selected weights' "
         "mAP each epoch (the better of val_mAP_plain, the trained weights, and val_mAP_ema, "
         "their moving average); best_val_mAP and best_epoch are the kept epoch; test_mAP and "
         "shift_mAP evaluate it on the 'test' and 'test_shift' splits when the dataset has them; "
-        "num_classes_evaluated is how many classes every mAP averages over."
+        "num_classes_evaluated is how many classes every mAP averages over." + zero_shot
     )
 
 
@@ -53,6 +62,13 @@ def train_one(cfg: Config, out_dir: str | Path | None = None) -> TrainResult:
     per-epoch metrics, the final keys, its datasets, the best checkpoint, an MLflow model
     (``mlflow.log_models``) and a Model Registry version with alias ``train``
     (``mlflow.registered_model``).
+
+    ``metrics.json`` holds one record per epoch. With ``zsl.unseen_classes`` set the model
+    trains on the seen classes only (``test_mAP`` and the final keys then cover the seen
+    classes), and the selected weights are evaluated under the zero-shot protocol
+    (``mlcore.zsl``): a last record ``{"evaluation": "zero_shot", "split": ..., "best_epoch":
+    ..., "zsl_mAP": ..., ...}`` is appended, and the same numbers go to the MLflow run at the
+    best epoch's step.
     """
     fingerprint = training_fingerprint(cfg)
     out = Path(out_dir) if out_dir else Path(cfg.storage_path) / cfg.name / f"train-{fingerprint}"
@@ -79,13 +95,27 @@ def train_one(cfg: Config, out_dir: str | Path | None = None) -> TrainResult:
             run.metrics(metrics, step=epoch)
 
         result = train_classifier(cfg, out, on_epoch=on_epoch)
-        (out / "metrics.json").write_text(json.dumps(result.history, indent=1))
-        held_out = evaluate_model(cfg, result.best_checkpoint, out)
+        seen = zero_shot_split(cfg.zsl, info).seen if cfg.zsl.enabled else None
+        held_out = evaluate_model(cfg, result.best_checkpoint, out, class_subset=seen)
         test = held_out.get("test")
+        num_classes = info.num_classes if seen is None else len(seen)
         final = final_metrics_of(
-            result.best_metrics["val_mAP"], result.best_epoch, info.num_classes, held_out
+            result.best_metrics["val_mAP"], result.best_epoch, num_classes, held_out
         )
         (out / "final.json").write_text(json.dumps(final, indent=1))
+        records: list[dict] = list(result.history)
+        if cfg.zsl.enabled:
+            zero_shot = evaluate_zero_shot(cfg, result.best_checkpoint)
+            records.append(
+                {
+                    "evaluation": "zero_shot",
+                    "split": cfg.data.test_split,
+                    "best_epoch": result.best_epoch,
+                    **zero_shot,
+                }
+            )
+            run.metrics(zero_shot, step=result.best_epoch)
+        (out / "metrics.json").write_text(json.dumps(records, indent=1))
         if tracker is None:
             return result
         if cfg.mlflow.log_checkpoints:
@@ -97,7 +127,7 @@ def train_one(cfg: Config, out_dir: str | Path | None = None) -> TrainResult:
             tracker.uri,
             run.run_id,
             role=ROLE,
-            description=run_description(cfg, info.num_classes, info.name),
+            description=run_description(cfg, num_classes, info.name),
             bundle=out / BUNDLE_FILE,
             final=final,
             best_epoch=result.best_epoch,

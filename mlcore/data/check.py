@@ -35,7 +35,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from mlcore.data.manifest import MANIFEST_FILE, METADATA_KEY, SCHEMA, ManifestError, ManifestInfo
+from mlcore.data.manifest import (
+    MANIFEST_FILE,
+    METADATA_KEY,
+    OPTIONAL_FIELDS,
+    SCHEMA,
+    ManifestError,
+    ManifestInfo,
+)
 
 VerifyMode = Literal["exists", "decode", "none"]
 Severity = Literal["error", "warning"]
@@ -278,6 +285,8 @@ class _Checker:
         self._check_keys(ids, splits, content, where)
         if "labels" in cols:
             self._check_labels(batch.column("labels"), splits, where)
+        if "neg_labels" in cols:
+            self._check_negatives(batch.column("neg_labels").to_pylist(), labels, where)
         self._check_images(batch, paths, splits, where)
         self.rows += n
 
@@ -301,6 +310,26 @@ class _Checker:
                     "rows repeating an earlier image_id",
                     f"{where(i)} repeats row {first[0]} ({same} path/split/labels; "
                     f"splits {first[1]!r} / {split!r})",
+                )
+
+    def _check_negatives(self, negatives: list, labels: list, where: Callable[[int], str]) -> None:
+        """The optional verified-negative lists: in range and disjoint from the positives."""
+        for i, (neg, pos) in enumerate(zip(negatives, labels, strict=True)):
+            bad = [c for c in neg or () if c is None or not 0 <= c < self.num_classes]
+            if bad:
+                self.note(
+                    "neg_label_out_of_range",
+                    "error",
+                    f"neg_labels indices outside [0, {self.num_classes})",
+                    f"{where(i)}: neg_label {bad[0]}",
+                )
+            both = set(neg or ()) & set(pos or ())
+            if both:
+                self.note(
+                    "label_positive_and_negative",
+                    "error",
+                    "classes in both labels and neg_labels",
+                    f"{where(i)}: classes {sorted(both)}",
                 )
 
     def _check_labels(self, labels: pa.Array, splits: list, where: Callable[[int], str]) -> None:
@@ -461,7 +490,9 @@ def check_dataset(
         if usable:
             columns.append(name)
     for name in pf.schema_arrow.names:
-        if name not in SCHEMA.names:
+        if name in OPTIONAL_FIELDS:
+            columns.append(name)
+        elif name not in SCHEMA.names:
             checker.note("extra_column", "warning", "columns not in the schema", name)
     if not info.class_names:
         checker.note("no_classes", "error", "the class list is empty", "class_names: []")

@@ -350,10 +350,11 @@ class MultiLabelDataset(Dataset):
         encoded: Items are ``(encoded bytes as uint8 tensor, labels, seed[, index])``, not
             decoded (``transform`` is then not applied; seed -1: none).
         cache_dir: Local cache for images under a remote image root (None: no cache).
+        require_label: Keep only images with at least one label among the target classes.
 
     Raises:
-        ManifestError: The split is empty, a subset index is out of range or the decoder is
-            unknown.
+        ManifestError: The split is empty (before or after ``require_label``), a subset index
+            is out of range or the decoder is unknown.
     """
 
     def __init__(
@@ -367,6 +368,7 @@ class MultiLabelDataset(Dataset):
         decoder: str = "simplejpeg",
         cache_dir: str | os.PathLike | None = None,
         encoded: bool = False,
+        require_label: bool = False,
     ):
         rows = manifest.split_rows(split)
         if rows.size == 0:
@@ -380,6 +382,15 @@ class MultiLabelDataset(Dataset):
                 raise ManifestError(f"class_subset {list(class_subset)} invalid for {num_classes}")
         if decoder not in DECODERS:
             raise ManifestError(f"unknown decoder {decoder!r}; choose from {sorted(DECODERS)}")
+        if require_label:
+            labels = manifest.table.column("labels").take(pa.array(rows))
+            offsets, _ = label_csr(labels, class_subset, num_classes)
+            rows = rows[np.diff(offsets) > 0]
+            if rows.size == 0:
+                raise ManifestError(
+                    f"{manifest.root}: no image of split {split!r} has a label among the "
+                    "target classes"
+                )
         self.manifest = manifest
         self.split = split
         self.rows = rows

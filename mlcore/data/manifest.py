@@ -18,6 +18,14 @@ labels        list<int32>        sorted, unique class indices present in the ima
 split         string             "train", "val", "test" or any other split name
 ============  =================  ==========================================================
 
+Optional columns (:data:`OPTIONAL_FIELDS`), written by importers whose source has them:
+
+============  =================  ==========================================================
+neg_labels    list<int32>        sorted, unique class indices *verified absent* (Open Images
+                                 human-verified negatives); disjoint from ``labels``. A class
+                                 in neither list is unverified (usually: absent).
+============  =================  ==========================================================
+
 Every row has exactly one of ``path`` / ``image_bytes``. Dataset-level metadata is stored as
 JSON in the Parquet schema metadata under the key ``cpsd``::
 
@@ -32,6 +40,9 @@ paths are relative to the dataset directory itself. Importers of datasets that l
 through ``pyarrow.fs``, which takes credentials and endpoints from the usual environment
 (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ...; see
 ``cluster/README.md``).
+
+Importers of very large sources write through :class:`ManifestWriter`, batch by batch
+with bounded memory.
 """
 
 from __future__ import annotations
@@ -64,10 +75,23 @@ SCHEMA = pa.schema(
         pa.field("split", pa.string(), nullable=False),
     ]
 )
+OPTIONAL_FIELDS = {"neg_labels": pa.field("neg_labels", pa.list_(pa.int32()), nullable=False)}
+"""Columns a manifest may add to :data:`SCHEMA` (see the module docstring)."""
 
 
 class ManifestError(ValueError):
     """A dataset directory or its rows do not follow the format."""
+
+
+def _schema_for(table: pa.Table) -> pa.Schema:
+    """:data:`SCHEMA` plus the optional columns ``table`` has; other columns are refused."""
+    extra = [n for n in table.column_names if n not in SCHEMA.names]
+    unknown = [n for n in extra if n not in OPTIONAL_FIELDS]
+    if unknown:
+        raise ManifestError(
+            f"unknown manifest columns {unknown} (optional: {list(OPTIONAL_FIELDS)})"
+        )
+    return pa.schema([*SCHEMA, *(OPTIONAL_FIELDS[n] for n in OPTIONAL_FIELDS if n in extra)])
 
 
 @dataclass(frozen=True)
@@ -174,31 +198,39 @@ def build_table(
     *,
     paths: Sequence[str | None] | None = None,
     image_bytes: Sequence[bytes | None] | None = None,
+    neg_labels: Sequence[Sequence[int]] | None = None,
 ) -> pa.Table:
-    """Assemble rows into a table with :data:`SCHEMA` (labels sorted and de-duplicated)."""
+    """Assemble rows into a table with :data:`SCHEMA` (label lists sorted and de-duplicated),
+    plus the optional ``neg_labels`` column when given."""
     n = len(image_ids)
     if len(labels) != n or len(splits) != n:
         raise ManifestError("image_ids, labels and splits must have the same length")
     paths = list(paths) if paths is not None else [None] * n
     image_bytes = list(image_bytes) if image_bytes is not None else [None] * n
-    clean = [sorted({int(c) for c in row}) for row in labels]
-    return pa.table(
-        {
-            "image_id": pa.array(list(image_ids), pa.string()),
-            "path": pa.array(paths, pa.string()),
-            "image_bytes": pa.array(image_bytes, pa.binary()),
-            "labels": pa.array(clean, pa.list_(pa.int32())),
-            "split": pa.array(list(splits), pa.string()),
-        },
-        schema=SCHEMA,
-    )
+    columns = {
+        "image_id": pa.array(list(image_ids), pa.string()),
+        "path": pa.array(paths, pa.string()),
+        "image_bytes": pa.array(image_bytes, pa.binary()),
+        "labels": pa.array(_sorted_unique(labels), pa.list_(pa.int32())),
+        "split": pa.array(list(splits), pa.string()),
+    }
+    if neg_labels is not None:
+        if len(neg_labels) != n:
+            raise ManifestError("neg_labels must have one list per image")
+        columns["neg_labels"] = pa.array(_sorted_unique(neg_labels), pa.list_(pa.int32()))
+    table = pa.table(columns)
+    return table.cast(_schema_for(table))
+
+
+def _sorted_unique(lists: Sequence[Sequence[int]]) -> list[list[int]]:
+    return [sorted({int(c) for c in row}) for row in lists]
 
 
 def validate_rows(table: pa.Table, num_classes: int) -> None:
     """Raise :class:`ManifestError` naming the first offending row.
 
     Checks: exactly one of path/image_bytes per row, label indices in ``[0, num_classes)``,
-    unique image ids.
+    ``neg_labels`` (when present) in range and disjoint from ``labels``, unique image ids.
     """
     has_path = table.column("path").is_valid().to_numpy(zero_copy_only=False)
     has_bytes = table.column("image_bytes").is_valid().to_numpy(zero_copy_only=False)
@@ -219,6 +251,22 @@ def validate_rows(table: pa.Table, num_classes: int) -> None:
             f"row {row} (image_id={ids[row]!r}): label index {int(values[out[0]])} out of range "
             f"[0, {num_classes})"
         )
+    if "neg_labels" in table.column_names:
+        negatives = table.column("neg_labels").to_pylist()
+        positives = table.column("labels").to_pylist()
+        for i, (neg, pos) in enumerate(zip(negatives, positives, strict=True)):
+            bad = [c for c in neg if not 0 <= c < num_classes]
+            if bad:
+                raise ManifestError(
+                    f"row {i} (image_id={ids[i]!r}): neg_labels index {bad[0]} out of range "
+                    f"[0, {num_classes})"
+                )
+            both = set(neg) & set(pos)
+            if both:
+                raise ManifestError(
+                    f"row {i} (image_id={ids[i]!r}): classes {sorted(both)} in both labels and "
+                    "neg_labels"
+                )
     if len(set(ids)) != len(ids):
         first: dict[str, int] = {}
         for i, image_id in enumerate(ids):
@@ -246,7 +294,7 @@ def write_manifest(
         bytes_per_row = table.nbytes / max(1, table.num_rows)
         row_group_size = int(min(65_536, max(64, (64 << 20) // max(1, bytes_per_row))))
     root.mkdir(parents=True, exist_ok=True)
-    table = table.cast(SCHEMA)
+    table = table.cast(_schema_for(table))
     validate_rows(table, info.num_classes)
     table = table.replace_schema_metadata({METADATA_KEY: info.to_json()})
     target = manifest_path(root)
@@ -262,6 +310,86 @@ def write_manifest(
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+class ManifestWriter:
+    """Write a manifest batch by batch, memory bounded by one batch (huge imports).
+
+    Each :meth:`write` validates its rows as :func:`write_manifest` does; image ids must be
+    unique *across* batches, which the caller guarantees (an importer reading sorted input can
+    check it in constant memory). :meth:`close` stores the metadata and moves the file into
+    place atomically: the metadata lives in the Parquet schema, which is written first, so the
+    rows go to a temporary file and are copied row group by row group into the final one.
+
+    Args:
+        root: Dataset directory.
+        num_classes: Number of classes (label range check).
+        neg_labels: Rows carry the optional ``neg_labels`` column.
+        row_group_size: Rows per Parquet row group.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        num_classes: int,
+        *,
+        neg_labels: bool = False,
+        row_group_size: int = 65_536,
+    ) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.num_classes = num_classes
+        self.row_group_size = row_group_size
+        fields = [*SCHEMA, OPTIONAL_FIELDS["neg_labels"]] if neg_labels else list(SCHEMA)
+        self.schema = pa.schema(fields)
+        fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".rows.parquet.tmp")
+        os.close(fd)
+        self._rows_path = Path(tmp)
+        self._writer = pq.ParquetWriter(self._rows_path, self.schema, compression="zstd")
+        self._finished = False
+        self.rows_written = 0
+
+    def write(self, table: pa.Table) -> None:
+        """Validate and append rows (a table with the writer's columns)."""
+        table = table.cast(self.schema)
+        validate_rows(table, self.num_classes)
+        self._writer.write_table(table, row_group_size=self.row_group_size)
+        self.rows_written += table.num_rows
+
+    def close(self, info: ManifestInfo) -> Path:
+        """Write ``root/manifest.parquet`` with ``info`` as its metadata; returns its path."""
+        if info.num_classes != self.num_classes:
+            raise ManifestError(f"info has {info.num_classes} classes, rows {self.num_classes}")
+        source = self.finish()
+        target = manifest_path(self.root)
+        fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".parquet.tmp")
+        os.close(fd)
+        try:
+            schema = self.schema.with_metadata({METADATA_KEY: info.to_json()})
+            with pq.ParquetWriter(
+                tmp, schema, compression="zstd", write_statistics=False
+            ) as writer:
+                for i in range(source.num_row_groups):
+                    writer.write_table(source.read_row_group(i, use_threads=False).cast(schema))
+            os.replace(tmp, target)
+        finally:
+            for leftover in (tmp, self._rows_path):
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
+        return target
+
+    def finish(self) -> pq.ParquetFile:
+        """Stop writing rows; returns them, readable row group by row group (each
+        :meth:`write` of up to ``row_group_size`` rows is one group), e.g. to check ids."""
+        if not self._finished:
+            self._writer.close()
+            self._finished = True
+        return pq.ParquetFile(self._rows_path)
+
+    def abort(self) -> None:
+        """Drop everything written so far (an importer failed half-way)."""
+        self.finish()
+        self._rows_path.unlink(missing_ok=True)
 
 
 def read_info(root: str | os.PathLike) -> ManifestInfo:

@@ -19,6 +19,18 @@ settings on ``val``. The optional ``test_shift`` split draws every class indepen
 training frequency, so co-occurrence carries no information there: the drop from ``val`` to
 ``test_shift`` measures how much a model leans on context (CPSD paper, Fig. 1).
 
+``compositional=True`` makes the data a zero-shot benchmark: every class is a (shape, colour)
+combination, and ``class_embeddings.npz`` beside the manifest gives each class a vector built
+from its attributes only: the 18-d attribute vector ``a_c`` (one-hot shape, one-hot colour)
+through a fixed random projection ``P`` (``EMBEDDING_DIM × 18``, entries ``N(0, 1)``),
+normalised, plus noise ``n_c ~ N(0, (EMBEDDING_NOISE² / EMBEDDING_DIM)·I)``::
+
+    e_c = P a_c / ‖P a_c‖ + n_c
+
+so a class held out of training (a red star) shares directions with the seen classes of its
+shape (stars of other colours) and of its colour (other red shapes), as a word vector shares
+meaning with related words; the noise keeps the vectors from being an exact code.
+
 Everything is seeded per image, so the same config writes byte-identical files.
 """
 
@@ -37,9 +49,14 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from mlcore.config import SynthConfig
+from mlcore.data.embeddings import DATASET_FILE, ClassEmbeddings
 from mlcore.data.manifest import ManifestInfo, build_table, manifest_path, write_manifest
 
 GENERATOR_VERSION = 1
+EMBEDDING_DIM = 64
+"""Width of the generated class embeddings (``compositional``)."""
+EMBEDDING_NOISE = 0.3
+"""Norm of the noise added to each unit-norm projected attribute vector (``compositional``)."""
 
 SHAPES = (
     "circle", "square", "triangle", "diamond", "plus",
@@ -67,6 +84,22 @@ def class_appearance(c: int) -> tuple[str, str]:
 
 def default_class_names(num_classes: int) -> tuple[str, ...]:
     return tuple("_".join(reversed(class_appearance(c))) for c in range(num_classes))
+
+
+def attribute_embeddings(num_classes: int, seed: int) -> ClassEmbeddings:
+    """Class vectors from (shape, colour) attributes (module docstring: ``compositional``)."""
+    rng = np.random.default_rng([seed, 77])
+    projection = rng.normal(size=(EMBEDDING_DIM, len(SHAPES) + len(COLOURS)))
+    attributes = np.zeros((num_classes, len(SHAPES) + len(COLOURS)))
+    for c in range(num_classes):
+        shape, colour = class_appearance(c)
+        attributes[c, SHAPES.index(shape)] = 1.0
+        attributes[c, len(SHAPES) + _COLOUR_NAMES.index(colour)] = 1.0
+    signal = attributes @ projection.T  # (C, EMBEDDING_DIM)
+    signal /= np.linalg.norm(signal, axis=1, keepdims=True)
+    noise = rng.normal(scale=EMBEDDING_NOISE / np.sqrt(EMBEDDING_DIM), size=signal.shape)
+    vectors = (signal + noise).astype(np.float32)
+    return ClassEmbeddings(default_class_names(num_classes), vectors)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,6 +334,8 @@ def generate(cfg: SynthConfig, out_dir: str | os.PathLike) -> Path:
         source={"generator": "mlcore.data.synth", "version": GENERATOR_VERSION, **asdict(cfg)},
     )
     write_manifest(out, build_table(ids, labels, splits, paths=paths), info)
+    if cfg.compositional:
+        attribute_embeddings(num_classes, cfg.seed).save(out / DATASET_FILE)
     return out
 
 

@@ -25,17 +25,47 @@ matrix ``W_k ∈ R^{g×D}`` while pooling the embedding dimension::
 The last ``K·g − N`` outputs are dropped. Residual, LayerNorm and dropout placement, the ReLU after
 the token projection, the default widths and the initialisation follow the authors' code
 (github.com/Alibaba-MIIL/ML_Decoder, ``src_files/ml_decoder/ml_decoder.py``).
+
+**Word queries** (§2.3.3, zero-shot). Each class ``i`` has a fixed embedding ``e_i ∈ R^E`` (a
+word vector of its name); one query per class (``K = N``) comes from one projection shared by
+all classes, with the authors' ReLU, and the group FC shares one weight vector ``w ∈ R^D`` and
+one bias ``b`` across queries (``W_k = W`` in Eq. 3, ``g = 1``)::
+
+    q_i = ReLU(W_q ê_i + b_q),   ê_i = e_i / ‖e_i‖           # (N, D)
+    L_i = w · Decoder(q_i, E') + b                            # (B, N)
+
+No weight depends on the class index and queries do not interact (no self-attention), so the
+head scores any number of classes in any order, classes never trained on included, and the
+logit of a class does not depend on which other classes are scored with it. The unit
+normalisation of ``ê_i`` is ours: it puts every embedding source on one scale, so the query
+noise below means the same thing for GloVe, fastText or generated vectors.
+
+Query augmentations (training only; magnitudes are ours, the paper's are in a missing appendix):
+*query noise* adds ``n ~ N(0, (σ²/E)·I)`` to every ``ê_i`` (one draw per batch, ``‖n‖ ≈ σ``);
+*random queries* append ``R`` random unit vectors as extra queries, so the head returns
+``(B, N + R)`` logits whose last ``R`` columns are labelled positive ("random") by the
+objective (``mlcore.zsl.RandomQueryTargets``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CrossAttentionDecoderLayer", "GroupFullyConnected", "MLDecoder"]
+__all__ = [
+    "CrossAttentionDecoderLayer",
+    "GroupFullyConnected",
+    "MLDecoder",
+    "SharedFullyConnected",
+    "decode_names",
+]
+
+QueryKind = Literal["learned", "fixed", "word"]
 
 
 class CrossAttentionDecoderLayer(nn.Module):
@@ -126,6 +156,40 @@ class GroupFullyConnected(nn.Module):
         return logits.flatten(1)[:, : self.num_classes] + self.bias  # (B, N)
 
 
+class SharedFullyConnected(nn.Module):
+    """Group FC shared by all queries (§2.3.3, ``W_k = W``, ``g = 1``): ``L_i = w · Q_i + b``.
+
+    One weight vector and one scalar bias, so the layer takes any number of queries. The weight
+    is Xavier-normal over ``(D, 1)``, the bias zero, like :class:`GroupFullyConnected`.
+
+    Args:
+        embed_dim: Query width ``D``.
+    """
+
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(embed_dim, 1))
+        self.bias = nn.Parameter(torch.zeros(()))
+        nn.init.xavier_normal_(self.weight)
+
+    def forward(self, queries: torch.Tensor) -> torch.Tensor:
+        """``(B, N, D)`` decoded queries → ``(B, N)`` logits."""
+        return (queries @ self.weight).squeeze(-1) + self.bias  # (B, N)
+
+
+def _encode_names(names: Sequence[str]) -> torch.Tensor:
+    """Class names as a uint8 tensor (UTF-8, newline-separated) so they live in state_dict."""
+    bad = [n for n in names if not n or "\n" in n]
+    if bad:
+        raise ValueError(f"class names must be non-empty single lines, got {bad[:5]!r}")
+    return torch.tensor(list("\n".join(names).encode()), dtype=torch.uint8)
+
+
+def decode_names(encoded: torch.Tensor) -> list[str]:
+    """Inverse of the encoding of class names into the ``class_names_utf8`` buffer."""
+    return bytes(encoded.tolist()).decode().split("\n")
+
+
 class MLDecoder(nn.Module):
     """ML-Decoder classification head over a backbone's spatial feature map or token sequence.
 
@@ -139,16 +203,29 @@ class MLDecoder(nn.Module):
         ff_dim: Hidden width of the feed-forward block.
         num_heads: Attention heads; must divide ``embed_dim``.
         dropout: Dropout inside the decoder layers.
-        learnable_queries: Train the group queries. By default they are fixed random values,
-            stored as a buffer so no optimiser or ``requires_grad_`` call can make them train.
+        queries: ``fixed`` (default): random group queries stored as a buffer, so no
+            optimiser or ``requires_grad_`` call can make them train; ``learned``: trained
+            group queries; ``word``: one query per class from ``class_embeddings`` (module
+            docstring); ``num_groups`` must then be None.
+        query_noise: Word queries: norm of the per-batch query noise in training.
+        random_queries: Word queries: extra random queries per training batch.
+        class_embeddings: Word queries: ``(N, E)`` class embeddings, row ``i`` for class ``i``.
+        class_names: Word queries: the ``N`` class names, stored with the embeddings.
 
     Example:
         >>> head = MLDecoder(num_classes=9600, in_features=2048)
         >>> head(torch.randn(2, 2048, 7, 7)).shape
         torch.Size([2, 9600])
+        >>> vectors = torch.randn(3, 300)
+        >>> word = MLDecoder(3, 2048, queries="word", class_embeddings=vectors,
+        ...                  class_names=["cat", "dog", "traffic light"])
+        >>> word.eval()(torch.randn(2, 2048, 7, 7)).shape
+        torch.Size([2, 3])
     """
 
     queries: torch.Tensor
+    class_embeddings: torch.Tensor
+    class_names_utf8: torch.Tensor
 
     def __init__(
         self,
@@ -161,34 +238,124 @@ class MLDecoder(nn.Module):
         ff_dim: int = 2048,
         num_heads: int = 8,
         dropout: float = 0.1,
-        learnable_queries: bool = False,
+        queries: QueryKind = "fixed",
+        query_noise: float = 0.0,
+        random_queries: int = 0,
+        class_embeddings: torch.Tensor | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
         if num_groups is not None and num_groups < 1:
             raise ValueError(f"num_groups must be positive, got {num_groups}")
-        num_groups = min(100 if num_groups is None else num_groups, num_classes)
-        self.num_classes = num_classes
-        self.num_groups = num_groups
-
+        if queries not in ("learned", "fixed", "word"):
+            raise ValueError(f"queries must be 'learned', 'fixed' or 'word', got {queries!r}")
+        self.query_kind = queries
         self.token_proj = nn.Linear(in_features, embed_dim)
-        # N(0, 1) like the nn.Embedding the authors draw the queries from.
-        queries = torch.randn(num_groups, embed_dim)
-        if learnable_queries:
-            self.queries = nn.Parameter(queries)
-        else:
-            self.register_buffer("queries", queries)
         self.layers = nn.ModuleList(
             CrossAttentionDecoderLayer(embed_dim, num_heads, ff_dim, dropout)
             for _ in range(num_layers)
         )
+        if queries == "word":
+            if num_groups is not None:
+                raise ValueError("word queries decode one query per class; num_groups must be None")
+            if class_embeddings is None or class_names is None:
+                raise ValueError("word queries need class_embeddings and class_names")
+            if query_noise < 0 or random_queries < 0:
+                raise ValueError("query_noise and random_queries must be >= 0")
+            self.query_noise = query_noise
+            self.random_queries = random_queries
+            self.set_class_embeddings(class_names, class_embeddings)
+            if self.num_classes != num_classes:
+                raise ValueError(
+                    f"num_classes={num_classes} but class_embeddings has {self.num_classes} rows"
+                )
+            self.query_proj = nn.Linear(self.class_embeddings.shape[1], embed_dim)
+            self.shared_fc = SharedFullyConnected(embed_dim)
+            return
+        if class_embeddings is not None or class_names is not None:
+            raise ValueError(f"class_embeddings are for word queries, not {queries!r} queries")
+        num_groups = min(100 if num_groups is None else num_groups, num_classes)
+        # N(0, 1) like the nn.Embedding the authors draw the queries from.
+        group_queries = torch.randn(num_groups, embed_dim)
+        if queries == "learned":
+            self.queries = nn.Parameter(group_queries)
+        else:
+            self.register_buffer("queries", group_queries)
         self.group_fc = GroupFullyConnected(num_classes, num_groups, embed_dim)
 
     @property
+    def num_classes(self) -> int:
+        """Classes scored: ``N`` (word queries: the rows of the current embedding table)."""
+        if self.query_kind == "word":
+            return self.class_embeddings.shape[0]
+        return self.group_fc.num_classes
+
+    @property
+    def num_groups(self) -> int:
+        """Queries decoded: ``K`` (word queries: one per class, ``N``)."""
+        return self.num_classes if self.query_kind == "word" else self.queries.shape[0]
+
+    @property
     def group_factor(self) -> int:
-        """Logits produced per group query, ``g = ⌈N/K⌉``."""
-        return self.group_fc.group_factor
+        """Logits produced per group query, ``g = ⌈N/K⌉`` (1 for word queries)."""
+        return 1 if self.query_kind == "word" else self.group_fc.group_factor
+
+    @property
+    def class_names(self) -> list[str]:
+        """Word queries: the names of the scored classes, in logit order."""
+        if self.query_kind != "word":
+            raise AttributeError(f"{self.query_kind!r} queries carry no class names")
+        return decode_names(self.class_names_utf8)
+
+    def set_class_embeddings(self, names: Sequence[str], vectors: torch.Tensor) -> None:
+        """Score these classes from now on (word queries): zero-shot scoring of new classes.
+
+        The table and the names are buffers, so they move with ``.to()`` and are saved in
+        ``state_dict``. Nothing trained changes: the projection and the shared FC apply to any
+        embedding of the trained width ``E``.
+
+        Args:
+            names: ``M`` class names, logit order.
+            vectors: ``(M, E)`` embeddings, row ``i`` for ``names[i]``.
+
+        Raises:
+            ValueError: Not word queries, mismatched lengths or width, or non-finite values.
+        """
+        if self.query_kind != "word":
+            raise ValueError(f"{self.query_kind!r} queries have no class embeddings to set")
+        vectors = torch.as_tensor(vectors, dtype=torch.float32)
+        names = list(names)
+        if vectors.ndim != 2 or vectors.shape[0] != len(names) or not names:
+            raise ValueError(
+                f"need an (M, E) table for M = {len(names)} names, got {tuple(vectors.shape)}"
+            )
+        if hasattr(self, "query_proj") and vectors.shape[1] != self.query_proj.in_features:
+            raise ValueError(
+                f"embeddings have width {vectors.shape[1]}, the head was trained on "
+                f"{self.query_proj.in_features}"
+            )
+        if not torch.isfinite(vectors).all() or (vectors.norm(dim=1) == 0).any():
+            raise ValueError("class embeddings must be finite and non-zero")
+        device = self.token_proj.weight.device
+        self.register_buffer("class_embeddings", vectors.to(device))
+        self.register_buffer("class_names_utf8", _encode_names(names).to(device))
+
+    def _word_queries(self) -> torch.Tensor:
+        """``(N, D)`` class queries, ``(N + R, D)`` with random queries in training."""
+        embeddings = F.normalize(self.class_embeddings, dim=1)  # (N, E)
+        if self.training:
+            width = embeddings.shape[1]
+            if self.query_noise > 0:
+                noise = torch.randn_like(embeddings) * (self.query_noise / math.sqrt(width))
+                embeddings = embeddings + noise
+            if self.random_queries > 0:
+                extra = torch.randn(
+                    self.random_queries, width, device=embeddings.device, dtype=embeddings.dtype
+                )
+                embeddings = torch.cat([embeddings, F.normalize(extra, dim=1)])  # (N + R, E)
+        return F.relu(self.query_proj(embeddings))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Compute class logits.
@@ -198,7 +365,8 @@ class MLDecoder(nn.Module):
                 class/register tokens are attended to like any other token).
 
         Returns:
-            ``(B, N)`` logits.
+            ``(B, N)`` logits; ``(B, N + R)`` for word queries with ``R`` random queries in
+            training mode.
         """
         if features.ndim == 4:
             tokens = features.flatten(2).transpose(1, 2)  # (B, H·W, C)
@@ -207,8 +375,11 @@ class MLDecoder(nn.Module):
         else:
             raise ValueError(f"expected (B, C, H, W) or (B, L, C) features, got {features.shape}")
         memory = F.relu(self.token_proj(tokens))  # (B, L, D)
+        queries = self._word_queries() if self.query_kind == "word" else self.queries
         # expand is a view: the K queries are shared by every image without a copy.
-        x = self.queries.unsqueeze(0).expand(memory.shape[0], -1, -1)  # (B, K, D)
+        x = queries.unsqueeze(0).expand(memory.shape[0], -1, -1)  # (B, K, D)
         for layer in self.layers:
             x = layer(x, memory)  # (B, K, D)
+        if self.query_kind == "word":
+            return self.shared_fc(x)  # (B, N) or (B, N + R)
         return self.group_fc(x)  # (B, N)
