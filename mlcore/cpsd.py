@@ -59,6 +59,7 @@ from mlcore.distill import (
     write_logits,
 )
 from mlcore.experiment import (
+    evaluator_of,
     load_manifest,
     loader_workers,
     resolve_dataset,
@@ -81,7 +82,6 @@ from mlcore.train import (
     Placement,
     TrainResult,
     load_checkpoint,
-    predict,
     resolve_device,
 )
 
@@ -495,9 +495,12 @@ def evaluate_model(
     reports = {}
     for role, split in present.items():
         loader = _eval_loader(cfg, manifest, split, class_subset)
-        scores, targets = predict(model.to(device), loader, device)
+        # The family's own validation: sets decoded by the orderless RNN, thresholded
+        # scores otherwise; the same numbers as val_* of the training loop.
+        evaluated = evaluator_of(cfg.model)(model.to(device), loader, device, False)
+        scores, targets = evaluated.scores, evaluated.targets
         np.savez(out / f"scores-{role}.npz", scores=scores, targets=targets)
-        reports[role] = multilabel_report(scores, targets)
+        reports[role] = dict(evaluated.metrics)
         # mAP of head / medium / tail classes by training frequency (the DB paper's buckets)
         for name, value in bucket_map(scores, targets, buckets).items():
             if value is not None:

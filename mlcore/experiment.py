@@ -255,6 +255,11 @@ def build_criterion(loss_cfg: LossConfig, manifest: Manifest, data: DataConfig, 
     )
 
 
+def evaluator_of(model_cfg) -> Evaluator:
+    """How a model family is scored on a split (its ``val_*`` and held-out reports)."""
+    return evaluate_sequences if model_cfg.head == "rnn" else evaluate_scores
+
+
 def sequence_training(
     cfg: ExperimentConfig, manifest: Manifest, model: OrderlessRNN, loss: torch.nn.Module
 ) -> tuple[Forward, Evaluator]:

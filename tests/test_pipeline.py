@@ -211,8 +211,12 @@ def test_baseline_mode_trains_the_orderless_rnn(local_ray, tiny_overrides, tmp_p
     summary = run_pipeline(cfg, log=lambda _: None)
     reference = run_local(cfg, tmp_path / "ref", log=lambda _: None)
     assert [r["name"] for r in summary.rows] == [r["name"] for r in reference.rows] == ["baseline"]
-    for metric in ("mAP", "CF1", "OF1", "shift_mAP"):
+    for metric in ("val_mAP", "val_CF1", "val_OF1", "test_mAP", "test_OF1", "shift_mAP"):
         assert summary.rows[0][metric] == pytest.approx(reference.rows[0][metric], abs=1e-9)
+    # Held-out reports of the RNN score its decoded label sets, as its val_* do.
+    (held_out,) = (tmp_path / "storage" / "pla_tiny" / "stages").glob("baseline-*/eval.json")
+    test_report = json.loads(held_out.read_text())["reports"]["test"]
+    assert {"duplicate_ratio", "order_rigidness", "mAP", "OF1"} <= set(test_report)
     parents, children = _children(uri)
     (run,) = children[parents[0].info.run_id]
     assert run.info.run_name == "baseline" and run.info.status == "FINISHED"
