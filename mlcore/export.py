@@ -11,10 +11,12 @@ maximum absolute difference of the logits must be within ``atol`` (default 1e-4)
 :class:`ParityError`.
 
 Heads: what gets traced is :data:`HEAD_ADAPTERS`\\ [head] applied to the bundle's model, a module
-from images to per-class logits. ``gap`` and ``ml_decoder`` (fixed or word queries) already are
-such modules. A head whose forward is not one static graph (an autoregressive RNN decoder)
-registers an adapter here that computes per-class scores with a traceable forward; until it
-does, its export is refused with a clear error rather than producing a wrong graph.
+from images to per-class logits. ``gap``, ``ml_decoder`` (fixed or word queries) and ``rnn``
+already are such modules in eval mode: the orderless RNN's decoder always runs ``max_steps + 1``
+greedy steps, so tracing unrolls it into one static graph whose argmax feedback is part of the
+graph, and its per-class scores (``mlcore.models.orderless_rnn``) are the output. A head whose
+forward is data-dependent in Python registers an adapter here; a head without one is refused
+with a clear error rather than producing a wrong graph.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def _as_is(model: nn.Module) -> nn.Module:
 HEAD_ADAPTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "gap": _as_is,
     "ml_decoder": _as_is,
+    "rnn": _as_is,
 }
 """Head name -> module from images (B, 3, S, S) to logits (B, C) that tracing can follow."""
 

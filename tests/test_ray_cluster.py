@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -38,13 +39,19 @@ def _wait_http(url: str, timeout: float = 60) -> None:
 
 @pytest.fixture
 def ray_head(tmp_path):
-    """`ray start --head --block` as our child; stopped through its PID, also on failure."""
-    gcs, dashboard = free_port(), free_port()
+    """`ray start --head --block` as our child; stopped through its PID, also on failure.
+
+    The job agent gets a free port: on the default 52365 it cannot serve HTTP while any other
+    Ray instance on the machine holds that port, and job submission then fails with "No
+    available agent to submit job".
+    """
+    gcs, dashboard, agent = free_port(), free_port(), free_port()
     log = open(tmp_path / "head.log", "w")  # noqa: SIM115 - lives as long as the head
     proc = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--port", str(gcs), "--num-cpus", "2",
          "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-         "--dashboard-port", str(dashboard), "--disable-usage-stats"],
+         "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port", str(agent),
+         "--disable-usage-stats"],
         stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,
     )  # fmt: skip
@@ -114,6 +121,7 @@ def test_ray_job_submit_then_job_stop(ray_head, tmp_path, tiny_overrides):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     done = _submit(ray_head, tmp_path, tiny_overrides, submission_id="cpsd-ok")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     client = JobSubmissionClient(ray_head)
     info = client.get_job_info("cpsd-ok")
     assert info.status == JobStatus.SUCCEEDED, done.stdout[-3000:] + done.stderr[-3000:]
@@ -149,15 +157,20 @@ def test_ray_job_submit_then_job_stop(ray_head, tmp_path, tiny_overrides):
     sweep_runs = [r for r in _runs(tmp_path) if r.info.run_name.startswith("run_trial")]
     assert len(sweep_runs) == 4 and all(r.info.status == "FINISHED" for r in sweep_runs)
 
-    # A study is a job too: two modes over two seeds, stages shared, intervals written.
+    # A study is a job too. On the pipeline job's config and storage, its cpsd variant at seed 0
+    # is that job's stages: only the baseline the study pairs it with is trained.
     study = _submit(
-        ray_head, tmp_path, tiny_overrides, "study.grid={cpsd.mode: [baseline, cgpd]}",
-        "study.seeds=[0, 1]", module="study", config="study_cpsd_tiny",
-        submission_id="cpsd-study",
+        ray_head, tmp_path, tiny_overrides, "study.grid={cpsd.mode: [cpsd]}", "study.seeds=[0]",
+        module="study", submission_id="cpsd-study",
     )  # fmt: skip
     assert client.get_job_info("cpsd-study").status == JobStatus.SUCCEEDED, study.stdout[-3000:]
-    assert "| mode=cgpd | 2 |" in client.get_job_logs("cpsd-study")
-    summary = tmp_path / "storage" / "study_cpsd_tiny" / "study" / "study_summary.csv"
+    study_logs = client.get_job_logs("cpsd-study")
+    assert "| mode=cpsd | 1 |" in study_logs
+    for stage in ("teacher-cgp-0", "teacher-dgp-1", "student"):
+        reused = re.search(rf"  {stage}-[0-9a-f]+: .*\(reused\)", study_logs)
+        assert reused, (stage, study_logs[-3000:])
+    assert not re.search(r"  baseline-[0-9a-f]+: .*\(reused\)", study_logs), study_logs[-3000:]
+    summary = tmp_path / "storage" / "tiny" / "study" / "study_summary.csv"
     assert summary.is_file()
     runs = [r for r in _runs(tmp_path) if r.info.run_name in ("tiny", "tune_db_tiny")]
     runs += [r for r in _runs(tmp_path) if r.data.tags.get("cpsd.study")]

@@ -236,12 +236,14 @@ def test_export_onnx_and_torchscript_with_parity(trained, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_ml_decoder_exports(fmt, tmp_path):
+@pytest.mark.parametrize("head", ["ml_decoder", "rnn"])
+def test_ml_decoder_and_orderless_rnn_export(head, fmt, tmp_path):
     cfg = ModelConfig(
         backbone="test_resnet",
-        head="ml_decoder",
+        head=head,
         ml_decoder=MLDecoderConfig(embed_dim=32, ff_dim=64, num_heads=4),
     )
+    torch.manual_seed(0)
     bundle = ModelBundle(
         model=cfg,
         class_names=tuple(f"c{i}" for i in range(7)),
