@@ -72,6 +72,29 @@ def _label_column(path: Path, n_images: int, list_file: Path, invalid: list[str]
     return positive
 
 
+def _concept_matrix(
+    labels_dir: Path,
+    file_names: list[str],
+    n_images: int,
+    list_file: Path,
+    invalid: list[str],
+    invalid_labels: str,
+) -> np.ndarray:
+    """(n_images, concepts) bool matrix of the concept files; invalid values are appended to
+    ``invalid`` and, with ``invalid_labels="error"``, raise."""
+    matrix = np.stack(
+        [_label_column(labels_dir / name, n_images, list_file, invalid) for name in file_names],
+        axis=1,
+    )
+    if invalid and invalid_labels == "error":
+        raise ManifestError(
+            f"{labels_dir}: {len(invalid)} label values are neither 0 nor 1 (first: "
+            f"{'; '.join(invalid[:MAX_EXAMPLES])}); pass invalid_labels='negative' / "
+            "--invalid-labels negative to read them as 0"
+        )
+    return matrix
+
+
 def import_nuswide(
     root: str | os.PathLike,
     out: str | os.PathLike,
@@ -136,19 +159,8 @@ def import_nuswide(
         for lineno, rel in enumerate(paths, start=1):
             if not rel:
                 raise ManifestError(f"{list_file} line {lineno}: blank line inside the image list")
-        matrix = np.stack(
-            [
-                _label_column(labels_dir / f"Labels_{c}_{tag}.txt", len(paths), list_file, invalid)
-                for c in concepts
-            ],
-            axis=1,
-        )
-        if invalid and invalid_labels == "error":
-            raise ManifestError(
-                f"{labels_dir}: {len(invalid)} label values are neither 0 nor 1 (first: "
-                f"{'; '.join(invalid[:MAX_EXAMPLES])}); pass invalid_labels='negative' / "
-                "--invalid-labels negative to read them as 0"
-            )
+        names = [f"Labels_{c}_{tag}.txt" for c in concepts]
+        matrix = _concept_matrix(labels_dir, names, len(paths), list_file, invalid, invalid_labels)
         for i, rel in enumerate(paths):
             rows.add(
                 stem_id(rel), rel, np.flatnonzero(matrix[i]).tolist(), split, f"{list_file}:{i + 1}"

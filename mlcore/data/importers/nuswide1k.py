@@ -54,7 +54,7 @@ from mlcore.data.importers._common import (
     relative_posix,
     stem_id,
 )
-from mlcore.data.importers.nuswide import _label_column, _locate
+from mlcore.data.importers.nuswide import _concept_matrix, _locate
 from mlcore.data.manifest import ManifestError
 
 _SPLIT_LISTS = {"train": "TrainImagelist.txt", "test": "TestImagelist.txt"}
@@ -170,19 +170,14 @@ def import_nuswide1k(
     tag_rows = _tag_rows(tags_file, len(all_paths), len(tags))
     labels_dir = _locate(root, ["Groundtruth/AllLabels", "AllLabels"], "AllLabels directory")
     invalid: list[str] = []
-    concept_matrix = np.stack(
-        [
-            _label_column(labels_dir / f"Labels_{c}.txt", len(all_paths), list_file, invalid)
-            for c in concepts
-        ],
-        axis=1,
+    concept_matrix = _concept_matrix(
+        labels_dir,
+        [f"Labels_{c}.txt" for c in concepts],
+        len(all_paths),
+        list_file,
+        invalid,
+        invalid_labels,
     )
-    if invalid and invalid_labels == "error":
-        raise ManifestError(
-            f"{labels_dir}: {len(invalid)} label values are neither 0 nor 1 (first: "
-            f"{'; '.join(invalid[:MAX_EXAMPLES])}); pass invalid_labels='negative' / "
-            "--invalid-labels negative to read them as 0"
-        )
 
     rows = Rows()
     listed = 0
