@@ -180,7 +180,13 @@ def test_killed_worker_resumes_the_group_from_the_last_epoch(local_ray, tiny_ove
 
 
 def test_pipeline_trains_the_student_on_two_workers(local_ray, tiny_overrides, tmp_path):
-    cfg = _config(tiny_overrides, tmp_path, "ray.student_train_workers=2")
+    cfg = _config(
+        tiny_overrides,
+        tmp_path,
+        "ray.student_train_workers=2",
+        "cpsd.mode=cgpd",  # two teachers are enough to feed the student
+        "cpsd.teacher_epochs=1",
+    )
     summary = run_pipeline(cfg, log=lambda _: None)
     reference = run_local(cfg, tmp_path / "reference", log=lambda _: None)
     assert [r["name"] for r in summary.rows] == [r["name"] for r in reference.rows]

@@ -171,6 +171,7 @@ def test_pipeline_with_s3_storage_and_data_then_a_rerun_skips_every_stage(
             f"storage_path={storage}",
             f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
             "cpsd.mode=cgpd",
+            "cpsd.teacher_epochs=1",
             # The student on a Ray Train group: its checkpoints go to S3 as well.
             "ray.student_train_workers=2",
         ],

@@ -122,7 +122,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_overrides, 
         tiny_overrides,
         tmp_path,
         "name=resume",
-        "train.epochs=3",
+        "train.epochs=2",
         "tune.scheduler.name=fifo",
         "tune.max_concurrent_trials=1",
     )
@@ -166,7 +166,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_overrides, 
         history = client.get_metric_history(
             next(r.info.run_id for r in trials if r.info.run_name == name), "val_mAP"
         )
-        assert sorted(m.step for m in history) == [0, 1, 2]  # not trained again
+        assert sorted(m.step for m in history) == [0, 1]  # not trained again
 
 
 def test_trials_train_on_two_worker_groups(tiny_overrides, tmp_path):
