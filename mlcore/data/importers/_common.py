@@ -141,6 +141,23 @@ def stem_id(rel_path: str) -> str:
     return str(PurePosixPath(rel_path).with_suffix(""))
 
 
+def parse_source_entry(spec: str, what: str, form: str) -> tuple[Path, str, Path]:
+    """Parse the CLI form ``FILE:SPLIT:IMAGE_DIR`` of one labels file of an importer.
+
+    Args:
+        spec: What the user wrote.
+        what: The dataset, for the message (``"COCO"``).
+        form: The expected form, for the message (``"ANNOTATIONS.json:SPLIT:IMAGE_DIR"``).
+
+    Raises:
+        ManifestError: not exactly three non-empty ``:``-separated fields.
+    """
+    parts = spec.split(":")
+    if len(parts) != 3 or not all(parts):
+        raise ManifestError(f"bad {what} entry {spec!r}: expected {form}")
+    return Path(parts[0]), parts[1], Path(parts[2])
+
+
 def parse_split_map(specs: Iterable[str]) -> dict[str, str]:
     """Parse CLI ``SOURCE:SPLIT`` pairs (``trainval:train``); a bare ``NAME`` maps to itself.
 

@@ -33,6 +33,7 @@ from mlcore.data.importers._common import (
     Rows,
     check_out_dir,
     finalize,
+    parse_source_entry,
     relative_posix,
 )
 from mlcore.data.manifest import ManifestError
@@ -59,12 +60,7 @@ class CocoEntry:
         Raises:
             ManifestError: not exactly three non-empty ``:``-separated fields.
         """
-        parts = spec.split(":")
-        if len(parts) != 3 or not all(parts):
-            raise ManifestError(
-                f"bad COCO entry {spec!r}: expected ANNOTATIONS.json:SPLIT:IMAGE_DIR"
-            )
-        return cls(Path(parts[0]), parts[1], Path(parts[2]))
+        return cls(*parse_source_entry(spec, "COCO", "ANNOTATIONS.json:SPLIT:IMAGE_DIR"))
 
 
 def _load_json(path: Path) -> dict[str, Any]:

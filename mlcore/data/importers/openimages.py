@@ -56,7 +56,13 @@ from pathlib import Path
 from typing import Any
 
 from mlcore.data.check import image_problem
-from mlcore.data.importers._common import MAX_EXAMPLES, ImportResult, check_out_dir, read_name_list
+from mlcore.data.importers._common import (
+    MAX_EXAMPLES,
+    ImportResult,
+    check_out_dir,
+    parse_source_entry,
+    read_name_list,
+)
 from mlcore.data.manifest import ManifestError, ManifestInfo, ManifestWriter, build_table
 
 HEADER = ("ImageID", "Source", "LabelName", "Confidence")
@@ -85,12 +91,7 @@ class OpenImagesEntry:
         Raises:
             ManifestError: not exactly three non-empty ``:``-separated fields.
         """
-        parts = spec.split(":")
-        if len(parts) != 3 or not all(parts):
-            raise ManifestError(
-                f"bad Open Images entry {spec!r}: expected LABELS.csv:SPLIT:IMAGE_DIR"
-            )
-        return cls(Path(parts[0]), parts[1], Path(parts[2]))
+        return cls(*parse_source_entry(spec, "Open Images", "LABELS.csv:SPLIT:IMAGE_DIR"))
 
 
 def _open_csv(path: Path, what: str):
