@@ -31,6 +31,7 @@ def _sets(tiny_overrides, tmp_path, *extra):
         ("study.grid={cpsd.mode: [cpsd, nope]}", "cpsd.mode: 'nope' is not one of"),
         ("study.grid={cpsd.k: [2, 11]}", "cpsd.k = 11 is larger than the number of classes"),
         ("study.seeds=[0, 0]", "study.seeds repeats a seed"),
+        ("study={grid: {}, seeds: [0]}", "set study.grid or study.variants, or at least two"),
     ],
 )
 def test_bad_study_is_a_clear_error_before_ray(override, message, tmp_path, capsys):

@@ -501,8 +501,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ).parse_args(argv)
     try:
         cfg = load_config(config_path(args.config), args.overrides)
-        if not cfg.study.grid and len(cfg.study.seeds) < 2:
-            raise configlib.ConfigError("study: set study.grid or at least two study.seeds")
+        if not (cfg.study.grid or cfg.study.variants) and len(cfg.study.seeds) < 2:
+            raise configlib.ConfigError(
+                "study: set study.grid or study.variants, or at least two study.seeds"
+            )
         result = run_study(cfg)
     except USER_ERRORS as err:
         print(f"study: error: {err}", file=sys.stderr)
