@@ -115,6 +115,13 @@ def _stat(pid: int) -> tuple[int, int] | None:
     return int(fields[1]), int(fields[19])
 
 
+def process_start(pid: int) -> int | None:
+    """The start time of a live process in clock ticks (None: gone, or no /proc): with the
+    PID, it names one process, even after the PID is reused."""
+    stat = _stat(pid)
+    return None if stat is None else stat[1]
+
+
 def _descendants(root: int) -> list[int]:
     parents = {}
     for entry in Path("/proc").iterdir():

@@ -205,7 +205,7 @@ def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
                     # so a trial restored after its last epoch still has its results.
                     shutil.copytree(work, tmp, dirs_exist_ok=True)
                     tune.report(
-                        {**metrics, "epoch": epoch + 1},
+                        {**metrics, "epoch": epoch},
                         checkpoint=tune.Checkpoint.from_directory(tmp),
                     )
 
