@@ -170,9 +170,8 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from workflows.train_one import train_one
-
     from workflows.driver import preflight
+    from workflows.train_one import train_one
 
     cfg = load(args)
     preflight(cfg, uses_stages=False)
@@ -215,7 +214,6 @@ def cmd_run_local(args: argparse.Namespace) -> None:
     from mlcore.cpsd import run_local
     from mlcore.experiment import training_fingerprint
     from mlcore.fingerprint import config_content, stable_hash
-
     from workflows.driver import preflight
 
     cfg = load(args)

@@ -583,7 +583,8 @@ def _terminating(
 def prepare_store(uri: str) -> None:
     """Create or migrate a SQLite tracking store once, under a file lock (module docstring).
 
-    Other stores are left to their server.
+    Call it before the process constructs any ``MlflowClient`` for ``uri``: the constructor
+    initialises the store. Other stores are left to their server.
     """
     if not uri.startswith("sqlite:///"):
         return
@@ -612,12 +613,12 @@ def start_parent(
     """
     uri = resolve_tracking_uri(cfg)
     check_reachable(uri)
-    client = MlflowClient(uri)
     tags = {**tags, DRIVER_TAG: driver_identity()}
     if job is not None:
         tags[JOB_TAG] = job
     try:
-        prepare_store(uri)
+        prepare_store(uri)  # before any client: constructing one initialises the store
+        client = MlflowClient(uri)
         exp = experiment_id(client, uri, cfg.experiment)
         if job is not None:
             end_dead_parents(client, exp, job)
