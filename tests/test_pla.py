@@ -104,13 +104,13 @@ def test_resume_with_swa_gives_identical_weights(pla_config, tmp_path):
     class Stop(Exception):
         pass
 
-    def stop_after_second_epoch(epoch, metrics):  # SWA (start_epoch 1, 0-based) has begun
+    def stop(epoch, metrics):  # after the second epoch: SWA (start_epoch 1, 0-based) has begun
         if epoch == 2:
             raise Stop
 
     full = train_classifier(cfg, tmp_path / "full", log=lambda _: None)
     with pytest.raises(Stop):
-        train_classifier(cfg, tmp_path / "cut", on_epoch=stop_after_second_epoch, log=lambda _: None)
+        train_classifier(cfg, tmp_path / "cut", on_epoch=stop, log=lambda _: None)
     resumed = train_classifier(cfg, tmp_path / "cut", log=lambda _: None)
     a, b = load_checkpoint(tmp_path / "full" / LAST), load_checkpoint(tmp_path / "cut" / LAST)
     for key in ("model", "swa"):
