@@ -229,9 +229,10 @@ def test_stale_stages_are_named_marked_refused_or_retrained(
     success.write_text(json.dumps(record))
     capsys.readouterr()
 
-    summary = run_pipeline(cfg, log=lambda _: None)
-    out = capsys.readouterr().out
-    assert "made by other code (commit abc123; code 0123older ->" in out
+    lines: list[str] = []
+    summary = run_pipeline(cfg, log=lines.append)
+    (line,) = [line for line in lines if "made by other code" in line]
+    assert "baseline" in line and "(commit abc123; code 0123older ->" in line
     assert summary.rows[-1]["stale"] and "| baseline (stale) |" in summary.markdown()
 
     args = [a for o in [*tiny_overrides, f"storage_path={tmp_path / 'stale'}",

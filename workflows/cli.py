@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from workflows.config import USER_ERRORS, add_retrain_stale, config_path
+from workflows.config import USER_ERRORS, add_retrain_stale
 
 
 class UsageError(Exception):
@@ -28,6 +28,12 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> 
         + (f" (default: {default})" if default else ""),
     )
     p.add_argument(
+        "--verbose",
+        action="store_const",
+        const="verbose=true",
+        help="show every worker's output and third-party INFO logs (= --set verbose=true)",
+    )
+    p.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -38,9 +44,9 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> 
 
 
 def load(args: argparse.Namespace):
-    from workflows.config import load_config
+    from workflows.config import config_from_args
 
-    return load_config(config_path(args.config), args.overrides)
+    return config_from_args(args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,6 +238,8 @@ def _forward(args: argparse.Namespace, extra: list[str]) -> list[str]:
         argv += ["--set", override]
     if getattr(args, "retrain_stale", None):
         argv.append("--retrain-stale")
+    if getattr(args, "verbose", None):
+        argv.append("--verbose")
     return argv
 
 

@@ -201,6 +201,11 @@ class Config(ExperimentConfig):
     """Sweep definition (``workflows.tune``)."""
     study: StudyConfig = field(default_factory=StudyConfig)
     """Ablation grid over seeds (``workflows.study``)."""
+    verbose: bool = False
+    """Console: forward every worker's output (epoch lines, with Ray's prefixes) and
+    third-party INFO logging to the driver. Off: one line per stage and a progress line; each
+    stage's epoch lines go to ``stage.log`` in its folder (``workflows.console``).
+    ``--verbose`` sets it."""
     stale: Literal["reuse", "retrain", "error"] = "reuse"
     """A finished stage made by another product version or other ``mlcore`` code
     (``workflows.versions``): ``reuse`` it (one line names it; summaries mark its row),
@@ -265,6 +270,9 @@ def config_arg_parser(
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", required=True, help="YAML config (or a bundled name)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--verbose", action="store_const", const="verbose=true", help="= --set verbose=true"
+    )
     if stages:
         add_retrain_stale(parser)
     return parser
@@ -282,7 +290,8 @@ def add_retrain_stale(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """The config named by parsed ``--config``/``--set`` (and ``--retrain-stale``) arguments."""
-    overrides = [*args.overrides, *filter(None, [getattr(args, "retrain_stale", None)])]
+    flags = [getattr(args, "retrain_stale", None), getattr(args, "verbose", None)]
+    overrides = [*args.overrides, *filter(None, flags)]
     return load_config(config_path(args.config), overrides)
 
 

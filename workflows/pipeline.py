@@ -24,6 +24,7 @@ from pathlib import Path
 from mlcore.cpsd import RunSummary
 from mlcore.experiment import resolve_dataset
 from workflows.config import USER_ERRORS, Config, config_arg_parser, config_from_args
+from workflows.console import STAGE_LOG, ProgressLine, board, quiet_third_party
 from workflows.driver import preflight, report_unsent, spill_dir_for, user_message
 from workflows.graph import StageGraph
 from workflows.report import (
@@ -51,6 +52,7 @@ from workflows.versions import version_tags, versions
 
 def run_pipeline(cfg: Config, *, log: Callable[[str], None] = print) -> RunSummary:
     """Run every stage of ``cfg`` on Ray; returns the summary (also written and logged)."""
+    quiet_third_party(cfg.verbose)
     num_classes = preflight(cfg)
     storage = Storage(cfg.storage_path)
     tags = {
@@ -86,8 +88,13 @@ def run_pipeline(cfg: Config, *, log: Callable[[str], None] = print) -> RunSumma
             init_ray(cfg)
             # The synth dataset is generated (and cached) once here, before the fan-out.
             resolve_dataset(cfg.data)
-            ctx = JobContext(cfg, cfg.storage_path, tracker, cfg.name)
-            graph = StageGraph(log)
+            progress = board()
+            ctx = JobContext(cfg, cfg.storage_path, tracker, cfg.name, progress)
+            graph = StageGraph(log, ProgressLine(progress) if log is print else None)
+            log(
+                f"[{cfg.name}] epoch lines of each stage: "
+                f"{storage.uri_of(ctx.stage_rel('<stage>', '<key>'))}/{STAGE_LOG}"
+            )
             try:
                 log(f"[{cfg.name}] mode {cfg.cpsd.mode}: partitions and baseline submitted")
                 refs = graph.finish(graph.start(cfg, ctx))

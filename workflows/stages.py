@@ -48,6 +48,7 @@ from mlcore.fingerprint import split_digest, stable_hash
 from mlcore.partition.cooccurrence import cooccurrence_from_manifest
 from mlcore.train import BEST, LAST, SCORES, TrainResult, load_checkpoint
 from workflows.config import Config
+from workflows.console import post_end, post_epoch, stage_log
 from workflows.distributed import Role, TrainingRun, train_stage, train_workers
 from workflows.runtime import device_for_task
 from workflows.storage import Storage, WorkDir
@@ -75,6 +76,7 @@ class JobContext:
     storage_uri: str
     tracker: Tracker | None
     namespace: str
+    progress: Any = None  # a workflows.console.ProgressBoard actor, where stages post epochs
 
     def stage_rel(self, stage: str, key: str) -> str:
         return f"{self.namespace}/stages/{stage}-{key}"
@@ -361,19 +363,26 @@ def _train_locked(
 
             def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
                 logger.metrics(metrics, step=epoch)
+                post_epoch(ctx.progress, label, epoch, model_cfg.train.epochs)
                 work.sync()
 
-            result = train_stage(
-                ctx.cfg,
-                role,
-                run,
-                work.path,
-                storage=storage,
-                rel=rel,
-                on_epoch=on_epoch,
-                logger=logger,
-                log=_print,
-            )
+            label = f"{stage}@{key[:4]}"  # variants of a study share stage names
+            post_epoch(ctx.progress, label, resumed_from or 0, model_cfg.train.epochs)
+            try:
+                with stage_log(work.path, ctx.cfg.verbose):
+                    result = train_stage(
+                        ctx.cfg,
+                        role,
+                        run,
+                        work.path,
+                        storage=storage,
+                        rel=rel,
+                        on_epoch=on_epoch,
+                        logger=logger,
+                        log=_print,
+                    )
+            finally:
+                post_end(ctx.progress, label)
             held_out, digest = _held_out(storage, rel, model_cfg, class_subset, workdir=work.path)
             record = {
                 "stage": stage,

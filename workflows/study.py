@@ -38,6 +38,7 @@ from mlcore import configlib
 from mlcore.experiment import resolve_dataset
 from mlcore.stats import mean_interval, paired_interval
 from workflows.config import USER_ERRORS, Config, config_arg_parser, config_from_args
+from workflows.console import ProgressLine, board, quiet_third_party
 from workflows.driver import preflight, spill_dir_for, user_message
 from workflows.graph import ConfigRefs, StageGraph
 from workflows.report import collect, final_keys, mlflow_link, summarise, write_summary
@@ -138,6 +139,7 @@ class StudyResult:
 
 def run_study(cfg: Config, *, log: Callable[[str], None] = print) -> StudyResult:
     """Run every variant × seed on Ray and write the study's tables and plots."""
+    quiet_third_party(cfg.verbose)
     runs = expand(cfg)
     variants = list(dict.fromkeys(r.variant for r in runs))
     log(
@@ -164,14 +166,17 @@ def run_study(cfg: Config, *, log: Callable[[str], None] = print) -> StudyResult
             init_ray(cfg)
             for run in runs:
                 resolve_dataset(run.cfg.data)  # generate each dataset once, before the fan-out
-            graph = StageGraph(log)
+            progress = board()
+            graph = StageGraph(log, ProgressLine(progress) if log is print else None)
             run_loggers: list[RunLogger] = []
             status = "KILLED"
             try:
                 contexts = []
                 for run in runs:
                     run_tracker = _run_tracker(tracker, run, run_loggers)
-                    contexts.append(JobContext(run.cfg, cfg.storage_path, run_tracker, cfg.name))
+                    contexts.append(
+                        JobContext(run.cfg, cfg.storage_path, run_tracker, cfg.name, progress)
+                    )
                 started = [
                     graph.start(run.cfg, ctx) for run, ctx in zip(runs, contexts, strict=True)
                 ]
