@@ -48,7 +48,7 @@ from mlcore.fingerprint import split_digest, stable_hash
 from mlcore.partition.cooccurrence import cooccurrence_from_manifest
 from mlcore.train import BEST, LAST, SCORES, TrainResult, load_checkpoint
 from workflows.config import Config
-from workflows.console import post_end, post_epoch, stage_log
+from workflows.console import STAGE_LOG, post_end, post_epoch, stage_log
 from workflows.distributed import Role, TrainingRun, train_stage, train_workers
 from workflows.runtime import device_for_task
 from workflows.storage import Storage, WorkDir
@@ -405,6 +405,7 @@ def _train_locked(
             _record_model(ctx, logger, record, model_cfg, work.path, role)
             if ctx.cfg.mlflow.log_checkpoints:
                 logger.artifact(result.best_checkpoint, "checkpoints")
+            logger.artifact(work.path / STAGE_LOG, "logs")  # the epoch lines, beside the run
         # The run id is known once the logger created the run (possibly only now, after an
         # outage); unsent records are in the stage folder by here.
         record["run_id"] = logger.run_id
