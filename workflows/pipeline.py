@@ -40,7 +40,14 @@ from workflows.report import (
 from workflows.runtime import init_ray
 from workflows.stages import JobContext
 from workflows.storage import Storage
-from workflows.tracking import NullRunLogger, flat_params, git_commit, parent_run, source_tags
+from workflows.tracking import (
+    NullRunLogger,
+    flat_params,
+    git_commit,
+    parent_run,
+    run_note,
+    source_tags,
+)
 
 
 def preflight(cfg: Config) -> int:
@@ -79,7 +86,7 @@ def run_pipeline(cfg: Config, *, log: Callable[[str], None] = print) -> RunSumma
     tags = {
         "cpsd.mode": cfg.cpsd.mode,
         "cpsd.dataset": cfg.data.root or "synth",
-        "mlflow.note.content": (
+        "mlflow.note.content": run_note(
             f"CPSD pipeline, mode {cfg.cpsd.mode}: its stages are the child runs (group by "
             "cpsd.role). `student.*` and `baseline.*` are their final keys; teachers cover only "
             "their own subset of the classes (num_classes_evaluated)."

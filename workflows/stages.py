@@ -323,6 +323,7 @@ def _record_model(
             ctx.tracker.uri,
             logger.run_id,
             role=role,
+            stage=record["stage"],
             description=(
                 f"{role}: {record['classes']} classes ({what} the task's classes). "
                 "best_val_mAP is the selected epoch on val (the better of val_mAP_plain, the "
