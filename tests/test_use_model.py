@@ -298,6 +298,8 @@ def test_mlflow_run_has_model_datasets_source_and_final_keys(trained):
     assert version.run_id == run_.info.run_id
     assert float(version.tags["best_val_mAP"]) == pytest.approx(metrics["best_val_mAP"])
     assert version.tags["cpsd.role"] == "train"
+    assert version.description.startswith("**train** model, trained by stage `train`")
+    assert f"Training run: [`{run_.info.run_id}`]" in version.description  # no pipeline
 
 
 def test_pyfunc_takes_bytes_or_paths_and_pytorch_flavour_gives_logits(trained, tmp_path):

@@ -439,32 +439,36 @@ def record_trained_model(
             registered_model,
             alias=role,
             tags={"cpsd.role": role, **final},
-            description=version_description(client.get_run(run_id), tracking_uri, role, stage),
+            description=version_description(
+                client.get_run(run_id), tracking_uri, role, stage, final
+            ),
         )
         registered = f"models:/{registered_model}/{version.version}"
     return RecordedModel(model_id, registered)
 
 
-def version_description(run: Run, tracking_uri: str, role: str, stage: str) -> str:
+def version_description(
+    run: Run, tracking_uri: str, role: str, stage: str, final: Mapping[str, float]
+) -> str:
     """A registry version's description: role, stage, test mAP and the pipeline run.
 
     The pipeline run is the stage run's parent (a pipeline, or a study's variant × seed); a run
-    without a parent (``cpsd train``) is its own.
+    without a parent (``cpsd train``) is linked as the training run itself.
     """
     from workflows.tracking import PARENT_TAG, run_page_link
 
-    metrics = run.data.metrics
-    test = metrics.get("test_mAP")
+    test = final.get("test_mAP")
     scored = (
         "none (the dataset has no test split)"
         if test is None
         else f"{test:.4f} (a fraction: {100 * test:.1f}%) over "
-        f"{int(metrics['num_classes_evaluated'])} classes"
+        f"{int(final['num_classes_evaluated'])} classes"
     )
-    pipeline = run.data.tags.get(PARENT_TAG) or run.info.run_id
-    link = run_page_link(tracking_uri, run.info.experiment_id, pipeline)
+    parent = run.data.tags.get(PARENT_TAG)
+    linked, label = (parent, "Pipeline run") if parent else (run.info.run_id, "Training run")
+    link = run_page_link(tracking_uri, run.info.experiment_id, linked)
     return (
         f"**{role}** model, trained by stage `{stage}` (run `{run.info.run_id}`).\n\n"
         f"test_mAP: {scored}.\n\n"
-        f"Pipeline run: [`{pipeline}`]({link})"
+        f"{label}: [`{linked}`]({link})"
     )
