@@ -112,6 +112,8 @@ def test_pipeline_reproduces_reference_then_skips_and_reruns_what_changed(
     assert names == ["student", "teacher-cgp-0", "teacher-cgp-1", "teacher-dgp-0", "teacher-dgp-1"]
     roles = {r.info.run_name: r.data.tags["cpsd.role"] for r in children[parents[0].info.run_id]}
     assert roles["ensemble-cgp"] == "ensemble" and roles["student"] == "student"
+    (ensemble,) = [r for r in children[parents[0].info.run_id] if r.info.run_name == "ensemble-cgp"]
+    assert "best_epoch" not in ensemble.data.metrics and "test_mAP" in ensemble.data.metrics
     reused = [
         {r.info.run_name for r in children[p.info.run_id] if "cpsd.reused_from" in r.data.tags}
         for p in parents
@@ -135,6 +137,11 @@ def test_pipeline_reproduces_reference_then_skips_and_reruns_what_changed(
     )
     assert version.tags["cpsd.role"] == "student" and float(version.tags["test_mAP"]) > 0
     client = MlflowClient(uri)
+    pipeline_run = client.get_run(version.run_id).data.tags["mlflow.parentRunId"]
+    assert "trained by stage `student`" in version.description
+    assert f"Pipeline run: [`{pipeline_run}`]" in version.description
+    logged = client.search_logged_models([parents[0].info.experiment_id])
+    assert {m.name for m in logged} == set(names)  # named by stage, not all "model"
     assert [a.path for a in client.list_artifacts(parents[0].info.run_id)] == [
         "partitions",
         "summary",

@@ -180,7 +180,7 @@ def test_every_model_reference_gives_the_same_bundle(trained, tmp_path, capsys):
     refs = [
         str(trained.out),
         str(trained.out / BUNDLE_FILE),
-        f"runs:/{run_id}/model",
+        f"runs:/{run_id}/train",
         f"models:/{REGISTERED}/1",
         f"models:/{REGISTERED}/train",
         f"models:/{REGISTERED}@train",
@@ -288,7 +288,7 @@ def test_mlflow_run_has_model_datasets_source_and_final_keys(trained):
     (output,) = run_.outputs.model_outputs
     assert output.step == 1
     model = client.get_logged_model(output.model_id)
-    assert model.source_run_id == run_.info.run_id and model.name == "model"
+    assert model.source_run_id == run_.info.run_id and model.name == "train"
     linked = {m.key: m.value for m in model.metrics}
     assert linked["best_val_mAP"] == pytest.approx(metrics["best_val_mAP"])
     assert "val_mAP" in linked
@@ -298,12 +298,14 @@ def test_mlflow_run_has_model_datasets_source_and_final_keys(trained):
     assert version.run_id == run_.info.run_id
     assert float(version.tags["best_val_mAP"]) == pytest.approx(metrics["best_val_mAP"])
     assert version.tags["cpsd.role"] == "train"
+    assert version.description.startswith("**train** model, trained by stage `train`")
+    assert f"Training run: [`{run_.info.run_id}`]" in version.description  # no pipeline
 
 
 def test_pyfunc_takes_bytes_or_paths_and_pytorch_flavour_gives_logits(trained, tmp_path):
     (path,) = image_folder(trained, tmp_path, count=1)
     mlflow.set_tracking_uri(trained.uri)
-    uri = f"runs:/{trained.run.info.run_id}/model"
+    uri = f"runs:/{trained.run.info.run_id}/train"
     model = mlflow.pyfunc.load_model(uri)
     frame = pd.DataFrame(
         {"image": [path.read_bytes(), None, b"junk"], "path": [None, str(path), None]}

@@ -401,7 +401,7 @@ def _probability(text: str) -> float:
 
 MODEL_HELP = (
     "a model bundle file, a training output directory (cpsd train --out, a pipeline stage), "
-    "runs:/<run_id>/model, or models:/<name>/<version or alias>"
+    "runs:/<run_id>/<stage> (train for cpsd train), or models:/<name>/<version or alias>"
 )
 
 

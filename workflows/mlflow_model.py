@@ -18,7 +18,9 @@ The model signature and input example describe the pyfunc (what serving sees); t
 flavour's tensor interface is recorded in the model metadata.
 
 :func:`log_model` links the model to its run at the best epoch, so that MLflow attaches the
-run's metrics of that step (the best epoch's ``val_*`` and the final keys) to the model.
+run's metrics of that step (the best epoch's ``val_*`` and the final keys) to the model. The
+model is named after its stage (``student``, ``teacher-cgp-0``, ``baseline``; ``train`` for
+``cpsd train``), which is the name in the Models tab and in ``runs:/<run_id>/<stage>``.
 :func:`register_model` adds a version to the Model Registry with tags and an alias, and
 :func:`open_bundle` resolves every form of ``--model`` (bundle file, training directory,
 ``runs:/``, ``models:/``) to a bundle file.
@@ -42,6 +44,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
@@ -49,7 +52,6 @@ from PIL import Image
 
 from mlcore.bundle import BUNDLE_FILE, Classifier, Decision, ModelBundle, load_bundle
 
-MODEL_NAME = "model"
 PYTORCH_DATA = "pytorch"  # subdirectory of the model holding the torch.export program
 
 IMAGE_SIGNATURE = ModelSignature(
@@ -221,10 +223,11 @@ def log_model(
     run_id: str,
     bundle: str | os.PathLike,
     *,
+    name: str,
     step: int,
     tags: Mapping[str, str] | None = None,
 ) -> str:
-    """Log a bundle as the run's MLflow model ``model``; returns the logged model's id.
+    """Log a bundle as the run's MLflow model ``name``; returns the logged model's id.
 
     Log the run's final metrics at ``step`` (the best epoch) first: MLflow links every
     metric of the run at that step to the model, which fills the Models tab's metric columns.
@@ -235,7 +238,7 @@ def log_model(
     # process-wide active experiment instead of the run's.
     logged = client.create_logged_model(
         experiment_id=run.info.experiment_id,
-        name=MODEL_NAME,
+        name=name,
         source_run_id=run_id,
         params=dict(run.data.params),
         tags=dict(tags or {}),
@@ -244,7 +247,7 @@ def log_model(
     with _global_tracking(tracking_uri):
         info = Model.log(
             artifact_path=None,  # deprecated in MLflow 3 in favour of name, yet still positional
-            name=MODEL_NAME,
+            name=name,
             flavor=sys.modules[__name__],
             run_id=run_id,
             step=step,
@@ -261,6 +264,7 @@ def register_model(
     *,
     alias: str | None = None,
     tags: Mapping[str, Any] | None = None,
+    description: str | None = None,
 ):
     """Add the logged model as a new version of registered model ``name``.
 
@@ -271,6 +275,7 @@ def register_model(
         alias: Pointed at the new version (e.g. the run's role: ``student``), so
             ``models:/<name>@<alias>`` always loads the latest such run.
         tags: Version tags, e.g. ``{"test_mAP": 0.81, "cpsd.role": "student"}``.
+        description: The version's description (Markdown in the registry UI).
 
     Returns:
         The ``ModelVersion``.
@@ -287,6 +292,7 @@ def register_model(
             run_id=logged.source_run_id,
             tags={k: str(v) for k, v in (tags or {}).items()},
             model_id=model_id,
+            description=description,
         )
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
@@ -334,7 +340,7 @@ def open_bundle(ref: str, tracking_uri: str | None = None) -> Iterator[Path]:
     """A local bundle path for any ``--model`` form; downloads are removed on exit.
 
     Args:
-        ref: Bundle file, training output directory, ``runs:/<run_id>/model`` or
+        ref: Bundle file, training output directory, ``runs:/<run_id>/<stage>`` or
             ``models:/<name>/<version | alias>`` (also ``models:/<name>@<alias>``).
         tracking_uri: Store that ``runs:/`` and ``models:/`` refer to.
 
@@ -381,6 +387,7 @@ def record_trained_model(
     run_id: str,
     *,
     role: str,
+    stage: str,
     description: str,
     bundle: str | os.PathLike,
     final: Mapping[str, float],
@@ -394,13 +401,16 @@ def record_trained_model(
     """Everything MLflow shows about one trained model, on its (still open) run.
 
     Sets the description and ``cpsd.role``, logs the dataset splits as inputs, the final keys
-    at the best epoch, then the MLflow model (linked to those metrics), and registers it under
-    ``registered_model`` with the role as alias and the final keys as version tags.
+    at the best epoch, then the MLflow model ``stage`` (linked to those metrics), and registers
+    it under ``registered_model`` with the role as alias, the final keys as version tags and a
+    description (:func:`version_description`).
 
     Args:
         tracking_uri: The run's tracking store.
         run_id: The run.
         role: ``teacher``, ``student``, ``baseline``, ``train`` or ``trial``.
+        stage: The stage that trained it (``teacher-cgp-0``, ``student``; ``train``): the
+            logged model's name.
         description: What the run's numbers cover (``mlflow.note.content``).
         bundle: The model's ``model.bundle.pt``.
         final: From ``workflows.tracking.final_metrics``.
@@ -421,11 +431,47 @@ def record_trained_model(
         log_final_metrics(client, run_id, final, step=best_epoch)
     if not log_models:
         return RecordedModel(None, None)
-    model_id = log_model(tracking_uri, run_id, bundle, step=best_epoch, tags={"cpsd.role": role})
+    model_id = log_model(
+        tracking_uri, run_id, bundle, name=stage, step=best_epoch, tags={"cpsd.role": role}
+    )
     registered = None
     if registered_model:
         version = register_model(
-            tracking_uri, model_id, registered_model, alias=role, tags={"cpsd.role": role, **final}
+            tracking_uri,
+            model_id,
+            registered_model,
+            alias=role,
+            tags={"cpsd.role": role, **final},
+            description=version_description(
+                client.get_run(run_id), tracking_uri, role, stage, final
+            ),
         )
         registered = f"models:/{registered_model}/{version.version}"
     return RecordedModel(model_id, registered)
+
+
+def version_description(
+    run: Run, tracking_uri: str, role: str, stage: str, final: Mapping[str, float]
+) -> str:
+    """A registry version's description: role, stage, test mAP and the pipeline run.
+
+    The pipeline run is the stage run's parent (a pipeline, or a study's variant × seed); a run
+    without a parent (``cpsd train``) is linked as the training run itself.
+    """
+    from workflows.tracking import PARENT_TAG, run_page_link
+
+    test = final.get("test_mAP")
+    scored = (
+        "none (the dataset has no test split)"
+        if test is None
+        else f"{test:.4f} (a fraction: {100 * test:.1f}%) over "
+        f"{int(final['num_classes_evaluated'])} classes"
+    )
+    parent = run.data.tags.get(PARENT_TAG)
+    linked, label = (parent, "Pipeline run") if parent else (run.info.run_id, "Training run")
+    link = run_page_link(tracking_uri, run.info.experiment_id, linked)
+    return (
+        f"**{role}** model, trained by stage `{stage}` (run `{run.info.run_id}`).\n\n"
+        f"test_mAP: {scored}.\n\n"
+        f"{label}: [`{linked}`]({link})"
+    )

@@ -45,6 +45,7 @@ from workflows.tracking import (
     git_commit,
     parent_run,
     replay_unsent,
+    run_note,
     source_tags,
 )
 from workflows.versions import version_tags, versions
@@ -58,7 +59,7 @@ def run_pipeline(cfg: Config, *, log: Callable[[str], None] = print) -> RunSumma
     tags = {
         "cpsd.mode": cfg.cpsd.mode,
         "cpsd.dataset": cfg.data.root or "synth",
-        "mlflow.note.content": (
+        "mlflow.note.content": run_note(
             f"CPSD pipeline, mode {cfg.cpsd.mode}: its stages are the child runs (group by "
             "cpsd.role). `student.*` and `baseline.*` are their final keys; teachers cover only "
             "their own subset of the classes (num_classes_evaluated)."

@@ -443,6 +443,7 @@ def _record_model(
     what = "its own subset of" if role == "teacher" else "all"
     logger.model(
         role=role,
+        stage=record["stage"],
         description=(
             f"{role}: {record['classes']} classes ({what} the task's classes). "
             "best_val_mAP is the selected epoch on val (the better of val_mAP_plain, the "

@@ -52,6 +52,7 @@ from workflows.tracking import (
     flat_params,
     git_commit,
     parent_run,
+    run_note,
     source_tags,
 )
 from workflows.versions import version_tags, versions
@@ -153,7 +154,16 @@ def run_study(cfg: Config, *, log: Callable[[str], None] = print) -> StudyResult
             cfg.mlflow,
             cfg.name,
             params,
-            {"cpsd.study": cfg.name, **source_tags("cpsd study"), **version_tags(versions())},
+            {
+                "cpsd.study": cfg.name,
+                "mlflow.note.content": run_note(
+                    f"Study {cfg.name}: each variant × seed is a child run (cpsd.role variant) "
+                    "with its final model's final keys and `baseline.*`; their stages are "
+                    "nested below them."
+                ),
+                **source_tags("cpsd study"),
+                **version_tags(versions()),
+            },
             spill_dir=spill_dir_for(storage, cfg.name),
             job=storage.uri_of(cfg.name),
         )
@@ -227,7 +237,7 @@ def _run_tracker(tracker: Tracker | None, run: Run, loggers: list[RunLogger]) ->
             "mlflow.parentRunId": tracker.parent_run_id,
             "cpsd.role": "variant",
             "cpsd.variant": run.variant,
-            "mlflow.note.content": (
+            "mlflow.note.content": run_note(
                 f"Study variant {run.variant} at seed {run.seed}: the final model "
                 f"({'baseline' if run.cfg.cpsd.mode == 'baseline' else 'student'}) selected on "
                 "val and scored on the held-out test split; `baseline.*` metrics are the plain "

@@ -717,6 +717,11 @@ FINAL_KEYS = (
     "num_classes_evaluated",
 )
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default
+# The console prints percentages; MLflow keeps the fractions the code computes, so every run
+# description says which one a reader is looking at.
+METRIC_SCALE = (
+    "Units: every metric here is a fraction in [0, 1] (mAP 0.812 is the console's 81.2%)."
+)
 
 
 def source_tags(entry_point: str) -> dict[str, str]:
@@ -728,14 +733,21 @@ def source_tags(entry_point: str) -> dict[str, str]:
     }
 
 
+def run_note(description: str) -> str:
+    """A run description (``mlflow.note.content``) ending with the metrics' scale."""
+    return f"{description} {METRIC_SCALE}"
+
+
 def describe_run(client: MlflowClient, run_id: str, *, role: str, description: str) -> None:
     """Set a run's description (``mlflow.note.content``) and its ``cpsd.role`` tag.
 
-    The description should say what the run's numbers cover, e.g. "teacher: 4 of 20 classes".
+    The description should say what the run's numbers cover, e.g. "teacher: 4 of 20 classes";
+    the metrics' scale (:data:`METRIC_SCALE`) is appended.
     """
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; choose from {ROLES}")
-    client.log_batch(run_id, tags=[RunTag(ROLE_TAG, role), RunTag(NOTE_TAG, description)])
+    tags = [RunTag(ROLE_TAG, role), RunTag(NOTE_TAG, run_note(description))]
+    client.log_batch(run_id, tags=tags)
 
 
 def describe_experiment(
@@ -754,7 +766,7 @@ def describe_experiment(
 def final_metrics(
     *,
     best_val_mAP: float,
-    best_epoch: int,
+    best_epoch: int | None,
     num_classes_evaluated: int,
     test_mAP: float | None = None,
     test_CF1: float | None = None,
@@ -764,7 +776,9 @@ def final_metrics(
     """The keys every run ends with, so one column compares teachers, students and baselines.
 
     ``num_classes_evaluated`` is how many classes the mAPs average over (a teacher's subset);
-    ``test_*``/``shift_mAP`` are left out when the dataset has no such split.
+    ``test_*``/``shift_mAP`` are left out when the dataset has no such split, ``best_epoch``
+    when the model was not trained (a merged ensemble): a placeholder number would be averaged
+    into the UI's group rows.
     """
     values = {
         "best_val_mAP": best_val_mAP,
@@ -885,10 +899,22 @@ def runs_page_link(
     A server URI links to that server; a local store links to ``ui_url`` (default
     ``mlflow ui``'s http://127.0.0.1:5000). ``view`` is a key from :func:`share_runs_view`.
     """
-    base = tracking_uri if tracking_uri.startswith(("http://", "https://")) else ui_url
-    base = (base or LOCAL_UI).rstrip("/")
-    link = f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    link = f"{ui_base(tracking_uri, ui_url)}/#/experiments/{experiment_id}/runs"
+    link += "?workflowType=machine_learning"
     return link + (f"&viewStateShareKey={view}" if view else "")
+
+
+def ui_base(tracking_uri: str, ui_url: str | None = None) -> str:
+    """The UI serving ``tracking_uri``: the server itself, else ``ui_url`` or ``mlflow ui``."""
+    base = tracking_uri if tracking_uri.startswith(("http://", "https://")) else ui_url
+    return (base or LOCAL_UI).rstrip("/")
+
+
+def run_page_link(
+    tracking_uri: str, experiment_id: str, run_id: str, ui_url: str | None = None
+) -> str:
+    """Deep link to one run's page (the server of ``tracking_uri``, else ``ui_url``)."""
+    return f"{ui_base(tracking_uri, ui_url)}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def final_metrics_of(
@@ -897,12 +923,13 @@ def final_metrics_of(
     classes: int,
     held_out: Mapping[str, Mapping[str, float] | None],
 ) -> dict[str, float]:
-    """:func:`final_metrics` from a validation mAP and ``mlcore.cpsd.evaluate_model`` reports."""
+    """:func:`final_metrics` from a validation mAP and ``mlcore.cpsd.evaluate_model`` reports
+    (``best_epoch`` None: not trained, the key is left out)."""
     test = held_out.get("test") or {}
     shift = held_out.get("shift") or {}
     return final_metrics(
         best_val_mAP=best_val_mAP,
-        best_epoch=-1 if best_epoch is None else best_epoch,
+        best_epoch=best_epoch,
         num_classes_evaluated=classes,
         test_mAP=test.get("mAP"),
         test_CF1=test.get("CF1"),

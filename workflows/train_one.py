@@ -127,6 +127,7 @@ def train_one(cfg: Config, out_dir: str | Path | None = None) -> TrainResult:
             tracker.uri,
             run.run_id,
             role=ROLE,
+            stage=ROLE,
             description=run_description(cfg, num_classes, info.name),
             bundle=out / BUNDLE_FILE,
             final=final,

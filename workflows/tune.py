@@ -56,6 +56,7 @@ from workflows.tracking import (
     flat_params,
     git_commit,
     resolve_tracking_uri,
+    run_note,
     start_parent,
 )
 
@@ -332,7 +333,13 @@ def run_sweep(
             tracker = Tracker(uri, state["experiment_id"], state["parent_run_id"])
             parent = RunLogger(client, state["parent_run_id"])
         else:
-            tags = {"cpsd.kind": "sweep", "cpsd.space": ",".join(sweep.space)}
+            tags = {
+                "cpsd.kind": "sweep",
+                "cpsd.space": ",".join(sweep.space),
+                "mlflow.note.content": run_note(
+                    f"Tune sweep over {', '.join(sweep.space)}: each trial is a child run."
+                ),
+            }
             params = {**flat_params(cfg), "git_commit": git_commit()}
             tracker, parent = start_parent(cfg.mlflow, cfg.name, params, tags)
     if not resume:
