@@ -53,6 +53,7 @@ from workflows.distributed import Role, TrainingRun, train_stage, train_workers
 from workflows.runtime import device_for_task
 from workflows.storage import Storage, WorkDir
 from workflows.tracking import (
+    NOTE_TAG,
     UNSENT_FILE,
     Tracker,
     child_run,
@@ -60,6 +61,7 @@ from workflows.tracking import (
     flat_params,
     git_commit,
     replay_unsent,
+    run_note,
 )
 from workflows.versions import StaleStageError, stale_reason, version_tags, versions
 
@@ -297,7 +299,18 @@ def _train_stage(
         location=storage.uri_of(rel),
         reused_run=done.get("run_id"),
     ) as logger:
-        logger.tags({"cpsd.stage": stage, "cpsd.role": role, "cpsd.reused_from": rel})
+        logger.tags(
+            {
+                "cpsd.stage": stage,
+                "cpsd.role": role,
+                "cpsd.reused_from": rel,
+                NOTE_TAG: run_note(
+                    f"{role} {stage}, reused: trained earlier (run {done.get('run_id')}, folder "
+                    f"{rel}); its history and final keys are repeated here, its model and "
+                    "datasets are on that run."
+                ),
+            }
+        )
         logger.tags(version_tags(done.get("versions") or {}))
         if "stale" in done:
             logger.tags({"cpsd.stale": done["stale"]})
