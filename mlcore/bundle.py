@@ -209,7 +209,12 @@ def load_bundle(path: str | os.PathLike) -> ModelBundle:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, UnpicklingError, EOFError, zipfile.BadZipFile, OSError) as err:
-        raise BundleError(f"{path} is not a readable model bundle (corrupt?): {err}") from err
+        # torch's own text spans lines and suggests weights_only=False, which would run
+        # whatever the file holds: the error names the kind of failure only.
+        raise BundleError(
+            f"{path} is not a readable model bundle: corrupt, truncated, or not a file cpsd "
+            f"wrote ({type(err).__name__})"
+        ) from err
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         hint = (
             " (a training checkpoint: use the model.bundle.pt next to it, or its directory)"

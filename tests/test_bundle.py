@@ -89,8 +89,22 @@ def test_nothing_is_unpickled(tmp_path):
     payload = torch.load(bundle.save(tmp_path / "good.pt"), weights_only=True)
     payload["extra"] = Preprocessing(image_size=8)  # a class instance: needs the unpickler
     torch.save(payload, tmp_path / "evil.pt")
-    with pytest.raises(BundleError, match="not a readable model bundle"):
+    with pytest.raises(BundleError, match="not a readable model bundle") as refused:
         load_bundle(tmp_path / "evil.pt")
+    assert "weights_only" not in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_random_bytes_are_one_line_without_the_unsafe_hint(tmp_path):
+    """torch's own message spans lines and suggests weights_only=False; ours does neither."""
+    path = tmp_path / "random.pt"
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(BundleError) as refused:
+        load_bundle(path)
+    message = str(refused.value)
+    assert message == (
+        f"{path} is not a readable model bundle: corrupt, truncated, or not a file cpsd wrote "
+        "(UnpicklingError)"
+    )
 
 
 def test_corrupt_foreign_and_future_files_are_clear_errors(tmp_path):
