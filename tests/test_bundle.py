@@ -20,6 +20,7 @@ from mlcore.bundle import (
     ModelBundle,
     Preprocessing,
     UnreadableImage,
+    ValThresholds,
     class_embeddings_of,
     load_bundle,
     read_image,
@@ -64,6 +65,24 @@ def test_round_trip_rebuilds_the_same_model(head, tmp_path):
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded.build_model()(images), model(images))
+
+
+def test_thresholds_round_trip_and_the_digest_names_the_computation(tmp_path):
+    stored = ValThresholds(per_class=(0.3, 0.4, 0.5, 0.6), single=0.45)
+    bundle, _ = make_bundle(thresholds=stored)
+    loaded = load_bundle(bundle.save(tmp_path / "b.pt"))
+    assert loaded.thresholds == stored and loaded.digest == bundle.digest
+    assert len(bundle.digest) == 64
+    # Metadata and thresholds describe the model; they do not change what it computes.
+    relabelled = dataclasses.replace(bundle, metadata={"best_epoch": 9}, thresholds=None)
+    assert relabelled.digest == bundle.digest
+    weights = dict(bundle.state_dict)
+    key = next(iter(weights))
+    weights[key] = weights[key] + 1e-3
+    assert dataclasses.replace(bundle, state_dict=weights).digest != bundle.digest
+    assert dataclasses.replace(bundle, class_names=NAMES[::-1]).digest != bundle.digest
+    with pytest.raises(BundleError, match="3 per-class thresholds for 4 classes"):
+        make_bundle(thresholds=ValThresholds(per_class=(0.5,) * 3, single=0.5))
 
 
 def test_pretrained_model_config_does_not_download_on_load(tmp_path, monkeypatch):

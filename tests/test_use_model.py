@@ -6,6 +6,7 @@ every test of this module.
 
 import base64
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -27,11 +28,20 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from mlcore import configlib
-from mlcore.bundle import BUNDLE_FILE, Classifier, Decision, ModelBundle, Preprocessing, load_bundle
-from mlcore.config import MLDecoderConfig, ModelConfig
+from mlcore.bundle import (
+    BUNDLE_FILE,
+    Classifier,
+    Decision,
+    ModelBundle,
+    Preprocessing,
+    ValThresholds,
+    load_bundle,
+)
+from mlcore.config import MLDecoderConfig, ModelConfig, SynthConfig
 from mlcore.data.dataset import MultiLabelDataset
 from mlcore.data.manifest import Manifest, manifest_digest
-from mlcore.evaluation import read_thresholds
+from mlcore.data.synth import default_class_names, generate
+from mlcore.evaluation import ModelIdentity, choose_thresholds, read_thresholds, write_thresholds
 from mlcore.export import HEAD_ADAPTERS, ExportError, export_bundle
 from mlcore.metrics import multilabel_report
 from mlcore.models import build_model_from_config
@@ -112,6 +122,11 @@ def test_bundle_reproduces_the_selected_weights(trained):
     assert meta["best_epoch"] == 0 and meta["train_images"] == 320
     assert meta["train_positives"] == trained.manifest.positives_per_class("train").tolist()
     assert trained.bundle.class_names == trained.manifest.class_names
+    with np.load(trained.out / "val_scores.npz") as val:
+        single, per_class = choose_thresholds(val["scores"], val["targets"])
+    assert trained.bundle.thresholds == ValThresholds(
+        per_class=tuple(per_class.tolist()), single=single, split="val"
+    )
 
 
 def test_predict_images_folders_stdin_and_skips(trained, tmp_path, capsys, monkeypatch):
@@ -156,7 +171,14 @@ def test_evaluate_then_predict_a_split_with_its_thresholds(trained, tmp_path, ca
     shift = tmp_path / "shift"
     argv = ["evaluate", "--model", str(trained.out), "--thresholds", thresholds_file]
     assert cli(*argv, "--split", "test_shift", "--out", str(shift)) == 0
-    assert "per_class_thresholds" in json.loads((shift / "report.json").read_text())
+    fixed = json.loads((shift / "report.json").read_text())["per_class_thresholds"]["metrics"]
+    printed = capsys.readouterr().out
+    heading = f"test_shift, per-class thresholds from {thresholds_file} (chosen on val):"
+    figures = printed.split(heading)[1].split("wrote")[0]
+    assert [line.split()[0] for line in figures.strip().splitlines()] == list(fixed)
+    for line in figures.strip().splitlines():
+        key, value = line.split()
+        assert float(value) == pytest.approx(100 * fixed[key], abs=0.006)
     assert cli(*argv, "--out", str(tmp_path / "again")) == 2
     assert "chosen on 'val'" in capsys.readouterr().err
 
@@ -169,10 +191,128 @@ def test_evaluate_then_predict_a_split_with_its_thresholds(trained, tmp_path, ca
     sources = manifest_inputs(trained.dataset, "test_shift").sources
     classifier = Classifier(trained.bundle, "cpu")
     scores = np.concatenate([b.scores for b in classifier.iter_scores(sources)])
-    values = read_thresholds(thresholds_file, trained.bundle.class_names).values
+    identity = ModelIdentity(trained.bundle.digest, trained.bundle.class_names)
+    values = read_thresholds(thresholds_file, identity).values
     for row, chosen in zip(rows, Decision(values).select(scores), strict=True):
         labels = row["labels"].split(";") if row["labels"] else []
         assert labels == [trained.bundle.class_names[c] for c in chosen]
+
+
+def synth_dataset(root: Path, num_classes: int, seed: int, images: int = 16) -> Path:
+    """Freshly generated images like the training data's (same class names and looks)."""
+    cfg = SynthConfig(
+        num_classes=num_classes,
+        num_train=images,
+        num_val=8,
+        num_test=0,
+        image_size=32,
+        num_topics=3,
+        seed=seed,
+    )
+    return generate(cfg, root)
+
+
+def micro_f1(labels_file: Path, manifest: Manifest, split: str) -> float:
+    rows = manifest.table.take(manifest.split_rows(split))
+    truth = {
+        image: {manifest.class_names[c] for c in labels}
+        for image, labels in zip(
+            rows.column("image_id").to_pylist(), rows.column("labels").to_pylist(), strict=True
+        )
+    }
+    hits = predicted = 0
+    for line in labels_file.read_text().splitlines():
+        row = json.loads(line)
+        hits += len(set(row["labels"]) & truth[row["image"]])
+        predicted += len(row["labels"])
+    actual = sum(len(labels) for labels in truth.values())
+    return 2 * hits / (predicted + actual)
+
+
+def test_predict_uses_the_bundles_val_thresholds_and_beats_one_half(trained, tmp_path, capsys):
+    """Issue 21: no threshold option -> the bundle's val thresholds, said in the first line,
+    and a higher micro-F1 on fresh generated images than --threshold 0.5."""
+    fresh = Manifest.load(synth_dataset(tmp_path / "fresh", 10, seed=123, images=200))
+    base = ["predict", "--model", str(trained.out), "--manifest", str(fresh.root)]
+    base += ["--split", "train"]
+    default, half = tmp_path / "default.jsonl", tmp_path / "half.jsonl"
+    assert cli(*base, "--out", str(default)) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("labels: the model's per-class thresholds, chosen on val")
+    assert cli(*base, "--out", str(half), "--threshold", "0.5") == 0
+    assert capsys.readouterr().out.splitlines()[0] == "labels: one threshold, 0.5"
+    assert micro_f1(default, fresh, "train") > micro_f1(half, fresh, "train")
+
+    # The labels are exactly the bundle's per-class rule.
+    classifier = Classifier(trained.bundle, "cpu")
+    sources = manifest_inputs(fresh.root, "train").sources
+    scores = np.concatenate([b.scores for b in classifier.iter_scores(sources)])
+    expected = Decision(np.array(trained.bundle.thresholds.per_class)).select(scores)
+    rows = [json.loads(line) for line in default.read_text().splitlines()]
+    for row, chosen in zip(rows, expected, strict=True):
+        assert row["labels"] == [trained.bundle.class_names[c] for c in chosen]
+
+
+def test_thresholds_of_another_model_are_refused(trained, tmp_path, capsys):
+    """Issue 20: a thresholds file names its model; another model's file is one line, exit 2."""
+    bundle = trained.bundle
+    weights = {k: v + 0.01 if v.is_floating_point() else v for k, v in bundle.state_dict.items()}
+    other = dataclasses.replace(bundle, state_dict=weights).save(tmp_path / "other.bundle.pt")
+    own = write_thresholds(
+        tmp_path / "own.json",
+        ModelIdentity(bundle.digest, bundle.class_names),
+        np.full(bundle.num_classes, 0.4),
+        split="val",
+    )
+    wider_names = (*bundle.class_names, *(f"extra{i}" for i in range(10)))
+    wider = write_thresholds(
+        tmp_path / "wider.json",
+        ModelIdentity("0" * 64, wider_names),
+        np.full(20, 0.4),
+        split="val",
+    )
+    image = image_folder(trained, tmp_path, count=1)[0]
+    out = str(tmp_path / "p.jsonl")
+    predict = ["predict", "--images", str(image), "--out", out]
+    evaluate = ["evaluate", "--split", "test", "--out", str(tmp_path / "ev")]
+    assert cli(*predict, "--model", str(trained.out), "--thresholds", str(own)) == 0
+    capsys.readouterr()
+    for argv, model, file, message in [
+        (predict, other, own, f"{own} was fitted to another model (digest {bundle.digest[:12]}"),
+        (evaluate, other, own, f"{own} was fitted to another model"),
+        (predict, trained.out, wider, "other classes (10 only in the file: ['extra0', "),
+        (evaluate, trained.out, wider, "other classes (10 only in the file"),
+    ]:
+        assert cli(*argv, "--model", str(model), "--thresholds", str(file)) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
+def test_evaluate_on_other_classes_is_an_error_unless_intersect(trained, tmp_path, capsys):
+    """Issue 20: a 10-class model on 12- or 8-class data names the difference; intersect
+    evaluates the shared classes and says so."""
+    wider = synth_dataset(tmp_path / "wider", 12, seed=5)
+    narrower = synth_dataset(tmp_path / "narrower", 8, seed=5)
+    names = trained.bundle.class_names
+    base = ["evaluate", "--model", str(trained.out), "--split", "val"]
+    for data, message in [
+        (wider, f"2 only in the dataset: {list(default_class_names(12)[10:])}"),
+        (narrower, f"2 only in the model: {list(names[8:])}"),
+    ]:
+        assert cli(*base, "--manifest", str(data), "--out", str(tmp_path / "refused")) == 2
+        err = capsys.readouterr().err
+        assert message in err and "--classes intersect" in err and err.count("\n") == 1
+
+    for data, classes in [(wider, 10), (narrower, 8)]:
+        out = tmp_path / f"eval-{data.name}"
+        argv = [*base, "--manifest", str(data), "--out", str(out), "--classes", "intersect"]
+        assert cli(*argv) == 0
+        printed = capsys.readouterr().out
+        assert printed.startswith(f"evaluating the {classes} classes in both (--classes intersect")
+        report = json.loads((out / "report.json").read_text())
+        assert report["classes"] == classes
+        # Thresholds are written for the whole model only.
+        assert (out / "thresholds.json").exists() == (classes == 10)
 
 
 def test_every_model_reference_gives_the_same_bundle(trained, tmp_path, capsys):

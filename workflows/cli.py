@@ -286,7 +286,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from workflows.model_commands import (
         OUTPUT_SUFFIXES,
         collect_images,
-        decision_from_args,
+        label_rule,
         manifest_inputs,
         run_predict,
     )
@@ -297,9 +297,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError(f"--out must end in .jsonl or .csv, got {args.out!r}")
     with _model_errors():
         classifier = _load_model(args)
-        decision = decision_from_args(
-            classifier.bundle, args.threshold, args.thresholds, args.top_k
-        )
+        rule = label_rule(classifier.bundle, args.threshold, args.thresholds, args.top_k)
+    print(rule.description, flush=True)
     if args.manifest is not None:
         inputs = manifest_inputs(args.manifest, args.split)
     else:
@@ -313,7 +312,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         classifier,
         inputs,
         args.out,
-        decision,
+        rule.decision,
         batch_size=args.batch_size,
         num_workers=args.workers,
         report=lambda line: print(line, file=sys.stderr),
@@ -328,24 +327,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     with _model_errors():
         classifier = _load_model(args)
-        files = run_evaluate(
+        done = run_evaluate(
             classifier,
             args.out,
             manifest_dir=args.manifest,
             split=args.split,
             threshold=args.threshold,
             thresholds_file=args.thresholds,
+            classes=args.classes,
             batch_size=args.batch_size,
             num_workers=args.workers,
         )
-    print(f"{args.split}, {len(classifier.class_names)} classes, threshold {args.threshold}:")
-    print(format_report(files.report))
-    for path in files.paths():
+    for note in done.notes:
+        print(note)
+    print(f"{args.split}, {done.classes} classes, threshold {args.threshold:g}:")
+    print(format_report(done.files.report))
+    if done.files.fixed_report is not None:
+        print(f"{args.split}, per-class thresholds from {done.fixed_from}:")
+        print(format_report(done.files.fixed_report))
+    for path in done.files.paths():
         print(f"wrote {path}")
-    print(
-        "thresholds.json: per-class F1-maximising thresholds fitted on this split; use them on "
-        "other splits (predict/evaluate --thresholds), never to report this one"
-    )
+    if done.files.thresholds_json is not None:
+        print(
+            "thresholds.json: per-class F1-maximising thresholds fitted on this split, for this "
+            "model only; use them on other splits (predict/evaluate --thresholds), never to "
+            "report this one"
+        )
     return 0
 
 
@@ -564,8 +571,15 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--split", default="test", help="split of --manifest (default: test)")
     pred.add_argument("--out", required=True, help="output file: .jsonl or .csv")
     rule = pred.add_mutually_exclusive_group()
-    rule.add_argument("--threshold", type=_probability, default=0.5, help="global (default 0.5)")
-    rule.add_argument("--thresholds", metavar="FILE", help="per-class thresholds (cpsd evaluate)")
+    rule.add_argument(
+        "--threshold",
+        type=_probability,
+        help="one threshold for every class (default: the model's per-class thresholds chosen "
+        "on val when training ended)",
+    )
+    rule.add_argument(
+        "--thresholds", metavar="FILE", help="per-class thresholds of this model (cpsd evaluate)"
+    )
     rule.add_argument("--top-k", type=_positive_int, help="the k most likely classes per image")
     _add_inference_args(pred)
     pred.set_defaults(func=cmd_predict)
@@ -583,7 +597,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--thresholds",
         metavar="FILE",
-        help="also report CP..OF1 with per-class thresholds chosen on another split",
+        help="also report CP..OF1 with this model's per-class thresholds chosen on another "
+        "split (default: the model's own, when chosen on another split than --split)",
+    )
+    evaluate.add_argument(
+        "--classes",
+        choices=["exact", "intersect"],
+        default="exact",
+        help="exact (default): the dataset must have the model's classes; intersect: "
+        "evaluate the classes both have",
     )
     _add_inference_args(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
