@@ -47,7 +47,14 @@ from mlcore.metrics import multilabel_report
 from mlcore.models import build_model_from_config
 from mlcore.train import predict
 from workflows.cli import run
-from workflows.mlflow_model import model_uri, open_bundle
+from workflows.mlflow_model import (
+    IMAGE_ROOT_KEY,
+    INFERENCE_CONFIG_ENV,
+    PATH_OFF,
+    PATH_REFUSED,
+    model_uri,
+    open_bundle,
+)
 from workflows.model_commands import manifest_inputs
 from workflows.tracking import (
     ROLE_TAG,
@@ -440,25 +447,65 @@ def test_mlflow_run_has_model_datasets_source_and_final_keys(trained):
     assert version.tags["cpsd.role"] == "train"
 
 
-def test_pyfunc_takes_bytes_or_paths_and_pytorch_flavour_gives_logits(trained, tmp_path):
+def test_pyfunc_takes_bytes_and_pytorch_flavour_gives_logits(trained, tmp_path, monkeypatch):
     (path,) = image_folder(trained, tmp_path, count=1)
     mlflow.set_tracking_uri(trained.uri)
     uri = f"runs:/{trained.run.info.run_id}/model"
     model = mlflow.pyfunc.load_model(uri)
-    frame = pd.DataFrame(
-        {"image": [path.read_bytes(), None, b"junk"], "path": [None, str(path), None]}
-    )
+    frame = pd.DataFrame({"image": [path.read_bytes(), b"junk"]})
     out = model.predict(frame, params={"top_k": 2})
     assert list(out.columns) == ["labels", "scores", "error"]
-    assert out["labels"][0] == out["labels"][1] and len(out["labels"][0]) == 2
-    assert out["error"][0] == "" and "not an image" in out["error"][2]
+    assert len(out["labels"][0]) == 2 and out["error"][0] == ""
+    assert "not an image" in out["error"][1]
     assert model.metadata.get_input_schema().input_names() == ["image", "path"]
+
+    # Without a threshold the bundle's own val thresholds label, as in cpsd predict.
+    ((_, scores, _),) = Classifier(trained.bundle, "cpu").iter_scores([path.read_bytes()])
+    (chosen,) = trained.bundle.default_decision().select(scores)
+    (labels,) = model.predict(frame[:1])["labels"]
+    assert list(labels) == [trained.bundle.class_names[c] for c in chosen]
 
     network = mlflow.pytorch.load_model(uri)
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         expected = trained.bundle.build_model()(images)
         assert torch.allclose(network(images), expected, atol=1e-5)
+
+
+def test_pyfunc_reads_server_files_only_under_an_allowed_root(trained, tmp_path, monkeypatch):
+    """Issue 20: paths are off by default; with a root, outside and missing look the same."""
+    (image,) = image_folder(trained, tmp_path, count=1)
+    root = image.parent
+    (root / "link.png").symlink_to("/etc/passwd")
+    monkeypatch.delenv(INFERENCE_CONFIG_ENV, raising=False)
+    mlflow.set_tracking_uri(trained.uri)
+    uri = f"runs:/{trained.run.info.run_id}/model"
+    texts = [
+        str(image),
+        image.name,
+        "/etc/passwd",
+        "../" * 12 + "etc/passwd",
+        str(root / "absent.png"),
+        "link.png",  # inside the root, pointing outside
+        "broken.png",
+    ]
+    frame = pd.DataFrame({"path": texts})
+
+    served = mlflow.pyfunc.load_model(uri).predict(frame, params={"top_k": 2})
+    assert list(served["error"]) == [PATH_OFF] * len(texts)
+    assert all(len(labels) == 0 for labels in served["labels"])
+
+    expected = mlflow.pyfunc.load_model(uri).predict(
+        pd.DataFrame({"image": [image.read_bytes()]}), params={"top_k": 2}
+    )["labels"][0]
+    by_config = mlflow.pyfunc.load_model(uri, model_config={IMAGE_ROOT_KEY: str(root)})
+    monkeypatch.setenv(INFERENCE_CONFIG_ENV, json.dumps({IMAGE_ROOT_KEY: str(root)}))
+    for model in (by_config, mlflow.pyfunc.load_model(uri)):  # the second as a server would
+        out = model.predict(frame, params={"top_k": 2})
+        assert list(out["error"][:2]) == ["", ""]
+        assert list(out["labels"][0]) == list(out["labels"][1]) == list(expected)
+        assert list(out["error"][2:6]) == [PATH_REFUSED] * 4
+        assert "not an image" in out["error"][6]  # a file under the root is read
 
 
 def _post(url: str, body: dict) -> dict:

@@ -363,9 +363,7 @@ def run_evaluate(
     elif bundle.thresholds is not None and bundle.thresholds.split != split:
         fixed = np.asarray(bundle.thresholds.per_class)
         fixed_from = f"the model's own (chosen on {bundle.thresholds.split})"
-    dataset = MultiLabelDataset(
-        manifest, split, classifier.transform, class_subset=match.dataset
-    )
+    dataset = MultiLabelDataset(manifest, split, classifier.transform, class_subset=match.dataset)
     loader = DataLoader(
         dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=dataset.collate_fn
     )
