@@ -355,6 +355,61 @@ def test_every_model_reference_gives_the_same_bundle(trained, tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+def test_read_only_commands_never_create_a_tracking_store(trained, tmp_path, monkeypatch, capsys):
+    """Issue 21: a registry look-up in a directory without mlflow.db leaves none behind and says
+    which store was searched and how to name another."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    model = ["--model", f"models:/{REGISTERED}@train"]
+    commands = [
+        ["predict", *model, "--images", "x.png", "--out", "p.jsonl"],
+        ["evaluate", *model, "--out", "ev"],
+        ["export", *model, "--format", "onnx", "--out", "m.onnx"],
+    ]
+    for argv in commands:
+        assert run(argv) == 2
+        err = capsys.readouterr().err
+        assert err == (
+            f"cpsd: error: --model models:/{REGISTERED}@train: there is no tracking store "
+            f"sqlite:///{tmp_path / 'mlflow.db'} (the default, ./mlflow.db); point at the store "
+            "that holds it with --tracking-uri URI or MLFLOW_TRACKING_URI\n"
+        )
+    assert run([*commands[0], "--tracking-uri", "sqlite:///other.db"]) == 2
+    assert f"no tracking store sqlite:///{tmp_path / 'other.db'} (--tracking-uri)" in (
+        capsys.readouterr().err
+    )
+    assert list(tmp_path.iterdir()) == []
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained.uri)
+    assert run(["predict", "--model", "models:/nosuch@train", *commands[0][3:]]) == 2
+    assert capsys.readouterr().err == (
+        "cpsd: error: --model models:/nosuch@train: Registered Model with name=nosuch not "
+        f"found, in the tracking store {trained.uri} (MLFLOW_TRACKING_URI); point at the store "
+        "that holds it with --tracking-uri URI or MLFLOW_TRACKING_URI\n"
+    )
+    found = ["predict", *model, *commands[0][3:], "--tracking-uri", trained.uri]
+    assert run(found) == 1  # the model is found; x.png is skipped
+    assert list(tmp_path.iterdir()) == [tmp_path / "p.jsonl"]
+
+
+def test_a_wrong_model_fails_before_torch_or_mlflow_is_imported(tmp_path):
+    """Issue 21: failing --model look-ups took 12-16 s of imports before the error."""
+    code = (
+        "import sys; from workflows.cli import run\n"
+        "for ref in ('nosuch.pt', 'models:/a/b/c', 'models:/m@alias'):\n"
+        "    assert run(['predict', '--model', ref, '--images', 'x', '--out', 'y.jsonl']) == 2\n"
+        "print(sorted(m for m in ('torch', 'timm', 'mlflow') if m in sys.modules))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("MLFLOW_TRACKING_URI")
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[]\n"
+    assert done.stderr.count("cpsd: error: --model") == 3 and list(tmp_path.iterdir()) == []
+
+
 def test_export_onnx_and_torchscript_with_parity(trained, tmp_path, capsys):
     import onnx
     import onnxruntime

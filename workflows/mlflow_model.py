@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -55,6 +54,7 @@ from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema, 
 from PIL import Image
 
 from mlcore.bundle import BUNDLE_FILE, Classifier, Decision, ModelBundle, load_bundle
+from workflows.model_ref import TrackingStore, check_model_ref, model_uri
 
 MODEL_NAME = "model"
 PYTORCH_DATA = "pytorch"  # subdirectory of the model holding the torch.export program
@@ -353,18 +353,6 @@ def register_model(
 # Resolving --model
 
 
-def model_uri(ref: str) -> str:
-    """``models:/name/<alias>`` -> ``models:/name@<alias>``; other references unchanged.
-
-    MLflow reads the path segment after a registered model's name as a version number (or
-    ``latest``); aliases need ``@``. Both spellings are accepted here.
-    """
-    match = re.fullmatch(r"models:/([^/@]+)/([^/]+)", ref)
-    if match and not match.group(2).isdigit() and match.group(2).lower() != "latest":
-        return f"models:/{match.group(1)}@{match.group(2)}"
-    return ref
-
-
 def find_bundle(path: str | os.PathLike) -> Path:
     """The bundle file of a path: the file itself, or inside a training or MLflow model dir.
 
@@ -392,25 +380,31 @@ def open_bundle(ref: str, tracking_uri: str | None = None) -> Iterator[Path]:
     Args:
         ref: Bundle file, training output directory, ``runs:/<run_id>/model`` or
             ``models:/<name>/<version | alias>`` (also ``models:/<name>@<alias>``).
-        tracking_uri: Store that ``runs:/`` and ``models:/`` refer to.
+        tracking_uri: Store that ``runs:/`` and ``models:/`` refer to (None:
+            ``MLFLOW_TRACKING_URI``, else ``./mlflow.db``).
 
     Raises:
-        FileNotFoundError: The path, run, model, version or alias does not exist.
+        FileNotFoundError: The path, run, model, version or alias does not exist, or the
+            tracking store does not (it is never created); the message names the store.
     """
+    store = TrackingStore.of(tracking_uri)
+    check_model_ref(ref, store)
     if not ref.startswith(("runs:/", "models:/")):
         yield find_bundle(ref)
         return
-    uri = model_uri(ref)
     with tempfile.TemporaryDirectory(prefix="cpsd-model-") as scratch:
-        store = tracking_uri or mlflow.get_tracking_uri()
         try:
             # runs:/ URIs find the run's logged model through the process-wide tracking URI.
-            with _global_tracking(store):
+            with _global_tracking(store.uri):
                 local = mlflow.artifacts.download_artifacts(
-                    artifact_uri=uri, dst_path=scratch, tracking_uri=store, registry_uri=store
+                    artifact_uri=model_uri(ref),
+                    dst_path=scratch,
+                    tracking_uri=store.uri,
+                    registry_uri=store.uri,
                 )
         except MlflowException as err:
-            raise FileNotFoundError(f"--model {ref}: {err.message}") from err
+            message = err.message.splitlines()[0] if err.message else type(err).__name__
+            raise FileNotFoundError(f"--model {ref}: {message}, in the {store.where()}") from err
         yield find_bundle(local)
 
 
