@@ -54,6 +54,7 @@ from workflows.mlflow_model import (
     PATH_REFUSED,
     model_uri,
     open_bundle,
+    servable_model,
 )
 from workflows.model_commands import manifest_inputs
 from workflows.tracking import (
@@ -571,17 +572,19 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
-def test_mlflow_models_serve_answers_an_image_with_labels(trained, tmp_path):
+def test_cpsd_serve_answers_an_image_with_labels(trained, tmp_path):
+    """cpsd serve works without the venv on PATH (mlflow models serve by full path did not:
+    "uvicorn: not found"), and reads server files only under --image-root."""
     (path,) = image_folder(trained, tmp_path, count=1)
     port = free_port()
     env = {
         **os.environ,
-        "MLFLOW_TRACKING_URI": trained.uri,
-        "PYTHONPATH": str(REPO),  # the pyfunc loader module is this checkout's workflows
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(REPO),  # python -m workflows.cli from this checkout
+        "PATH": "/usr/bin:/bin",  # no venv: uvicorn is not on it
     }
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "--env-manager", "local"]
-    command += ["-m", f"models:/{REGISTERED}@train", "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", "workflows.cli", "serve", "--tracking-uri", trained.uri]
+    command += ["--model", f"models:/{REGISTERED}@train", "--port", str(port)]
+    command += ["--image-root", str(path.parent)]
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 (closed below)
     # Its own process group: the server forks a uvicorn worker, stopped with it by PID.
     server = subprocess.Popen(command, env=env, stdout=log, stderr=log, start_new_session=True)
@@ -602,6 +605,12 @@ def test_mlflow_models_serve_answers_an_image_with_labels(trained, tmp_path):
         assert len(prediction["labels"]) == 3 and prediction["error"] == ""
         assert set(prediction["labels"]) <= set(trained.bundle.class_names)
         assert prediction["scores"] == sorted(prediction["scores"], reverse=True)
+
+        paths = {"dataframe_split": {"columns": ["path"], "data": [[path.name], ["/etc/passwd"]]}}
+        answer = _post(f"http://127.0.0.1:{port}/invocations", {**paths, "params": {"top_k": 3}})
+        under_root, outside = answer["predictions"]
+        assert under_root == prediction
+        assert outside == {"labels": [], "scores": [], "error": PATH_REFUSED}
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -610,6 +619,22 @@ def test_mlflow_models_serve_answers_an_image_with_labels(trained, tmp_path):
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
         log.close()
+    first_line = (tmp_path / "serve.log").read_text().splitlines()[0]
+    assert first_line.startswith(f"serving models:/{REGISTERED}@train at http://127.0.0.1:{port}/")
+
+
+def test_serve_writes_a_local_bundle_once_as_an_mlflow_model(trained, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    served = Path(servable_model(str(trained.out)))
+    assert served.parent == tmp_path / "cache" / "cpsd" / "serve"
+    written = (served / "MLmodel").stat().st_mtime_ns
+    assert servable_model(str(trained.out / BUNDLE_FILE)) == str(served)  # the same bundle
+    assert (served / "MLmodel").stat().st_mtime_ns == written
+    (image,) = image_folder(trained, tmp_path, count=1)
+    model = mlflow.pyfunc.load_model(str(served))
+    out = model.predict(pd.DataFrame({"image": [image.read_bytes()]}), params={"top_k": 2})
+    assert len(out["labels"][0]) == 2 and out["error"][0] == ""
+    assert servable_model(f"models:/{REGISTERED}/train") == f"models:/{REGISTERED}@train"
 
 
 def test_final_keys_and_links():

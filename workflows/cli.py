@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -367,6 +368,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``mlflow models serve`` for any ``--model`` form, started so that it works from any shell."""
+    from workflows.mlflow_model import servable_model, serve_process
+
+    if args.image_root is not None and not Path(args.image_root).is_dir():
+        raise UsageError(f"--image-root {args.image_root}: not a directory")
+    store = TrackingStore.of(args.tracking_uri)
+    with _model_errors():
+        model = servable_model(args.model)
+    argv, env = serve_process(
+        model, store.uri, host=args.host, port=args.port, image_root=args.image_root
+    )
+    print(
+        f"serving {args.model} at http://{args.host}:{args.port}/invocations "
+        f"(mlflow models serve -m {model}; Ctrl-C stops it)",
+        flush=True,
+    )
+    os.execve(argv[0], argv, env)  # the server replaces this process: signals reach it
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -615,6 +636,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--atol", type=float, default=1e-4, help="parity tolerance on the logits (default 1e-4)"
     )
     export.set_defaults(func=cmd_export, device="cpu")
+
+    serve = sub.add_parser(
+        "serve", help="an HTTP server answering images with labels (mlflow models serve)"
+    )
+    _add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=5001, help="port (default 5001)")
+    serve.add_argument(
+        "--image-root",
+        metavar="DIR",
+        help="let requests name image files under DIR in a 'path' column (default: only "
+        "image bytes are accepted)",
+    )
+    serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser(
         "demo", help="generate the benchmark data and run the full CPSD pipeline (default job)"

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
 import sys
@@ -54,6 +55,7 @@ from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema, 
 from PIL import Image
 
 from mlcore.bundle import BUNDLE_FILE, Classifier, Decision, ModelBundle, load_bundle
+from mlcore.fingerprint import file_digest
 from workflows.model_ref import TrackingStore, check_model_ref, model_uri
 
 MODEL_NAME = "model"
@@ -406,6 +408,59 @@ def open_bundle(ref: str, tracking_uri: str | None = None) -> Iterator[Path]:
             message = err.message.splitlines()[0] if err.message else type(err).__name__
             raise FileNotFoundError(f"--model {ref}: {message}, in the {store.where()}") from err
         yield find_bundle(local)
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving
+
+
+def serve_cache() -> Path:
+    """Where ``cpsd serve`` keeps the MLflow models it writes for local bundles (per user)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cpsd" / "serve"
+
+
+def servable_model(ref: str) -> str:
+    """What ``mlflow models serve -m`` takes for a ``--model``.
+
+    ``runs:/`` and ``models:/`` references and MLflow model directories are served as they
+    are; a bundle file or training directory is written once as an MLflow model under
+    :func:`serve_cache`, named by the bundle file's content.
+    """
+    if ref.startswith(("runs:/", "models:/")):
+        return model_uri(ref)
+    if (Path(ref) / "MLmodel").is_file():
+        return str(Path(ref).resolve())
+    bundle = find_bundle(ref)
+    target = serve_cache() / file_digest(bundle)
+    if not (target / "MLmodel").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            save_model(Path(scratch) / "model", bundle=bundle)
+            with contextlib.suppress(OSError):  # a concurrent serve wrote it first
+                os.replace(Path(scratch) / "model", target)
+    return str(target)
+
+
+def serve_process(
+    model: str, tracking_uri: str, *, host: str, port: int, image_root: str | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """The ``mlflow models serve`` command line and environment for :func:`servable_model`.
+
+    MLflow starts ``uvicorn`` by name, which fails ("uvicorn: not found") when the venv's
+    ``mlflow`` is run by full path without the venv on ``PATH``: the interpreter's directory
+    goes first on ``PATH``. The server imports this package's pyfunc loader, so it gets the
+    directory this package was imported from first on ``PYTHONPATH`` (the same code).
+    """
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), env.get("PATH")]))
+    here = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
+    env["MLFLOW_TRACKING_URI"] = tracking_uri
+    if image_root is not None:
+        env[INFERENCE_CONFIG_ENV] = json.dumps({IMAGE_ROOT_KEY: str(Path(image_root).resolve())})
+    argv = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model]
+    argv += ["--env-manager", "local", "--host", host, "--port", str(port)]
+    return argv, env
 
 
 def read_logged_bundle(ref: str, tracking_uri: str | None = None) -> ModelBundle:
