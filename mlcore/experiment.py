@@ -418,9 +418,11 @@ def write_training_bundle(
         },
     }
     thresholds = None
-    # No thresholds can be chosen without validation scores holding a positive.
-    if result.val_scores is not None and result.val_targets.any():
-        single, per_class = choose_thresholds(result.val_scores, result.val_targets)
+    # Thresholds need validation scores, one column per output class, with a positive; a
+    # head whose evaluator scores other columns gets none rather than a failed training.
+    scores = result.val_scores
+    if scores is not None and scores.shape[1] == len(subset) and result.val_targets.any():
+        single, per_class = choose_thresholds(scores, result.val_targets)
         thresholds = ValThresholds(
             per_class=tuple(float(t) for t in per_class), single=single, split=cfg.data.val_split
         )

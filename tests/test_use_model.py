@@ -375,10 +375,12 @@ def test_read_only_commands_never_create_a_tracking_store(trained, tmp_path, mon
             f"sqlite:///{tmp_path / 'mlflow.db'} (the default, ./mlflow.db); point at the store "
             "that holds it with --tracking-uri URI or MLFLOW_TRACKING_URI\n"
         )
-    assert run([*commands[0], "--tracking-uri", "sqlite:///other.db"]) == 2
-    assert f"no tracking store sqlite:///{tmp_path / 'other.db'} (--tracking-uri)" in (
-        capsys.readouterr().err
-    )
+    for store, searched in [
+        ("sqlite:///other.db", f"sqlite:///{tmp_path / 'other.db'}"),
+        (f"file://{tmp_path / 'mlruns'}", f"file://{tmp_path / 'mlruns'}"),
+    ]:
+        assert run([*commands[0], "--tracking-uri", store]) == 2
+        assert f"no tracking store {searched} (--tracking-uri)" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", trained.uri)

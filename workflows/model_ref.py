@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import urllib.parse
 from pathlib import Path
 from typing import NamedTuple
 
@@ -63,10 +64,12 @@ class TrackingStore(NamedTuple):
             "with --tracking-uri URI or MLFLOW_TRACKING_URI"
         )
 
-    def local_file(self) -> Path | None:
-        """The SQLite database file, or None for a server or another kind of store."""
+    def local_path(self) -> Path | None:
+        """The SQLite database file or ``file:`` store directory; None for a server."""
         if self.uri.startswith("sqlite:///"):
             return Path(self.uri.removeprefix("sqlite:///").split("?")[0])
+        if self.uri.startswith("file:"):
+            return Path(urllib.parse.urlparse(self.uri).path)
         return None
 
 
@@ -88,10 +91,11 @@ def check_model_ref(ref: str, store: TrackingStore) -> None:
 
     Raises:
         FileNotFoundError: No such path; a malformed ``runs:/`` or ``models:/`` reference; or
-            a SQLite tracking store that does not exist (it is not created).
+            a local tracking store (SQLite file, ``file:`` directory) that does not exist (it
+            is not created).
     """
     if not ref.startswith(("runs:/", "models:/")):
-        if not Path(ref).expanduser().exists():
+        if not Path(ref).exists():
             raise FileNotFoundError(f"--model {ref}: no such file or directory")
         return
     if ref.startswith("models:/") and not _MODELS.fullmatch(ref):
@@ -101,6 +105,6 @@ def check_model_ref(ref: str, store: TrackingStore) -> None:
         )
     if ref.startswith("runs:/") and not _RUNS.fullmatch(ref):
         raise FileNotFoundError(f"--model {ref}: expected runs:/<run_id>/model")
-    database = store.local_file()
-    if database is not None and not database.is_file():
+    local = store.local_path()
+    if local is not None and not local.exists():  # MLflow would create it
         raise FileNotFoundError(f"--model {ref}: there is no {store.where()}")
