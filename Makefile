@@ -10,16 +10,16 @@ BIN := $(VENV)/bin
 # pair that works on the project's CPU machines (PyPI's torchvision does not match their torch).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench clean constraints
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 needed"'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(if $(strip $(TORCH_SPEC)),$(BIN)/python -m pip install -q $(TORCH_SPEC))
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	@touch $@
 
 demo: setup
@@ -32,6 +32,11 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
+
+# The lock: every installed version except the project and torch's own stack (TORCH_SPEC).
+constraints: setup
+	@{ head -3 constraints.txt; $(BIN)/python -m pip freeze | grep -viE '^(-e |cpsd|torch==|torchvision==|nvidia-|triton==|cuda-)' | sort -f; } > constraints.txt.new
+	@mv constraints.txt.new constraints.txt
 
 lint: setup
 	$(BIN)/ruff check .

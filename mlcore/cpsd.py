@@ -577,7 +577,10 @@ class RunSummary:
     rows: list[dict]
 
     def markdown(self) -> str:
+        """The table; a row whose model was reused from other code (its ``stale`` reason,
+        set by the workflows) is marked ``(stale)`` and explained below the table."""
         lines = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
+        notes = []
         for row in self.rows:
             cells = []
             for col in SUMMARY_COLUMNS:
@@ -589,8 +592,11 @@ class RunSummary:
                     if isinstance(value, float)
                     else str(value)
                 )
+            if row.get("stale"):
+                cells[0] += " (stale)"
+                notes.append(f"(stale) {row['name']}: {row['stale']}")
             lines.append("| " + " | ".join(cells) + " |")
-        return "\n".join(lines)
+        return "\n".join(lines + (["", *notes] if notes else []))
 
     def to_json(self) -> str:
         return json.dumps(self.rows, indent=1)

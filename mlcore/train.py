@@ -50,6 +50,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mlcore.config import TrainConfig
+from mlcore.fingerprint import ResumeMismatchError
 from mlcore.metrics import multilabel_report
 from mlcore.swa import WeightAveraging
 
@@ -61,10 +62,6 @@ PENDING = ".next"  # suffix of a best checkpoint staged but not yet recorded (se
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the message names the epoch, step and last good checkpoint."""
-
-
-class ResumeMismatchError(ValueError):
-    """``out_dir`` holds the checkpoint of a run with another fingerprint (another config)."""
 
 
 class Batch(NamedTuple):
@@ -187,7 +184,7 @@ class TrainResult:
     """What a finished run leaves behind."""
 
     out_dir: Path
-    best_epoch: int
+    best_epoch: int  # counted from 1, like the history's "epoch"
     best_metrics: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
     val_scores: np.ndarray | None = None  # (N_val, C) probabilities of the selected weights
@@ -204,7 +201,7 @@ class TrainResult:
         state = load_checkpoint(out / LAST)
         scores, targets = _saved_scores(out)
         best = state["best"]
-        return cls(out, best["epoch"], best["metrics"], state["history"], scores, targets)
+        return cls(out, best["epoch"] + 1, best["metrics"], state["history"], scores, targets)
 
     @property
     def last_checkpoint(self) -> Path:
@@ -357,7 +354,8 @@ def train(
         observer: Updated with (logits, targets) after each step; its returned numbers are
             reported every ``observe_every`` steps through ``on_step``.
         observe_every: Step-metric interval.
-        on_epoch: Called with (epoch, metrics) after every epoch; metrics hold ``train_loss``,
+        on_epoch: Called with (epoch, metrics) after every epoch (epochs count from 1, as in
+            every message and record); metrics hold ``train_loss``,
             ``val_mAP``, ``val_CP`` ... ``val_OF1`` and whatever else ``evaluate`` reports (of
             the selected weights), the selection metric of each candidate (``val_mAP_plain``,
             ``val_mAP_ema``, ``val_mAP_swa`` for ``select_metric: mAP``), ``lr`` and
@@ -431,7 +429,7 @@ def train(
         if observer is not None and state.get("observer") is not None:
             observer.load_state_dict(state["observer"])
         start_epoch, history, best = state["epoch"] + 1, state["history"], state["best"]
-        log(f"resumed from {out / LAST} after epoch {state['epoch']}")
+        log(f"resumed from {out / LAST} after epoch {state['epoch'] + 1}/{cfg.epochs}")
 
     global_step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, cfg.epochs):
@@ -456,7 +454,8 @@ def train(
             loss = objective(logits, batch)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
-                    f"loss is {loss.item()} at epoch {epoch} step {step}; last good checkpoint: "
+                    f"loss is {loss.item()} at epoch {epoch + 1} step {step + 1}; last good "
+                    "checkpoint: "
                     f"{out / LAST if (out / LAST).is_file() else 'none (first epoch)'}"
                 )
             optimizer.zero_grad(set_to_none=True)
@@ -498,7 +497,7 @@ def train(
             lr=scheduler.get_last_lr()[0],
             epoch_time_s=time.perf_counter() - started,
         )
-        history.append({"epoch": epoch, **metrics})
+        history.append({"epoch": epoch + 1, **metrics})  # records count epochs from 1
 
         # -- checkpoint --------------------------------------------------------------------------
         weights = candidates[selected].state_dict()
@@ -531,12 +530,12 @@ def train(
             f"{metrics[f'val_{select}']:.4f} ({selected})  {metrics['epoch_time_s']:.1f}s"
         )
         if on_epoch is not None:
-            on_epoch(epoch, metrics)
+            on_epoch(epoch + 1, metrics)
 
     scores, targets = _saved_scores(out)
     return TrainResult(
         out_dir=out,
-        best_epoch=best["epoch"],
+        best_epoch=best["epoch"] + 1,
         best_metrics=best["metrics"],
         history=history,
         val_scores=scores,

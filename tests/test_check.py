@@ -209,3 +209,15 @@ def test_image_problem_truncated_png(tmp_path: Path) -> None:
     data = png_bytes()
     assert image_problem(data) is None
     assert image_problem(data[:-20], full_decode=True) is not None
+
+
+def test_cli_exit_codes_are_as_documented(tmp_path: Path, capsys) -> None:
+    """README: exit 1 on errors in the data (an unreadable manifest included), 2 when the folder
+    is not a dataset (a corrupt manifest used to exit 2)."""
+    from workflows.cli import run
+
+    assert run(["data", "check", str(tmp_path)]) == 2
+    assert "not a dataset directory" in capsys.readouterr().err
+    (tmp_path / MANIFEST_FILE).write_bytes(b"definitely not parquet")
+    assert run(["data", "check", str(tmp_path)]) == 1
+    assert "not a readable Parquet file" in capsys.readouterr().out

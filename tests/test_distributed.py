@@ -129,7 +129,7 @@ def test_two_gloo_workers_match_one_process(local_ray, tiny_overrides, tmp_path)
     mlflow_run = logger.client.get_run(logger.run_id)
     assert mlflow_run.data.tags["ray.world_size"] == "2"
     history = logger.client.get_metric_history(logger.run_id, "val_mAP")
-    assert sorted(m.step for m in history) == [0, 1]  # rank 0 only: one value per epoch
+    assert sorted(m.step for m in history) == [1, 2]  # rank 0 only: one value per epoch
     assert not (tmp_path / "storage" / "ray_train" / "equal").exists()  # removed when done
 
 
@@ -175,7 +175,7 @@ def test_killed_worker_resumes_the_group_from_the_last_epoch(local_ray, tiny_ove
     # Resumed after epoch 0 with the same MLflow run: each epoch logged exactly once (a restart
     # from scratch would have logged epoch 0 twice), and the same weights as without the kill.
     history = logger.client.get_metric_history(logger.run_id, "val_mAP")
-    assert sorted(m.step for m in history) == [0, 1]
+    assert sorted(m.step for m in history) == [1, 2]
     _assert_same_training(tmp_path / "reference", tmp_path / "group", reference, result)
 
 

@@ -153,7 +153,7 @@ def test_resume_with_a_worker_is_bit_identical_to_no_worker(tiny_overrides, tmp_
     one_worker = configlib.replace(cfg, ["data.num_workers=1"])
 
     def stop(epoch, metrics):
-        if epoch == 0:
+        if epoch == 1:
             raise _Stop
 
     with pytest.raises(_Stop):

@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -217,3 +218,42 @@ def test_pipeline_with_s3_storage_and_data_then_a_rerun_skips_every_stage(
         "teacher-cgp-1",
     ]
     assert all("cpsd.reused_from" in r.data.tags for r in stage_runs)  # every stage skipped
+
+
+def test_a_lease_on_object_storage_serialises_holders_and_expires(s3, monkeypatch):
+    """Storage.lock on s3://: a second holder waits for the first; a lease whose holder
+    stopped renewing it (a dead process) is taken over once it expires."""
+    from workflows import storage as storage_module
+    from workflows.storage import Lease, Storage
+
+    monkeypatch.setattr(storage_module, "LEASE_SETTLE_S", 0.2)
+    monkeypatch.setattr(storage_module, "WAIT_POLL_S", 0.2)
+    store = Storage(f"s3://{BUCKET}/leases")
+    order: list[str] = []
+    waited: list[str] = []
+    first = Lease(store, "job/.locks/stage.lease.json", ttl_s=30)
+    first.__enter__()
+    assert store.read_json("job/.locks/stage.lease.json")["owner"] == first.owner
+
+    def second() -> None:
+        with store.lock("job/stages/stage", on_wait=waited.append):
+            order.append("second")
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    time.sleep(1.5)
+    assert order == [] and waited == [first.owner]  # it waits, naming the holder
+    order.append("first")
+    first.__exit__(None, None, None)
+    thread.join(timeout=30)
+    assert order == ["first", "second"]
+    assert "job/.locks/stage.lease.json" not in [
+        k.removeprefix("leases/") for k in _objects("leases/")
+    ]
+
+    # A holder that died: its lease is never renewed and is taken over after the TTL.
+    dead = Lease(store, "job/.locks/other.lease.json", ttl_s=1.0)
+    dead._write()
+    started = time.time()
+    with Lease(store, "job/.locks/other.lease.json", ttl_s=30):
+        assert time.time() - started >= 0.5

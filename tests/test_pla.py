@@ -47,11 +47,11 @@ def test_cpsd_train_pla_tiny_writes_the_sequence_metrics(tmp_path, tiny_override
     assert run(argv + [a for s in sets for a in ("--set", s)]) == 0
     assert "best val OF1" in capsys.readouterr().out
     history = json.loads((tmp_path / "t" / "metrics.json").read_text())
-    assert [row["epoch"] for row in history] == [0, 1, 2]
+    assert [row["epoch"] for row in history] == [1, 2, 3]
     for row in history:
         assert set(row) >= SEQUENCE_METRICS, SEQUENCE_METRICS - set(row)
         assert 0 <= row["val_duplicate_ratio"] <= 1 and 0 <= row["val_OF1"] <= 1
-    assert "val_OF1_swa" not in history[0] and "val_OF1_swa" in history[1]  # SWA from epoch 1
+    assert "val_OF1_swa" not in history[0] and "val_OF1_swa" in history[1]  # SWA from epoch 2
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["val_pred_length"] > 0  # the decoder learnt to emit labels
     client = MlflowClient(uri)
@@ -59,9 +59,9 @@ def test_cpsd_train_pla_tiny_writes_the_sequence_metrics(tmp_path, tiny_override
     assert logged.info.run_name == "pla_tiny-train" and logged.info.status == "FINISHED"
     assert {k for k in SEQUENCE_METRICS if k != "val_order_rigidness"} <= set(logged.data.metrics)
     assert [m.step for m in client.get_metric_history(logged.info.run_id, "val_mla_loss")] == [
-        0,
         1,
         2,
+        3,
     ]
 
 
@@ -92,7 +92,7 @@ def test_two_stages_share_the_encoder_checkpoint(tiny_config, pla_config, tmp_pa
         ["train.epochs=1", f"model.encoder_checkpoint={stage1.best_checkpoint}"],
     )
     result = train_classifier(cfg, tmp_path / "stage2", log=lambda _: None)
-    assert result.best_epoch == 0
+    assert result.best_epoch == 1
     missing = configlib.replace(cfg, [f"model.encoder_checkpoint={tmp_path / 'none.pt'}"])
     with pytest.raises(FileNotFoundError, match=r"none\.pt"):
         train_classifier(missing, tmp_path / "stage2b", log=lambda _: None)
@@ -104,13 +104,13 @@ def test_resume_with_swa_gives_identical_weights(pla_config, tmp_path):
     class Stop(Exception):
         pass
 
-    def stop_after_first_epoch(epoch, metrics):
-        if epoch == 1:
+    def stop(epoch, metrics):  # after the second epoch: SWA (start_epoch 1, 0-based) has begun
+        if epoch == 2:
             raise Stop
 
     full = train_classifier(cfg, tmp_path / "full", log=lambda _: None)
     with pytest.raises(Stop):
-        train_classifier(cfg, tmp_path / "cut", on_epoch=stop_after_first_epoch, log=lambda _: None)
+        train_classifier(cfg, tmp_path / "cut", on_epoch=stop, log=lambda _: None)
     resumed = train_classifier(cfg, tmp_path / "cut", log=lambda _: None)
     a, b = load_checkpoint(tmp_path / "full" / LAST), load_checkpoint(tmp_path / "cut" / LAST)
     for key in ("model", "swa"):

@@ -129,6 +129,15 @@ def test_ray_job_submit_then_job_stop(ray_head, tmp_path, tiny_overrides):
     assert info.driver_exit_code == 0
     logs = client.get_job_logs("cpsd-ok")
     assert "| student | student | 10 |" in logs
+    # A person reads the console: at most 40 lines, no worker lines with Ray's prefixes, no
+    # third-party INFO logging; each stage's epoch lines are in its own log file.
+    lines = logs.strip().splitlines()
+    assert len(lines) <= 40, logs
+    assert not [line for line in lines if " pid=" in line or "INFO mlflow" in line], logs
+    stages = tmp_path / "storage" / "tiny" / "stages"
+    for stage in ("teacher-cgp-0", "student", "baseline"):
+        (log,) = stages.glob(f"{stage}-*/stage.log")
+        assert "epoch 1/" in log.read_text()
     runs = _runs(tmp_path)
     names = sorted(r.info.run_name for r in runs)
     assert names == [
@@ -285,7 +294,7 @@ def test_killed_teacher_worker_is_retried_and_resumes(tmp_path, tiny_overrides):
         log.close()
     record = json.loads((victim / "_SUCCESS.json").read_text())
     assert len(record["attempts"]) == 2
-    assert record["attempts"][1]["resumed_from_epoch"] >= 0  # resumed, not from scratch
+    assert record["attempts"][1]["resumed_from_epoch"] >= 1  # resumed, not from scratch
     runs = _runs(tmp_path)
     teacher_runs = sorted(r.info.run_name for r in runs if r.info.run_name.startswith("teacher"))
     assert teacher_runs == ["teacher-cgp-0", "teacher-cgp-1", "teacher-dgp-0", "teacher-dgp-1"]

@@ -126,7 +126,7 @@ def test_training_continues_through_a_tracking_outage(server, tiny_overrides, tm
     run = stage_runs[0]
     assert run.info.status == "FINISHED"
     history = client.get_metric_history(run.info.run_id, "val_mAP")
-    assert sorted(m.step for m in history) == list(range(6))  # nothing lost in the outage
+    assert sorted(m.step for m in history) == list(range(1, 7))  # nothing lost in the outage
     assert "test_mAP" in run.data.metrics
     assert not list(stages.glob("baseline-*/unsent-mlflow.json"))
     assert {r.info.status for r in runs} == {"FINISHED"}
@@ -171,7 +171,7 @@ def test_a_restarted_driver_finishes_the_stage_runs_of_a_killed_one(
     run = baseline[0]
     assert run.info.status == "FINISHED" and run.data.tags.get("cpsd.resumed") == "true"
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_mAP"))
-    assert steps[0] == 0 and steps[-1] == 4  # epochs from before and after the restart
+    assert steps[0] == 1 and steps[-1] == 5  # epochs from before and after the restart
     assert not [r for r in runs if r.info.status == "RUNNING"]  # the dead parent is KILLED
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert sorted(p.info.status for p in parents) == ["FINISHED", "KILLED"]

@@ -31,7 +31,7 @@ def test_tiny_model_beats_random_scores(tiny_config, tmp_path):
     assert len(result.history) == 4
     assert {"train_loss", "val_mAP", "val_CF1", "val_OF1", "lr"} <= set(result.history[-1])
     best = load_checkpoint(tmp_path / "run" / BEST)
-    assert best["epoch"] == result.best_epoch
+    assert best["epoch"] + 1 == result.best_epoch  # checkpoints index epochs; records count
 
 
 def test_resume_gives_identical_weights(tiny_config, tmp_path):
@@ -39,7 +39,7 @@ def test_resume_gives_identical_weights(tiny_config, tmp_path):
     full = train_classifier(exp, tmp_path / "full", log=lambda _: None)
 
     def stop_after_first_epoch(epoch, metrics):
-        if epoch == 0:
+        if epoch == 1:  # epochs count from 1 in callbacks and records
             raise _Stop
 
     with pytest.raises(_Stop):
@@ -70,7 +70,7 @@ def test_non_finite_loss_names_epoch_and_step(tiny_config, tmp_path):
         return loss * (float("nan") if calls["n"] > len(train_loader) + 2 else 1.0)
 
     with pytest.raises(
-        NonFiniteLossError, match=r"epoch 1 step 2; last good checkpoint: .*last.pt"
+        NonFiniteLossError, match=r"epoch 2 step 3; last good checkpoint: .*last.pt"
     ):
         train(model, train_loader, val_loader, exploding, exp.train, tmp_path, log=lambda _: None)
     assert load_checkpoint(tmp_path / LAST)["epoch"] == 0  # the good epoch is kept

@@ -127,7 +127,7 @@ def test_bundle_reproduces_the_selected_weights(trained):
     saved = np.load(trained.out / "val_scores.npz")["scores"]
     assert np.allclose(scores, saved, atol=1e-5)
     meta = trained.bundle.metadata
-    assert meta["best_epoch"] == 0 and meta["train_images"] == 320
+    assert meta["best_epoch"] == 1 and meta["train_images"] == 320
     assert meta["train_positives"] == trained.manifest.positives_per_class("train").tolist()
     assert trained.bundle.class_names == trained.manifest.class_names
     with np.load(trained.out / "val_scores.npz") as val:
@@ -478,10 +478,10 @@ def test_mlflow_run_has_model_datasets_source_and_final_keys(trained):
     assert view["columnOrder"][0] == "metrics.`best_val_mAP`"
 
     assert metrics["best_val_mAP"] == pytest.approx(metrics["val_mAP"])
-    assert metrics["best_epoch"] == 0 and metrics["num_classes_evaluated"] == 10
+    assert metrics["best_epoch"] == 1 and metrics["num_classes_evaluated"] == 10
     assert {"shift_mAP", "test_mAP", "test_CF1", "test_OF1"} <= set(metrics)
     history = client.get_metric_history(run_.info.run_id, "best_val_mAP")
-    assert [m.step for m in history] == [0]
+    assert [m.step for m in history] == [1]
 
     inputs = {d.dataset.name: d for d in run_.inputs.dataset_inputs}
     assert set(inputs) == {"synth:train", "synth:val", "synth:test"}
@@ -491,7 +491,7 @@ def test_mlflow_run_has_model_datasets_source_and_final_keys(trained):
     assert {t.key: t.value for t in train_input.tags}["mlflow.data.context"] == "training"
 
     (output,) = run_.outputs.model_outputs
-    assert output.step == 0
+    assert output.step == 1
     model = client.get_logged_model(output.model_id)
     assert model.source_run_id == run_.info.run_id and model.name == "model"
     linked = {m.key: m.value for m in model.metrics}

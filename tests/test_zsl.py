@@ -143,7 +143,7 @@ def tiny_zsl_run(tmp_path_factory, tiny_overrides):
 def test_cpsd_train_zsl_tiny_beats_chance(tiny_zsl_run) -> None:
     cfg, out, uri = tiny_zsl_run
     records = json.loads((out / "metrics.json").read_text())
-    assert [r["epoch"] for r in records[:-1]] == list(range(cfg.train.epochs))
+    assert [r["epoch"] for r in records[:-1]] == list(range(1, cfg.train.epochs + 1))
     final = records[-1]
     assert final["evaluation"] == "zero_shot" and final["split"] == "test"
     for key in ("zsl_mAP", "zsl_F1@3", "zsl_F1@5", "gzsl_mAP", "gzsl_F1@3", "gzsl_F1@5"):

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from workflows.config import add_retrain_stale
 from workflows.model_ref import TrackingStore, check_model_ref
 
 
@@ -33,6 +34,12 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> 
         + (f" (default: {default})" if default else ""),
     )
     p.add_argument(
+        "--verbose",
+        action="store_const",
+        const="verbose=true",
+        help="show every worker's output and third-party INFO logs (= --set verbose=true)",
+    )
+    p.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -43,9 +50,9 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> 
 
 
 def load(args: argparse.Namespace):
-    from workflows.config import config_path, load_config
+    from workflows.config import config_from_args
 
-    return load_config(config_path(args.config), args.overrides)
+    return config_from_args(args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,9 +161,18 @@ def cmd_data_import(args: argparse.Namespace) -> None:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
+    """Exit 0 (no errors), 1 (errors in the data, an unreadable manifest included) or 2 (the
+    folder is not a dataset: no manifest.parquet)."""
     from mlcore.data.check import check_dataset, format_report
+    from mlcore.data.manifest import ManifestError, manifest_path
 
-    report = check_dataset(args.dir, verify_images=args.verify_images)
+    if not manifest_path(args.dir).is_file():
+        raise UsageError(f"no manifest.parquet in {args.dir}: not a dataset directory")
+    try:
+        report = check_dataset(args.dir, verify_images=args.verify_images)
+    except ManifestError as err:
+        print(f"error: {err}")
+        return 1
     print(format_report(report))
     return 0 if report.ok else 1
 
@@ -166,14 +182,15 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from workflows.driver import preflight
     from workflows.train_one import train_one
 
     cfg = load(args)
+    preflight(cfg, uses_stages=False)
     result = train_one(cfg, out_dir=args.out)
     metric = cfg.train.select_metric
     print(
-        f"best val {metric} {result.best_metrics[f'val_{metric}']:.4f} "
-        f"at epoch {result.best_epoch + 1}"
+        f"best val {metric} {result.best_metrics[f'val_{metric}']:.4f} at epoch {result.best_epoch}"
     )
     print(f"outputs in {result.out_dir}")
 
@@ -209,8 +226,10 @@ def cmd_run_local(args: argparse.Namespace) -> None:
     from mlcore.cpsd import run_local
     from mlcore.experiment import training_fingerprint
     from mlcore.fingerprint import config_content, stable_hash
+    from workflows.driver import preflight
 
     cfg = load(args)
+    preflight(cfg)
     # Keyed by data and every ML setting: another config never resumes this one's checkpoints.
     key = stable_hash(training_fingerprint(cfg), config_content(cfg.cpsd))
     out = Path(args.out) if args.out else Path(cfg.storage_path) / cfg.name / f"local-{key}"
@@ -223,6 +242,10 @@ def _forward(args: argparse.Namespace, extra: list[str]) -> list[str]:
     argv = ["--config", args.config, *extra]
     for override in args.overrides:
         argv += ["--set", override]
+    if getattr(args, "retrain_stale", None):
+        argv.append("--retrain-stale")
+    if getattr(args, "verbose", None):
+        argv.append("--verbose")
     return argv
 
 
@@ -562,6 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pipeline", help="the CPSD pipeline on Ray (= python -m workflows.pipeline)"
     )
     _add_config_args(pipe, default="tiny")
+    add_retrain_stale(pipe)
     pipe.set_defaults(func=cmd_pipeline)
 
     tune = sub.add_parser("tune", help="a Ray Tune loss sweep (= python -m workflows.tune)")
@@ -574,6 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
         "study", help="an ablation grid over seeds on Ray (= python -m workflows.study)"
     )
     _add_config_args(study, default="study_cpsd_tiny")
+    add_retrain_stale(study)
     study.set_defaults(func=cmd_study)
 
     # using a trained model -------------------------------------------------------------------
@@ -655,6 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="generate the benchmark data and run the full CPSD pipeline (default job)"
     )
     _add_config_args(demo, default="demo")
+    add_retrain_stale(demo)
     demo.set_defaults(func=cmd_demo)
 
     return parser

@@ -19,7 +19,7 @@ from mlcore import configlib
 from mlcore.config import UNSEEN_FROM_MANIFEST, ExperimentConfig
 from mlcore.configlib import ConfigError
 from mlcore.data.manifest import ManifestError
-from mlcore.train import ResumeMismatchError
+from mlcore.fingerprint import ResumeMismatchError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -201,6 +201,15 @@ class Config(ExperimentConfig):
     """Sweep definition (``workflows.tune``)."""
     study: StudyConfig = field(default_factory=StudyConfig)
     """Ablation grid over seeds (``workflows.study``)."""
+    verbose: bool = False
+    """Console: forward every worker's output (epoch lines, with Ray's prefixes) and
+    third-party INFO logging to the driver. Off: one line per stage and a progress line; each
+    stage's epoch lines go to ``stage.log`` in its folder (``workflows.console``).
+    ``--verbose`` sets it."""
+    stale: Literal["reuse", "retrain", "error"] = "reuse"
+    """A finished stage made by another product version or other ``mlcore`` code
+    (``workflows.versions``): ``reuse`` it (one line names it; summaries mark its row),
+    ``retrain`` it, or stop with an ``error``. ``--retrain-stale`` sets ``retrain``."""
 
 
 def _is_uri(path: str) -> bool:
@@ -253,12 +262,37 @@ def config_path(name: str | None) -> Path | None:
     raise ConfigError(f"config {name!r} not found (bundled configs: {available})")
 
 
-def config_arg_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """The ``--config FILE --set key=value ...`` arguments every ``python -m workflows.X`` takes."""
+def config_arg_parser(
+    prog: str, description: str, *, stages: bool = False
+) -> argparse.ArgumentParser:
+    """The ``--config FILE --set key=value ...`` arguments every ``python -m workflows.X`` takes
+    (``stages``: also ``--retrain-stale``, for the jobs that reuse finished stages)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", required=True, help="YAML config (or a bundled name)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--verbose", action="store_const", const="verbose=true", help="= --set verbose=true"
+    )
+    if stages:
+        add_retrain_stale(parser)
     return parser
+
+
+def add_retrain_stale(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--retrain-stale",
+        action="store_const",
+        const="stale=retrain",
+        dest="retrain_stale",
+        help="retrain finished stages made by other code (= --set stale=retrain)",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The config named by parsed ``--config``/``--set`` (and ``--retrain-stale``) arguments."""
+    flags = [getattr(args, "retrain_stale", None), getattr(args, "verbose", None)]
+    overrides = [*args.overrides, *filter(None, flags)]
+    return load_config(config_path(args.config), overrides)
 
 
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:
@@ -276,7 +310,9 @@ __all__ = [
     "StudyConfig",
     "SweepConfig",
     "TrackingUnavailable",
+    "add_retrain_stale",
     "config_arg_parser",
+    "config_from_args",
     "config_path",
     "load_config",
     "resolve_paths",

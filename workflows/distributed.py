@@ -269,7 +269,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             logger.metrics(metrics, step=epoch)
-            report = {**metrics, "epoch": epoch + 1}
+            report = {**metrics, "epoch": epoch}
             if rank != 0:
                 ray.train.report(report, checkpoint=None)
                 return

@@ -37,6 +37,7 @@ from mlcore.cpsd import (
     teacher_fingerprint,
 )
 from workflows.config import Config
+from workflows.console import ProgressLine
 from workflows.distributed import model_resources, task_options
 from workflows.runtime import STOP
 from workflows.stages import (
@@ -70,11 +71,13 @@ class StageGraph:
     """Submits stages to Ray at most once each and waits on them with progress lines.
 
     Args:
-        log: Progress lines.
+        log: One line per finished stage.
+        line: The live progress line (``workflows.console.ProgressLine``), or None.
     """
 
-    def __init__(self, log: Callable[[str], None] = print):
+    def __init__(self, log: Callable[[str], None] = print, line: ProgressLine | None = None):
         self.log = log
+        self.line = line
         self._refs: dict[str, Any] = {}  # stage folder -> ref
         self._labels: dict[Any, str] = {}  # ref -> label for progress lines
         self._finished: set[Any] = set()
@@ -202,6 +205,8 @@ class StageGraph:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
             if STOP.is_set():
                 raise KeyboardInterrupt("stop requested")
+            if self.line is not None and not quiet:
+                self.line.update(len(self._finished), len(self._refs))
             if not ready:
                 continue
             name = pending.pop(ready[0])
@@ -210,6 +215,8 @@ class StageGraph:
             done[name] = record
             if not quiet:
                 self._progress(name, record)
+        if self.line is not None:
+            self.line.clear()
         return done
 
     def _progress(self, name: str, record: dict[str, Any]) -> None:
@@ -220,6 +227,10 @@ class StageGraph:
         if test is not None:
             detail += f", test mAP {100 * test['mAP']:.2f}"
         where = record.get("attempts", [{}])[-1].get("gpu_ids") if record.get("attempts") else None
+        if record.get("stale"):
+            detail += f"; {record['stale']} (--retrain-stale trains it again)"
+        if self.line is not None:
+            self.line.clear()
         self.log(
             f"  {name}: {detail}{' (reused)' if record.get('reused') else ''}"
             f"{f' gpu {where}' if where else ''}  [{finished}/{total} stages, "

@@ -494,6 +494,7 @@ def record_trained_model(
     splits: Mapping[str, str] | None = None,
     log_models: bool = True,
     registered_model: str | None = None,
+    log_final: bool = True,
 ) -> RecordedModel:
     """Everything MLflow shows about one trained model, on its (still open) run.
 
@@ -513,6 +514,7 @@ def record_trained_model(
         splits: Split name -> context (``training``, ``validation``, ``test``).
         log_models: Log the MLflow model (config ``mlflow.log_models``).
         registered_model: Registry name (config ``mlflow.registered_model``; None: skip).
+        log_final: Log ``final`` here (False: the caller logged them already, before this).
     """
     from workflows.tracking import describe_run, log_dataset_input, log_final_metrics
 
@@ -520,7 +522,8 @@ def record_trained_model(
     describe_run(client, run_id, role=role, description=description)
     for split, context in (splits or {}).items():
         log_dataset_input(client, run_id, dataset_root, split, context=context)
-    log_final_metrics(client, run_id, final, step=best_epoch)
+    if log_final:
+        log_final_metrics(client, run_id, final, step=best_epoch)
     if not log_models:
         return RecordedModel(None, None)
     model_id = log_model(tracking_uri, run_id, bundle, step=best_epoch, tags={"cpsd.role": role})

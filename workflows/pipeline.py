@@ -21,13 +21,11 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
-
-from mlcore.configlib import ConfigError
-from mlcore.cpsd import ENSEMBLES, RunSummary
-from mlcore.data.manifest import read_info
+from mlcore.cpsd import RunSummary
 from mlcore.experiment import resolve_dataset
-from workflows.config import USER_ERRORS, Config, config_arg_parser, config_path, load_config
+from workflows.config import USER_ERRORS, Config, config_arg_parser, config_from_args
+from workflows.console import STAGE_LOG, ProgressLine, board, quiet_third_party
+from workflows.driver import preflight, report_unsent, spill_dir_for, user_message
 from workflows.graph import StageGraph
 from workflows.report import (
     collect,
@@ -40,40 +38,21 @@ from workflows.report import (
 from workflows.runtime import init_ray
 from workflows.stages import JobContext
 from workflows.storage import Storage
-from workflows.tracking import NullRunLogger, flat_params, git_commit, parent_run, source_tags
-
-
-def preflight(cfg: Config) -> int:
-    """Checks that need no Ray: the data exists and k fits. Returns the number of classes."""
-    if cfg.data.root is not None:
-        num_classes = read_info(cfg.data.root).num_classes  # ManifestError names the problem
-    elif cfg.data.synth.labels_from is not None:
-        path = Path(cfg.data.synth.labels_from)
-        if not path.is_file():
-            raise ConfigError(f"data.synth.labels_from: no such file {path}")
-        with np.load(path) as stats:
-            key = "labels" if "labels" in stats else "class_counts"
-            num_classes = int(stats[key].shape[-1])
-    else:
-        num_classes = cfg.data.synth.num_classes
-    uses_partition = any(kind != "full" for kind in ENSEMBLES[cfg.cpsd.mode])
-    if uses_partition and cfg.cpsd.k > num_classes:
-        raise ConfigError(
-            f"cpsd.k = {cfg.cpsd.k} is larger than the number of classes ({num_classes})"
-        )
-    return num_classes
-
-
-def spill_dir_for(storage: Storage, name: str) -> Path:
-    """Where the job's own unsent MLflow records go: its storage folder, or on object
-    storage a local folder of the driver (``./mlflow-unsent/<name>``)."""
-    if storage.is_local:
-        return Path(storage.path(name))
-    return Path.cwd() / "mlflow-unsent" / name
+from workflows.tracking import (
+    UNSENT_FILE,
+    NullRunLogger,
+    flat_params,
+    git_commit,
+    parent_run,
+    replay_unsent,
+    source_tags,
+)
+from workflows.versions import version_tags, versions
 
 
 def run_pipeline(cfg: Config, *, log: Callable[[str], None] = print) -> RunSummary:
     """Run every stage of ``cfg`` on Ray; returns the summary (also written and logged)."""
+    quiet_third_party(cfg.verbose)
     num_classes = preflight(cfg)
     storage = Storage(cfg.storage_path)
     tags = {
@@ -91,19 +70,31 @@ def run_pipeline(cfg: Config, *, log: Callable[[str], None] = print) -> RunSumma
         "git_commit": git_commit(),
         "loss_source": cfg.loss.source or "config",
     }
+    tags.update(version_tags(versions()))
+    spill = spill_dir_for(storage, cfg.name)
     tracking = (
-        parent_run(cfg.mlflow, cfg.name, params, tags, spill_dir=spill_dir_for(storage, cfg.name))
+        parent_run(
+            cfg.mlflow, cfg.name, params, tags, spill_dir=spill, job=storage.uri_of(cfg.name)
+        )
         if cfg.mlflow.enabled
         else contextlib.nullcontext((None, NullRunLogger()))
     )
     scratch = Path(tempfile.mkdtemp(prefix="cpsd-driver-"))  # driver-side copies
     try:
         with tracking as (tracker, parent):
+            unsent = spill / UNSENT_FILE
+            if tracker is not None and unsent.is_file() and replay_unsent(tracker.uri, unsent):
+                log(f"[{cfg.name}] MLflow records an earlier run left unsent were sent")
             init_ray(cfg)
             # The synth dataset is generated (and cached) once here, before the fan-out.
             resolve_dataset(cfg.data)
-            ctx = JobContext(cfg, cfg.storage_path, tracker, cfg.name)
-            graph = StageGraph(log)
+            progress = board()
+            ctx = JobContext(cfg, cfg.storage_path, tracker, cfg.name, progress)
+            graph = StageGraph(log, ProgressLine(progress) if log is print else None)
+            log(
+                f"[{cfg.name}] epoch lines of each stage: "
+                f"{storage.uri_of(ctx.stage_rel('<stage>', '<key>'))}/{STAGE_LOG}"
+            )
             try:
                 log(f"[{cfg.name}] mode {cfg.cpsd.mode}: partitions and baseline submitted")
                 refs = graph.finish(graph.start(cfg, ctx))
@@ -141,6 +132,7 @@ def run_pipeline(cfg: Config, *, log: Callable[[str], None] = print) -> RunSumma
             storage.write_json(f"{cfg.name}/summary/summary.json", summary.rows)
             if tracker is not None:
                 log(f"MLflow runs: {mlflow_link(tracker)}")
+                report_unsent(storage, [r["rel"] for r in records.values()], log)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return summary
@@ -148,13 +140,13 @@ def run_pipeline(cfg: Config, *, log: Callable[[str], None] = print) -> RunSumma
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = config_arg_parser(
-        "python -m workflows.pipeline", "Run the CPSD pipeline on Ray."
+        "python -m workflows.pipeline", "Run the CPSD pipeline on Ray.", stages=True
     ).parse_args(argv)
     try:
-        cfg = load_config(config_path(args.config), args.overrides)
+        cfg = config_from_args(args)
         summary = run_pipeline(cfg)
     except USER_ERRORS as err:
-        print(f"pipeline: error: {err}", file=sys.stderr)
+        print(f"pipeline: error: {user_message(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("pipeline: interrupted; checkpoints kept, MLflow runs marked KILLED", file=sys.stderr)

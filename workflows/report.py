@@ -64,7 +64,11 @@ def summarise(
         finals.append(trained("student", "student", num_classes))
     if "baseline" in records:
         finals.append(trained("baseline", "baseline", num_classes))
-    return build_summary(refs.specs, teachers, finals, num_classes)
+    summary = build_summary(refs.specs, teachers, finals, num_classes)
+    for row in summary.rows:
+        if records.get(row["name"], {}).get("stale"):
+            row["stale"] = records[row["name"]]["stale"]
+    return summary
 
 
 def write_summary(summary: RunSummary, out: Path, title: str = "") -> list[Path]:

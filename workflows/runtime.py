@@ -42,12 +42,23 @@ def init_ray(cfg: Config) -> None:
     ``ray.init`` installs its own SIGTERM handler (``sys.exit``); `ray job stop` must end runs
     as KILLED instead, so SIGTERM and SIGINT are taken back and treated alike.
     """
+    import logging
+
     import ray
 
+    from workflows.console import quiet_third_party
+
+    quiet_third_party(cfg.verbose)
+    # Workers write their epoch lines to their stage's log file; forwarding them (with Ray's
+    # prefixes) is for --verbose.
+    quiet = {
+        "log_to_driver": cfg.verbose,
+        "logging_level": logging.INFO if cfg.verbose else logging.WARNING,
+    }
     if not ray.is_initialized():
         address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
         if address:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, **quiet)
         else:
             stopped = end_orphans()
             if stopped:
@@ -59,7 +70,7 @@ def init_ray(cfg: Config) -> None:
                 num_cpus=cfg.ray.num_cpus,
                 num_gpus=cfg.ray.num_gpus,
                 include_dashboard=False,
-                log_to_driver=True,
+                **quiet,
             )
             record_local_processes()
     if threading.current_thread() is threading.main_thread():
@@ -113,6 +124,13 @@ def _stat(pid: int) -> tuple[int, int] | None:
         return None
     fields = text[text.rindex(")") + 2 :].split()  # the name may hold spaces and parentheses
     return int(fields[1]), int(fields[19])
+
+
+def process_start(pid: int) -> int | None:
+    """The start time of a live process in clock ticks (None: gone, or no /proc): with the
+    PID, it names one process, even after the PID is reused."""
+    stat = _stat(pid)
+    return None if stat is None else stat[1]
 
 
 def _descendants(root: int) -> list[int]:

@@ -23,7 +23,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,11 +48,20 @@ from mlcore.fingerprint import split_digest, stable_hash
 from mlcore.partition.cooccurrence import cooccurrence_from_manifest
 from mlcore.train import BEST, LAST, SCORES, TrainResult, load_checkpoint
 from workflows.config import Config
+from workflows.console import post_end, post_epoch, stage_log
 from workflows.distributed import Role, TrainingRun, train_stage, train_workers
-from workflows.mlflow_model import record_trained_model
 from workflows.runtime import device_for_task
 from workflows.storage import Storage, WorkDir
-from workflows.tracking import Tracker, child_run, final_metrics_of, flat_params, git_commit
+from workflows.tracking import (
+    UNSENT_FILE,
+    Tracker,
+    child_run,
+    final_metrics_of,
+    flat_params,
+    git_commit,
+    replay_unsent,
+)
+from workflows.versions import StaleStageError, stale_reason, version_tags, versions
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,7 @@ class JobContext:
     storage_uri: str
     tracker: Tracker | None
     namespace: str
+    progress: Any = None  # a workflows.console.ProgressBoard actor, where stages post epochs
 
     def stage_rel(self, stage: str, key: str) -> str:
         return f"{self.namespace}/stages/{stage}-{key}"
@@ -115,44 +125,58 @@ def _common_params(cfg: Config) -> dict[str, Any]:
 # Partitions
 
 
+def _computed_once(
+    ctx: JobContext, storage: Storage, rel: str, label: str, compute: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
+    """The record of a stage without a model (a partition, a teacher's logits): reused when
+    done, else computed under the stage's lock and marked done with the code's versions."""
+    done = _finished(ctx, storage, rel, locked=False)
+    if done is None:
+        with storage.lock(rel, on_wait=_waiting(label)):
+            done = _finished(ctx, storage, rel, locked=True)
+            if done is None:
+                record = {**compute(), "versions": versions()}
+                storage.mark_done(rel, record)
+                return record
+    if "stale" in done:
+        _print(f"{rel}: reused, {done['stale']} (--retrain-stale computes it again)")
+    return done
+
+
 def partition_stage(ctx: JobContext, kind: str, key: str) -> dict[str, Any]:
     """One label partition (``cgp``, ``dgp``, ``random`` or ``full``): JSON and heatmap."""
     storage = Storage(ctx.storage_uri)
     rel = ctx.stage_rel(f"partition-{kind}", key)
-    done = storage.done(rel)
-    if done is not None:
-        return done
     cfg = ctx.cfg
-    work = WorkDir(storage, rel)
-    try:
-        root = resolve_dataset(cfg.data)
-        names = read_info(root).class_names
-        if kind != "full" and cfg.cpsd.k > len(names):
-            raise ValueError(
-                f"cpsd.k = {cfg.cpsd.k} is larger than the number of classes ({len(names)})"
+
+    def compute() -> dict[str, Any]:
+        work = WorkDir(storage, rel)
+        try:
+            root = resolve_dataset(cfg.data)
+            names = read_info(root).class_names
+            if kind != "full" and cfg.cpsd.k > len(names):
+                raise ValueError(
+                    f"cpsd.k = {cfg.cpsd.k} is larger than the number of classes ({len(names)})"
+                )
+            pair_counts, class_counts = cooccurrence_from_manifest(root, cfg.data.train_split)
+            partition = make_partition(
+                kind,
+                pair_counts,
+                class_counts,
+                names,
+                k=cfg.cpsd.k,
+                tau=cfg.cpsd.tau,
+                seed=cfg.cpsd.partition_seed,
+                json_path=work.path / f"partition_{kind}.json",
+                png_path=None if kind == "full" else work.path / f"partition_{kind}.png",
             )
-        pair_counts, class_counts = cooccurrence_from_manifest(root, cfg.data.train_split)
-        partition = make_partition(
-            kind,
-            pair_counts,
-            class_counts,
-            names,
-            k=cfg.cpsd.k,
-            tau=cfg.cpsd.tau,
-            seed=cfg.cpsd.partition_seed,
-            json_path=work.path / f"partition_{kind}.json",
-            png_path=None if kind == "full" else work.path / f"partition_{kind}.png",
-        )
-        record = {
-            "rel": rel,
-            "partition": dataclasses.asdict(partition),
-            "files": sorted(p.name for p in work.path.iterdir() if p.suffix in (".json", ".png")),
-        }
-        work.sync()
-        storage.mark_done(rel, record)
-        return record
-    finally:
-        work.close()
+            files = sorted(p.name for p in work.path.iterdir() if p.suffix in (".json", ".png"))
+            work.sync()
+            return {"rel": rel, "partition": dataclasses.asdict(partition), "files": files}
+        finally:
+            work.close()
+
+    return _computed_once(ctx, storage, rel, f"partition-{kind}", compute)
 
 
 def partition_of(record: dict[str, Any]) -> Partition:
@@ -193,6 +217,36 @@ def _held_out(
         work.close()
 
 
+def _finished(
+    ctx: JobContext, storage: Storage, rel: str, *, locked: bool
+) -> dict[str, Any] | None:
+    """The stage's success record, unless it is stale and config ``stale`` says retrain
+    (``workflows.versions``); with ``stale: error`` a stale stage stops the job. A stale record
+    comes back marked ``stale`` (the reason). Only a caller that holds the stage's lock
+    (``locked``) clears a stale stage for retraining."""
+    done = storage.done(rel)
+    if done is None:
+        return None
+    reason = stale_reason(done)
+    if reason is None:
+        return done
+    if ctx.cfg.stale == "error":
+        raise StaleStageError(
+            f"{rel} was {reason}; rerun with --retrain-stale (stale: retrain) to train it "
+            "again, or stale: reuse to keep it"
+        )
+    if ctx.cfg.stale == "retrain":
+        if locked:
+            _print(f"{rel}: {reason}; retraining it (stale: retrain)")
+            storage.clear(rel)
+        return None
+    return {**done, "stale": reason}
+
+
+def _waiting(stage: str) -> Callable[[str], None]:
+    return lambda holder: _print(f"{stage}: waiting for {holder}, which is training it")
+
+
 def _train_stage(
     ctx: JobContext,
     stage: str,
@@ -208,37 +262,94 @@ def _train_stage(
     """Skip when done, else train (resuming), log, evaluate on held-out splits, mark done.
 
     ``run(workdir, **hooks)`` trains into ``workdir`` and returns the TrainResult, in this task
-    or on a Ray Train worker group (``workflows.distributed.train_stage``).
+    or on a Ray Train worker group (``workflows.distributed.train_stage``). One process at a
+    time works on a stage folder (``Storage.lock``): a second driver that needs the same stage
+    waits for the first and then reuses its result.
     """
     storage = Storage(ctx.storage_uri)
     rel = ctx.stage_rel(stage, key)
-    done = storage.done(rel)
-    if done is not None:
-        held_out, digest = _held_out(storage, rel, model_cfg, class_subset, done=done)
-        if digest != done.get("held_out_digest"):
-            done = {**done, "held_out": held_out, "held_out_digest": digest}
-            storage.mark_done(rel, done)
-        # Reused output: this job still gets a child run, pointing at where it came from.
-        with child_run(ctx.tracker, key, stage, params, reused=True) as logger:
-            logger.tags({"cpsd.stage": stage, "cpsd.role": role, "cpsd.reused_from": rel})
-            for row in done["history"]:
-                logger.metrics(row, step=int(row["epoch"]))
-            logger.metrics(_final(done), step=done["best_epoch"])
-        return {**done, "reused": True}
+    done = _finished(ctx, storage, rel, locked=False)
+    _, digest = held_out_splits(model_cfg)
+    unsent = f"{rel}/{UNSENT_FILE}"
+    if done is None or done.get("held_out_digest") != digest or storage.exists(unsent):
+        with storage.lock(rel, on_wait=_waiting(stage)):
+            done = _finished(ctx, storage, rel, locked=True)
+            if done is None:
+                return _train_locked(
+                    ctx, storage, rel, stage, key, params, model_cfg, run, role, classes,
+                    class_subset,
+                )  # fmt: skip
+            held_out, digest = _held_out(storage, rel, model_cfg, class_subset, done=done)
+            if digest != done.get("held_out_digest"):
+                done = {**done, "held_out": held_out, "held_out_digest": digest}
+                storage.mark_done(rel, {k: v for k, v in done.items() if k != "stale"})
+            _send_unsent(ctx, storage, rel)
+    if "stale" in done:
+        _print(f"{rel}: reused, {done['stale']} (--retrain-stale trains it again)")
+    # Reused output: this job gets a small run of its own pointing at the run that trained it,
+    # which is left as it was.
+    with child_run(
+        ctx.tracker,
+        key,
+        stage,
+        params,
+        reused=True,
+        location=storage.uri_of(rel),
+        reused_run=done.get("run_id"),
+    ) as logger:
+        logger.tags({"cpsd.stage": stage, "cpsd.role": role, "cpsd.reused_from": rel})
+        logger.tags(version_tags(done.get("versions") or {}))
+        if "stale" in done:
+            logger.tags({"cpsd.stale": done["stale"]})
+        for row in done["history"]:
+            logger.metrics(row, step=int(row["epoch"]))
+        logger.metrics(_final(done), step=done["best_epoch"])
+    return {**done, "reused": True}
+
+
+def _send_unsent(ctx: JobContext, storage: Storage, rel: str) -> None:
+    """Send what an earlier attempt could not (its ``unsent-mlflow.json``) to its run."""
+    if ctx.tracker is None or not storage.exists(f"{rel}/{UNSENT_FILE}"):
+        return
+    with tempfile.TemporaryDirectory(prefix="cpsd-unsent-") as scratch:
+        local = storage.download(f"{rel}/{UNSENT_FILE}", Path(scratch) / UNSENT_FILE)
+        if replay_unsent(ctx.tracker.uri, local):
+            if storage.exists(f"{rel}/{UNSENT_FILE}"):  # remote: the local copy was deleted
+                storage.fs.delete_file(storage.path(f"{rel}/{UNSENT_FILE}"))
+            _print(f"{rel}: MLflow records left unsent by an earlier run were sent")
+
+
+def _train_locked(
+    ctx: JobContext,
+    storage: Storage,
+    rel: str,
+    stage: str,
+    key: str,
+    params: dict[str, Any],
+    model_cfg: Config,
+    run: TrainingRun,
+    role: str,
+    classes: int,
+    class_subset: Sequence[int] | None,
+) -> dict[str, Any]:
+    """Train the stage (this process holds its lock) and mark it done."""
     work = WorkDir(storage, rel)
     try:
         placement = _placement()
         attempts_file = work.path / "attempts.json"
         attempts = json.loads(attempts_file.read_text()) if attempts_file.is_file() else []
-        resumed_from = None
+        resumed_from = None  # the last finished epoch, counted from 1
         if (work.path / LAST).is_file():
-            resumed_from = int(load_checkpoint(work.path / LAST)["epoch"])
+            resumed_from = int(load_checkpoint(work.path / LAST)["epoch"]) + 1
         attempts.append({**placement, "resumed_from_epoch": resumed_from, "time": time.time()})
         attempts_file.write_text(json.dumps(attempts, indent=1))
         # For operators (and the fault-injection test): which process trains this stage now.
         (work.path / "worker.pid").write_text(str(os.getpid()))
         work.sync()
-        with child_run(ctx.tracker, key, stage, params, spill_dir=work.path) as logger:
+        made_by = versions()
+        with child_run(
+            ctx.tracker, key, stage, params, spill_dir=work.path, location=storage.uri_of(rel)
+        ) as logger:
             logger.tags(
                 {
                     "cpsd.stage": stage,
@@ -246,24 +357,32 @@ def _train_stage(
                     "cpsd.attempt": len(attempts),
                     "ray.gpu_ids": ",".join(placement["gpu_ids"]) or "none",
                     "ray.host": placement["host"],
+                    **version_tags(made_by),
                 }
             )
 
             def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
                 logger.metrics(metrics, step=epoch)
+                post_epoch(ctx.progress, label, epoch, model_cfg.train.epochs)
                 work.sync()
 
-            result = train_stage(
-                ctx.cfg,
-                role,
-                run,
-                work.path,
-                storage=storage,
-                rel=rel,
-                on_epoch=on_epoch,
-                logger=logger,
-                log=_print,
-            )
+            label = f"{stage}@{key[:4]}"  # variants of a study share stage names
+            post_epoch(ctx.progress, label, resumed_from or 0, model_cfg.train.epochs)
+            try:
+                with stage_log(work.path, ctx.cfg.verbose):
+                    result = train_stage(
+                        ctx.cfg,
+                        role,
+                        run,
+                        work.path,
+                        storage=storage,
+                        rel=rel,
+                        on_epoch=on_epoch,
+                        logger=logger,
+                        log=_print,
+                    )
+            finally:
+                post_end(ctx.progress, label)
             held_out, digest = _held_out(storage, rel, model_cfg, class_subset, workdir=work.path)
             record = {
                 "stage": stage,
@@ -278,11 +397,17 @@ def _train_stage(
                 "held_out_digest": digest,
                 "attempts": attempts,
                 "run_id": logger.run_id,
+                "versions": made_by,
                 "finished": time.time(),
             }
+            # The final keys first: whatever happens to the model's logging, the run has them.
+            logger.metrics(_final(record), step=record["best_epoch"])
             _record_model(ctx, logger, record, model_cfg, work.path, role)
             if ctx.cfg.mlflow.log_checkpoints:
                 logger.artifact(result.best_checkpoint, "checkpoints")
+        # The run id is known once the logger created the run (possibly only now, after an
+        # outage); unsent records are in the stage folder by here.
+        record["run_id"] = logger.run_id
         work.sync()
         storage.mark_done(rel, record)
         return {**record, "reused": False}
@@ -305,42 +430,35 @@ def _record_model(
     workdir: Path,
     role: str,
 ) -> None:
-    """Description, datasets, final keys, the MLflow model and (student, baseline) a registry
-    version on the stage's run. Tracking never fails a trained stage: the bundle is in storage."""
+    """Description, datasets, the MLflow model and (student, baseline) a registry version on
+    the stage's run, through the logger's buffer: an outage delays them, a failure is retried,
+    and what never arrives is spilled with the stage's other unsent records."""
     if ctx.tracker is None:
-        return
-    if not logger.send_backlog() or logger.run_id is None:
-        _print(f"MLflow unreachable: the {role} model of {record['rel']} was not logged")
-        logger.metrics(_final(record), step=record["best_epoch"])
         return
     data = cfg.data
     splits = {data.train_split: "training", data.val_split: "validation"}
     if "test" in record["held_out"]:
         splits[data.test_split] = "test"
     what = "its own subset of" if role == "teacher" else "all"
-    try:
-        record_trained_model(
-            ctx.tracker.uri,
-            logger.run_id,
-            role=role,
-            description=(
-                f"{role}: {record['classes']} classes ({what} the task's classes). "
-                "best_val_mAP is the selected epoch on val (the better of val_mAP_plain, the "
-                "trained weights, and val_mAP_ema, their moving average); test_* and shift_mAP "
-                "score that epoch on the held-out splits, over num_classes_evaluated classes."
-            ),
-            bundle=workdir / BUNDLE_FILE,
-            final=_final(record),
-            best_epoch=record["best_epoch"],
-            dataset_root=resolve_dataset(data),
-            splits=splits,
-            log_models=ctx.cfg.mlflow.log_models,
-            registered_model=(
-                ctx.cfg.mlflow.registered_model if role in ("student", "baseline") else None
-            ),
-        )
-    except Exception as err:  # the server went away between the check and the calls
-        _print(f"MLflow: the {role} model of {record['rel']} was not logged ({err})")
+    logger.model(
+        role=role,
+        description=(
+            f"{role}: {record['classes']} classes ({what} the task's classes). "
+            "best_val_mAP is the selected epoch on val (the better of val_mAP_plain, the "
+            "trained weights, and val_mAP_ema, their moving average); test_* and shift_mAP "
+            "score that epoch on the held-out splits, over num_classes_evaluated classes."
+        ),
+        bundle=str(workdir / BUNDLE_FILE),
+        final=_final(record),
+        best_epoch=record["best_epoch"],
+        dataset_root=str(resolve_dataset(data)),
+        splits=splits,
+        log_models=ctx.cfg.mlflow.log_models,
+        registered_model=(
+            ctx.cfg.mlflow.registered_model if role in ("student", "baseline") else None
+        ),
+        log_final=False,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,21 +503,20 @@ def logits_stage(ctx: JobContext, spec: TeacherSpec, teacher: dict[str, Any]) ->
     ctx = dataclasses.replace(ctx, cfg=device_for_task(ctx.cfg, f"{spec.name}-logits"))
     storage = Storage(ctx.storage_uri)
     rel = f"{teacher['rel']}/logits-{ctx.cfg.cpsd.logits_dtype}"
-    done = storage.done(rel)
-    if done is not None:
-        return done
-    work = WorkDir(storage, rel)
-    scratch = Path(tempfile.mkdtemp(prefix="cpsd-logits-"))
-    try:
-        checkpoint = storage.download(f"{teacher['rel']}/{BEST}", scratch / BEST)
-        cache_teacher_logits(ctx.cfg, spec, checkpoint, work.path / LOGIT_STORE)
-        work.sync()
-        record = {"rel": rel, "file": f"{rel}/{LOGIT_STORE}"}
-        storage.mark_done(rel, record)
-        return record
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-        work.close()
+
+    def compute() -> dict[str, Any]:
+        work = WorkDir(storage, rel)
+        scratch = Path(tempfile.mkdtemp(prefix="cpsd-logits-"))
+        try:
+            checkpoint = storage.download(f"{teacher['rel']}/{BEST}", scratch / BEST)
+            cache_teacher_logits(ctx.cfg, spec, checkpoint, work.path / LOGIT_STORE)
+            work.sync()
+            return {"rel": rel, "file": f"{rel}/{LOGIT_STORE}"}
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+            work.close()
+
+    return _computed_once(ctx, storage, rel, f"{spec.name}-logits", compute)
 
 
 def baseline_stage(ctx: JobContext, key: str) -> dict[str, Any]:

@@ -37,9 +37,10 @@ from typing import Any
 from mlcore import configlib
 from mlcore.experiment import resolve_dataset
 from mlcore.stats import mean_interval, paired_interval
-from workflows.config import USER_ERRORS, Config, config_arg_parser, config_path, load_config
+from workflows.config import USER_ERRORS, Config, config_arg_parser, config_from_args
+from workflows.console import ProgressLine, board, quiet_third_party
+from workflows.driver import preflight, spill_dir_for, user_message
 from workflows.graph import ConfigRefs, StageGraph
-from workflows.pipeline import preflight, spill_dir_for
 from workflows.report import collect, final_keys, mlflow_link, summarise, write_summary
 from workflows.runtime import init_ray
 from workflows.stages import JobContext
@@ -53,6 +54,7 @@ from workflows.tracking import (
     parent_run,
     source_tags,
 )
+from workflows.versions import version_tags, versions
 
 # Metrics of a run's final model, its baseline and its ensembles that the tables report.
 REPORTED = ("test_mAP", "test_CF1", "test_OF1", "shift_mAP", "val_mAP")
@@ -137,6 +139,7 @@ class StudyResult:
 
 def run_study(cfg: Config, *, log: Callable[[str], None] = print) -> StudyResult:
     """Run every variant × seed on Ray and write the study's tables and plots."""
+    quiet_third_party(cfg.verbose)
     runs = expand(cfg)
     variants = list(dict.fromkeys(r.variant for r in runs))
     log(
@@ -150,8 +153,9 @@ def run_study(cfg: Config, *, log: Callable[[str], None] = print) -> StudyResult
             cfg.mlflow,
             cfg.name,
             params,
-            {"cpsd.study": cfg.name, **source_tags("cpsd study")},
+            {"cpsd.study": cfg.name, **source_tags("cpsd study"), **version_tags(versions())},
             spill_dir=spill_dir_for(storage, cfg.name),
+            job=storage.uri_of(cfg.name),
         )
         if cfg.mlflow.enabled
         else contextlib.nullcontext((None, NullRunLogger()))
@@ -162,14 +166,17 @@ def run_study(cfg: Config, *, log: Callable[[str], None] = print) -> StudyResult
             init_ray(cfg)
             for run in runs:
                 resolve_dataset(run.cfg.data)  # generate each dataset once, before the fan-out
-            graph = StageGraph(log)
+            progress = board()
+            graph = StageGraph(log, ProgressLine(progress) if log is print else None)
             run_loggers: list[RunLogger] = []
             status = "KILLED"
             try:
                 contexts = []
                 for run in runs:
                     run_tracker = _run_tracker(tracker, run, run_loggers)
-                    contexts.append(JobContext(run.cfg, cfg.storage_path, run_tracker, cfg.name))
+                    contexts.append(
+                        JobContext(run.cfg, cfg.storage_path, run_tracker, cfg.name, progress)
+                    )
                 started = [
                     graph.start(run.cfg, ctx) for run, ctx in zip(runs, contexts, strict=True)
                 ]
@@ -497,17 +504,17 @@ def plot_study(rows, summary, paired, cfg: Config, out: Path) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = config_arg_parser(
-        "python -m workflows.study", "Run an ablation study on Ray."
+        "python -m workflows.study", "Run an ablation study on Ray.", stages=True
     ).parse_args(argv)
     try:
-        cfg = load_config(config_path(args.config), args.overrides)
+        cfg = config_from_args(args)
         if not (cfg.study.grid or cfg.study.variants) and len(cfg.study.seeds) < 2:
             raise configlib.ConfigError(
                 "study: set study.grid or study.variants, or at least two study.seeds"
             )
         result = run_study(cfg)
     except USER_ERRORS as err:
-        print(f"study: error: {err}", file=sys.stderr)
+        print(f"study: error: {user_message(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("study: interrupted; checkpoints kept, MLflow runs marked KILLED", file=sys.stderr)

@@ -6,6 +6,14 @@ identified by its parent and a ``cpsd.key`` tag: a retried task finds its run an
 instead of creating a duplicate. Runs are always terminated (FINISHED / FAILED / KILLED) in
 ``finally`` blocks; the driver sweeps children left RUNNING by workers that were killed.
 
+Which run a stage continues. A stage run carries its stage's storage location
+(``cpsd.location``, the URI of its stage folder) and is continued only by a later attempt at that
+same location, and only while it is not FINISHED: a pipeline writing to another storage path, or
+one that finds the stage done, never logs into another job's run. A reused stage gets a small
+run of its own under the new parent, tagged with the original run's id (``cpsd.reused_run``).
+A parent records its job (``cpsd.job``: storage and name) and its driver (host, pid and process
+start time); a later driver of the same job marks parents whose driver is gone KILLED.
+
 Metric names are the same on every run (``val_mAP``, ``val_CF1``, ``val_OF1``, ``train_loss``,
 ...), with the epoch as step, so MLflow's compare view lines teachers and student up. MLflow
 refuses ``@`` in a metric name, so the zero-shot ``zsl_F1@3`` is logged as ``zsl_F1_at_3``
@@ -16,19 +24,27 @@ metrics, tags and artifacts it could not send, warns once, and sends them, in or
 call once the server answers again; at the end of a stage it retries for
 ``FLUSH_TIMEOUT_S`` and then writes what is still unsent to ``unsent-mlflow.json`` in the
 stage folder, so nothing is lost. MLflow's own HTTP retries (minutes of back-off per call) are
-turned down for that reason. A stage's run is found by its ``cpsd.key`` tag anywhere in the
-experiment, so a driver restarted after a crash continues the run of each unfinished stage
-instead of opening a second one, and finishes it.
+turned down for that reason. The final keys are logged before the model; the model, its
+datasets and description go through the same buffer (a ``model`` record), so an outage at a
+stage's end delays them instead of losing them. Records spilled to ``unsent-mlflow.json`` are
+sent by the next job that reuses the stage (:func:`replay_unsent`); the pipeline's last lines
+name any that are still unsent.
+
+A new SQLite store is created and migrated once, under a file lock, before any parallel use
+(:func:`prepare_store`): two jobs starting on a fresh ``mlflow.db`` would otherwise race in
+MLflow's schema migration.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
+import dataclasses
+import fcntl
 import hashlib
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -50,6 +66,10 @@ from workflows.model_ref import absolute_tracking_uri
 PARENT_TAG = "mlflow.parentRunId"
 KEY_TAG = "cpsd.key"
 REUSE_TAG = "cpsd.reuse_of"
+LOCATION_TAG = "cpsd.location"  # the stage folder a stage run belongs to
+REUSED_RUN_TAG = "cpsd.reused_run"  # on a reuse run: the run that trained the stage
+JOB_TAG = "cpsd.job"  # on a parent: <storage>/<name>, the job it belongs to
+DRIVER_TAG = "cpsd.driver"  # on a parent: host:pid:start of the driver process
 MAX_PARAM_LENGTH = 6000  # MLflow 3 limit on a param value
 FLUSH_TIMEOUT_S = 60.0  # how long a finishing stage retries an unreachable server
 RETRY_INTERVAL_S = 5.0  # between attempts to send what is buffered
@@ -138,24 +158,38 @@ class Tracker:
     def client(self) -> MlflowClient:
         return MlflowClient(self.uri)
 
-    def find_run(self, key: str) -> Run | None:
-        """The stage run tagged ``key`` anywhere in the experiment (any parent, any status)."""
-        runs = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'", max_results=1
-        )
-        return runs[0] if runs else None
+    def find_run(self, key: str, location: str | None) -> Run | None:
+        """The unfinished run of stage ``key`` at ``location`` (a stage folder's URI), if any.
 
-    def start_child(self, key: str, name: str, params: Mapping[str, Any] | None = None) -> str:
+        Only a run of the same stage folder that did not finish is continued: another storage
+        path's run, or a FINISHED one, belongs to a job of its own.
+        """
+        where = f"tags.`{KEY_TAG}` = '{key}'"
+        if location is not None:
+            where += f" and tags.`{LOCATION_TAG}` = '{location}'"
+        runs = self.client.search_runs([self.experiment_id], filter_string=where, max_results=50)
+        unfinished = [r for r in runs if r.info.status != "FINISHED"]
+        return unfinished[0] if unfinished else None
+
+    def start_child(
+        self,
+        key: str,
+        name: str,
+        params: Mapping[str, Any] | None = None,
+        location: str | None = None,
+    ) -> str:
         """Create the stage run ``name``, or continue the one an earlier attempt made.
 
-        An earlier attempt may belong to this job (a retried Ray task) or to a driver that was
-        killed: its run is moved under this job's parent and continued; a parent it leaves
-        RUNNING (its driver is gone) is marked KILLED.
+        An earlier attempt at the same stage folder may belong to this job (a retried Ray task)
+        or to a driver that was killed: its run is moved under this job's parent and
+        continued; its old parent is marked KILLED when that parent's driver is gone.
         """
         client = self.client
-        found = self.find_run(key)
+        found = self.find_run(key, location)
         if found is None:
-            tags = {KEY_TAG: key}
+            tags = {KEY_TAG: key, **source_tags(name)}
+            if location is not None:
+                tags[LOCATION_TAG] = location
             if self.parent_run_id:
                 tags[PARENT_TAG] = self.parent_run_id
             run_id = client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
@@ -167,16 +201,27 @@ class Tracker:
         if self.parent_run_id and old_parent != self.parent_run_id:
             if old_parent:
                 with contextlib.suppress(MlflowException):
-                    if client.get_run(old_parent).info.status == "RUNNING":
-                        client.set_terminated(old_parent, status="KILLED")
+                    end_if_driver_gone(client, client.get_run(old_parent))
             client.set_tag(run_id, PARENT_TAG, self.parent_run_id)
         client.update_run(run_id, status="RUNNING")
         client.set_tag(run_id, "cpsd.resumed", "true")
         return run_id
 
-    def start_reuse_marker(self, key: str, name: str, params: Mapping[str, Any] | None) -> str:
-        """A run of this job standing for a finished stage it reuses (tag ``cpsd.reuse_of``)."""
-        tags = {REUSE_TAG: key}
+    def start_reuse_marker(
+        self,
+        key: str,
+        name: str,
+        params: Mapping[str, Any] | None,
+        location: str | None = None,
+        reused_run: str | None = None,
+    ) -> str:
+        """A run of this job standing for a finished stage it reuses (tag ``cpsd.reuse_of``);
+        ``reused_run`` is the run that trained the stage, which is left as it was."""
+        tags = {REUSE_TAG: key, **source_tags(name)}
+        if location is not None:
+            tags[LOCATION_TAG] = location
+        if reused_run:
+            tags[REUSED_RUN_TAG] = reused_run
         if self.parent_run_id:
             tags[PARENT_TAG] = self.parent_run_id
         run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
@@ -193,15 +238,26 @@ class Tracker:
         *,
         reused: bool = False,
         spill_dir: str | os.PathLike | None = None,
+        location: str | None = None,
+        reused_run: str | None = None,
     ) -> Iterator[RunLogger]:
         """A child run that ends FINISHED, FAILED or KILLED whatever happens inside.
 
         Everything, the run's creation included, goes through the logger's buffer: a stage
         that starts while the server is down trains anyway and creates its run once the
         server answers (``spill_dir``: where unsent records go if it never does).
+        ``location`` is the stage folder's URI (see :meth:`find_run`).
         """
-        start = self.start_reuse_marker if reused else self.start_child
-        create = functools.partial(start, key, name, params)
+        create = RunSpec(
+            self.experiment_id,
+            self.parent_run_id,
+            key,
+            name,
+            None if params is None else {k: str(v) for k, v in params.items()},
+            location,
+            reused,
+            reused_run,
+        )
         with _terminating(self.client, None, spill_dir, create=create) as logger:
             yield logger
 
@@ -218,9 +274,75 @@ class Tracker:
         return len(runs)
 
 
+def driver_identity() -> str:
+    """``host:pid:start`` of this process (start: clock ticks since boot, from /proc)."""
+    from workflows.runtime import process_start
+
+    return f"{socket.gethostname()}:{os.getpid()}:{process_start(os.getpid())}"
+
+
+def driver_gone(identity: str | None) -> bool:
+    """True when the driver ``identity`` names ran on this host and no longer runs.
+
+    A driver on another host cannot be checked from here: it counts as alive.
+    """
+    from workflows.runtime import process_start
+
+    if not identity:
+        return False
+    host, pid, start = identity.rsplit(":", 2)
+    if host != socket.gethostname() or start == "None":
+        return False
+    return str(process_start(int(pid))) != start
+
+
+def end_if_driver_gone(client: MlflowClient, parent: Run) -> bool:
+    """Mark a RUNNING parent KILLED, with its RUNNING children, if its driver is gone."""
+    if parent.info.status != "RUNNING" or not driver_gone(parent.data.tags.get(DRIVER_TAG)):
+        return False
+    Tracker(
+        client.tracking_uri, parent.info.experiment_id, parent.info.run_id
+    ).kill_running_children()
+    client.set_terminated(parent.info.run_id, status="KILLED")
+    return True
+
+
+def end_dead_parents(client: MlflowClient, experiment: str, job: str) -> int:
+    """Mark the job's parents whose driver is gone KILLED (a driver killed after its last
+    stage leaves its parent RUNNING, and a rerun that reuses every stage never meets it)."""
+    runs = client.search_runs(
+        [experiment],
+        filter_string=f"tags.`{JOB_TAG}` = '{job}' and attributes.status = 'RUNNING'",
+    )
+    return sum(end_if_driver_gone(client, run) for run in runs)
+
+
 def mlflow_metric_name(name: str) -> str:
     """``name`` in the characters MLflow accepts: ``F1@3`` becomes ``F1_at_3``."""
     return name.replace("@", "_at_")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What creates (or continues) a child run; plain data, so that a backlog spilled to a file
+    can still create its run when it is sent by a later job."""
+
+    experiment_id: str
+    parent_run_id: str | None
+    key: str
+    name: str
+    params: Mapping[str, Any] | None = None
+    location: str | None = None
+    reused: bool = False
+    reused_run: str | None = None
+
+    def start(self, uri: str) -> str:
+        tracker = Tracker(uri, self.experiment_id, self.parent_run_id)
+        if self.reused:
+            return tracker.start_reuse_marker(
+                self.key, self.name, self.params, self.location, self.reused_run
+            )
+        return tracker.start_child(self.key, self.name, self.params, self.location)
 
 
 class RunLogger:
@@ -231,8 +353,8 @@ class RunLogger:
         run_id: The run, or None with ``create``.
         spill_dir: Folder for ``unsent-mlflow.json`` if :meth:`flush` gives up.
         warn: Where the one-line outage warnings go.
-        create: Creates the run and returns its id; queued first, so the run is created as
-            soon as the server answers.
+        create: The run to create (or continue) when ``run_id`` is None; queued first, so the
+            run is created as soon as the server answers.
     """
 
     def __init__(
@@ -241,7 +363,7 @@ class RunLogger:
         run_id: str | None,
         spill_dir: str | os.PathLike | None = None,
         warn: Callable[[str], None] | None = None,
-        create: Callable[[], str] | None = None,
+        create: RunSpec | None = None,
     ):
         if run_id is None and create is None:
             raise ValueError("RunLogger needs a run id or a way to create the run")
@@ -262,11 +384,15 @@ class RunLogger:
 
     def _send(self, kind: str, payload: dict[str, Any]) -> None:
         if kind == "create":
-            self.run_id = self._create()
+            self.run_id = self._create.start(self.client.tracking_uri)
         elif kind == "batch":
             self.client.log_batch(self.run_id, **payload)
         elif kind == "artifact":
             self.client.log_artifact(self.run_id, payload["path"], payload["artifact_path"])
+        elif kind == "model":
+            from workflows.mlflow_model import record_trained_model
+
+            record_trained_model(self.client.tracking_uri, self.run_id, **payload)
         elif kind == "terminate":
             self.client.set_terminated(self.run_id, status=payload["status"])
 
@@ -321,6 +447,11 @@ class RunLogger:
     def artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self._submit("artifact", {"path": str(path), "artifact_path": artifact_path})
 
+    def model(self, **record: Any) -> None:
+        """Description, datasets, the MLflow model and its registry version
+        (``workflows.mlflow_model.record_trained_model``'s arguments; plain data)."""
+        self._submit("model", record)
+
     def finish(self, status: str) -> None:
         """End the run with ``status`` after sending the backlog (see :meth:`flush`)."""
         self._pending.append(("terminate", {"status": status}))
@@ -346,7 +477,10 @@ class RunLogger:
         if self.spill_dir is not None:
             self.spill_dir.mkdir(parents=True, exist_ok=True)
             target = self.spill_dir / UNSENT_FILE
-            target.write_text(json.dumps({"run_id": self.run_id, "records": records}, indent=1))
+            create = None if self._create is None else dataclasses.asdict(self._create)
+            target.write_text(
+                json.dumps({"run_id": self.run_id, "create": create, "records": records}, indent=1)
+            )
             where = str(target)
         self._warn(
             f"MLflow run {self.run_id}: server still unreachable after {FLUSH_TIMEOUT_S:.0f}s; "
@@ -355,17 +489,50 @@ class RunLogger:
 
 
 def _plain(payload: dict[str, Any]) -> dict[str, Any]:
-    """A buffered record as JSON-able data."""
+    """A buffered record as JSON-able data (:func:`_unplain` reads it back)."""
     out: dict[str, Any] = {}
     for key, value in payload.items():
-        if isinstance(value, list):
+        if key in ("metrics", "params", "tags"):
             out[key] = [
-                {"key": v.key, "value": v.value, **({"step": v.step} if key == "metrics" else {})}
+                {"key": v.key, "value": v.value}
+                | ({"step": v.step, "timestamp": v.timestamp} if key == "metrics" else {})
                 for v in value
             ]
         else:
             out[key] = value
     return out
+
+
+def _unplain(record: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    kind, payload = record["kind"], {k: v for k, v in record.items() if k != "kind"}
+    if kind == "batch":
+        payload = {
+            "metrics": [Metric(m["key"], m["value"], m["timestamp"], m["step"])
+                        for m in payload.get("metrics", [])],
+            "params": [Param(p["key"], p["value"]) for p in payload.get("params", [])],
+            "tags": [RunTag(t["key"], t["value"]) for t in payload.get("tags", [])],
+        }  # fmt: skip
+    return kind, payload
+
+
+def replay_unsent(uri: str, path: str | os.PathLike) -> bool:
+    """Send a spilled backlog (``unsent-mlflow.json``) to its run, in order; delete the file
+    when everything arrived. Returns True when nothing is left unsent."""
+    path = Path(path)
+    spilled = json.loads(path.read_text())
+    create = spilled.get("create")
+    logger = RunLogger(
+        MlflowClient(uri),
+        spilled["run_id"],
+        path.parent,
+        warn=lambda _: None,
+        create=None if create is None else RunSpec(**create),
+    )
+    logger._pending = [_unplain(r) for r in spilled["records"]]
+    if not logger._drain():
+        return False
+    path.unlink()
+    return True
 
 
 def log_params(client: MlflowClient, run_id: str, values: Mapping[str, Any]) -> None:
@@ -403,20 +570,49 @@ def _terminating(
         logger.finish(status)
 
 
+def prepare_store(uri: str) -> None:
+    """Create or migrate a SQLite tracking store once, under a file lock (module docstring).
+
+    Call it before the process constructs any ``MlflowClient`` for ``uri``: the constructor
+    initialises the store. Other stores are left to their server.
+    """
+    if not uri.startswith("sqlite:///"):
+        return
+    database = Path(uri.removeprefix("sqlite:///"))
+    with open(f"{database}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            # The first call on a new file creates the tables and runs MLflow's migrations.
+            MlflowClient(uri).search_experiments(max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def start_parent(
     cfg: MlflowConfig,
     name: str,
     params: Mapping[str, Any],
     tags: Mapping[str, str],
     spill_dir: str | os.PathLike | None = None,
+    job: str | None = None,
 ) -> tuple[Tracker, RunLogger]:
-    """Check the store, create the job's parent run; returns the tracker for children."""
+    """Check the store, create the job's parent run; returns the tracker for children.
+
+    ``job`` (``<storage>/<name>``) tags the parent with its job and driver; earlier parents of
+    the same job whose driver is gone are marked KILLED first.
+    """
     uri = resolve_tracking_uri(cfg)
     check_reachable(uri)
-    client = MlflowClient(uri)
+    tags = {**tags, DRIVER_TAG: driver_identity()}
+    if job is not None:
+        tags[JOB_TAG] = job
     try:
+        prepare_store(uri)  # before any client: constructing one initialises the store
+        client = MlflowClient(uri)
         exp = experiment_id(client, uri, cfg.experiment)
-        run = client.create_run(exp, run_name=name, tags=dict(tags))
+        if job is not None:
+            end_dead_parents(client, exp, job)
+        run = client.create_run(exp, run_name=name, tags=tags)
     except Exception as err:
         raise TrackingUnavailable(f"MLflow at {uri} failed: {err}") from err
     log_params(client, run.info.run_id, params)
@@ -430,12 +626,14 @@ def parent_run(
     params: Mapping[str, Any],
     tags: Mapping[str, str],
     spill_dir: str | os.PathLike | None = None,
+    job: str | None = None,
 ) -> Iterator[tuple[Tracker, RunLogger]]:
     """The job's parent run; on any exit, children left RUNNING are marked KILLED.
 
-    ``spill_dir``: where the parent's unsent records go if the server never comes back.
+    ``spill_dir``: where the parent's unsent records go if the server never comes back;
+    ``job``: see :func:`start_parent`.
     """
-    tracker, logger = start_parent(cfg, name, params, tags)
+    tracker, logger = start_parent(cfg, name, params, tags, job=job)
     try:
         with _terminating(logger.client, logger.run_id, spill_dir) as buffered:
             yield tracker, buffered
@@ -461,6 +659,9 @@ class NullRunLogger:
     def artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         pass
 
+    def model(self, **record: Any) -> None:
+        pass
+
 
 def child_run(
     tracker: Tracker | None,
@@ -470,11 +671,21 @@ def child_run(
     *,
     reused: bool = False,
     spill_dir: str | os.PathLike | None = None,
+    location: str | None = None,
+    reused_run: str | None = None,
 ) -> contextlib.AbstractContextManager[RunLogger | NullRunLogger]:
     """``tracker.child(...)``, or a no-op logger when tracking is off."""
     if tracker is None:
         return contextlib.nullcontext(NullRunLogger())
-    return tracker.child(key, name, params, reused=reused, spill_dir=spill_dir)
+    return tracker.child(
+        key,
+        name,
+        params,
+        reused=reused,
+        spill_dir=spill_dir,
+        location=location,
+        reused_run=reused_run,
+    )
 
 
 # ---------------------------------------------------------------------------------------------

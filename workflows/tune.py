@@ -205,7 +205,7 @@ def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
                     # so a trial restored after its last epoch still has its results.
                     shutil.copytree(work, tmp, dirs_exist_ok=True)
                     tune.report(
-                        {**metrics, "epoch": epoch + 1},
+                        {**metrics, "epoch": epoch},
                         checkpoint=tune.Checkpoint.from_directory(tmp),
                     )
 
@@ -282,7 +282,8 @@ def _reporter(cfg: Config):
         max_progress_rows=20,
         max_error_rows=5,
         max_column_length=12,
-        max_report_frequency=15,
+        # Tune's table is a dozen lines: every 15 s on a terminal, every minute in a log.
+        max_report_frequency=15 if sys.stdout.isatty() else 60,
         sort_by_metric=True,
     )
 
@@ -306,6 +307,10 @@ def run_sweep(
 ) -> SweepOutcome:
     """Validate, start (or resume) the sweep, and write the results and the best loss file."""
     import ray
+
+    from workflows.console import quiet_third_party
+
+    quiet_third_party(cfg.verbose)
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 

@@ -427,6 +427,23 @@ def iter_label_batches(
             yield labels
 
 
+def check_label_range(root: str | os.PathLike, num_classes: int) -> None:
+    """Stream every split's labels and raise :class:`ManifestError` if any index falls outside
+    ``[0, num_classes)`` (memory bounded as in :func:`iter_label_batches`)."""
+    bad, example = 0, None
+    for labels in iter_label_batches(root, split=None):
+        values = labels.values.to_numpy(zero_copy_only=False)
+        out = values[(values < 0) | (values >= num_classes)]
+        if out.size:
+            bad += int(out.size)
+            example = int(out[0]) if example is None else example
+    if bad:
+        raise ManifestError(
+            f"{manifest_path(root)}: {bad} label indices out of range [0, {num_classes}), "
+            f"e.g. {example} (cpsd data check names the rows)"
+        )
+
+
 @dataclass(frozen=True)
 class Manifest:
     """A dataset loaded in memory (without image bytes unless asked for).
