@@ -41,7 +41,13 @@ from mlcore.config import MLDecoderConfig, ModelConfig, SynthConfig
 from mlcore.data.dataset import MultiLabelDataset
 from mlcore.data.manifest import Manifest, manifest_digest
 from mlcore.data.synth import default_class_names, generate
-from mlcore.evaluation import ModelIdentity, choose_thresholds, read_thresholds, write_thresholds
+from mlcore.evaluation import (
+    ModelIdentity,
+    choose_thresholds,
+    metrics_at,
+    read_thresholds,
+    write_thresholds,
+)
 from mlcore.export import HEAD_ADAPTERS, ExportError, export_bundle
 from mlcore.metrics import multilabel_report
 from mlcore.models import build_model_from_config
@@ -171,6 +177,7 @@ def test_evaluate_then_predict_a_split_with_its_thresholds(trained, tmp_path, ca
     assert {"mAP", "CP", "CR", "CF1", "OP", "OR", "OF1", "F1@3", "F1@5"} <= set(report["metrics"])
     assert report["metrics"]["mAP"] == pytest.approx(trained.run.data.metrics["best_val_mAP"])
     assert sum(report["buckets"]["classes"].values()) == 10
+    assert "per_class_thresholds" not in report  # the bundle's were chosen on val itself
     for name in ("per_class.csv", "pr_curves.png", "threshold_sweep.png", "thresholds.json"):
         assert (ev / name).stat().st_size > 0
 
@@ -189,6 +196,24 @@ def test_evaluate_then_predict_a_split_with_its_thresholds(trained, tmp_path, ca
         assert float(value) == pytest.approx(100 * fixed[key], abs=0.006)
     assert cli(*argv, "--out", str(tmp_path / "again")) == 2
     assert "chosen on 'val'" in capsys.readouterr().err
+
+    # Without --thresholds, another split is also reported at the bundle's own val thresholds.
+    own = tmp_path / "own"
+    assert cli("evaluate", "--model", str(trained.out), "--split", "test", "--out", str(own)) == 0
+    assert "test, per-class thresholds from the model's own (chosen on val):" in (
+        capsys.readouterr().out
+    )
+    batches = Classifier(trained.bundle, "cpu").iter_scores(
+        manifest_inputs(trained.dataset, "test").sources
+    )
+    scores = np.concatenate([b.scores for b in batches])
+    rows = trained.manifest.split_rows("test")
+    targets = np.zeros_like(scores)
+    for i, labels in enumerate(trained.manifest.table.take(rows).column("labels").to_pylist()):
+        targets[i, labels] = 1
+    expected = metrics_at(scores, targets, np.array(trained.bundle.thresholds.per_class))
+    got = json.loads((own / "report.json").read_text())["per_class_thresholds"]["metrics"]
+    assert got == pytest.approx(expected, abs=1e-6)
 
     out = tmp_path / "shift.csv"
     argv = ["predict", "--model", str(trained.out / BUNDLE_FILE), "--out", str(out)]
