@@ -368,17 +368,22 @@ def test_every_model_reference_gives_the_same_bundle(trained, tmp_path, capsys):
     assert model_uri("models:/m/latest") == "models:/m/latest"
 
     image = image_folder(trained, tmp_path, count=1)[0]
+    random_bytes = tmp_path / "random.bundle.pt"
+    random_bytes.write_bytes(np.random.default_rng(0).bytes(4096))
     out = str(tmp_path / "p.jsonl")
     base = ["predict", "--images", str(image), "--out", out]
     assert cli(*base, "--model", f"models:/{REGISTERED}@train", uri=trained.uri) == 0
+    capsys.readouterr()
     for bad, message in [
         (f"models:/{REGISTERED}/7", "--model models:/cpsd-test/7"),
         (str(tmp_path / "nowhere"), "no such file or directory"),
         (str(tmp_path), "no model.bundle.pt in"),
         (str(image), "is not a readable model bundle"),
+        (str(random_bytes), "is not a readable model bundle: corrupt, truncated, or not a file"),
     ]:
         assert cli(*base, "--model", bad, uri=trained.uri) == 2, bad
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "weights_only" not in err, err
 
 
 def test_read_only_commands_never_create_a_tracking_store(trained, tmp_path, monkeypatch, capsys):
