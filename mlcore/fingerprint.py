@@ -29,15 +29,6 @@ import pyarrow.parquet as pq
 from mlcore import configlib
 from mlcore.data.manifest import MANIFEST_FILE, filesystem, is_uri, read_info
 
-
-class ResumeMismatchError(ValueError):
-    """``out_dir`` holds the checkpoint of a run with another fingerprint (another config).
-
-    Defined here rather than in ``mlcore.train`` so that the CLI's list of user errors is
-    importable without torch.
-    """
-
-
 _BLOCK = 1 << 20
 
 

@@ -50,7 +50,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mlcore.config import TrainConfig
-from mlcore.fingerprint import ResumeMismatchError
+from mlcore.errors import ResumeMismatchError
 from mlcore.metrics import multilabel_report
 from mlcore.swa import WeightAveraging
 

@@ -431,7 +431,7 @@ def test_a_wrong_model_fails_before_torch_or_mlflow_is_imported(tmp_path):
         "import sys; from workflows.cli import run\n"
         "for ref in ('nosuch.pt', 'models:/a/b/c', 'models:/m@alias'):\n"
         "    assert run(['predict', '--model', ref, '--images', 'x', '--out', 'y.jsonl']) == 2\n"
-        "print(sorted(m for m in ('torch', 'timm', 'mlflow') if m in sys.modules))"
+        "print(sorted(m for m in ('torch', 'timm', 'mlflow', 'pyarrow') if m in sys.modules))"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("MLFLOW_TRACKING_URI")
