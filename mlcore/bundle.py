@@ -10,8 +10,9 @@ format        ``"cpsd.model_bundle"``
 version       :data:`FORMAT_VERSION`; a reader refuses any other value
 header        JSON text: ``cpsd_version`` (the writer), ``model`` (the ``model`` config section),
               ``class_names`` (output order), ``preprocessing`` (``image_size``, ``mean``,
-              ``std``) and ``metadata`` (best epoch, validation metrics, training positives per
-              class, the dataset it was trained on)
+              ``std``), ``thresholds`` (:class:`ValThresholds`, absent in bundles written
+              before cpsd stored them) and ``metadata`` (best epoch, validation metrics,
+              training positives per class, the dataset it was trained on)
 state_dict    the selected (best) weights
 embeddings    ``(C, E)`` float tensor of per-class embeddings (word queries), or absent
 ============  =============================================================================
@@ -25,15 +26,21 @@ word-query ML-Decoder's fixed embedding table) gets it saved, and :meth:`ModelBu
 hands it back to the model factory with the class names (a ``ClassEmbeddings`` table), so such a
 head can be rebuilt without the word-vector file it was trained from.
 
+A bundle's :attr:`ModelBundle.digest` names what it computes (architecture, classes,
+preprocessing, weights); a thresholds file records it, so thresholds fitted to one model's
+scores are never applied to another's.
+
 This module is what ``cpsd predict``, ``cpsd evaluate``, ``cpsd export`` and the MLflow pyfunc
 all load models with: :class:`Classifier` turns images (paths or encoded bytes) into per-class
 probabilities in batches, and :class:`Decision` turns probabilities into labels (one global
-threshold, per-class thresholds from ``cpsd evaluate``'s file, or the top k).
+threshold, per-class thresholds from the bundle or ``cpsd evaluate``'s file, or the top k).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import io
 import json
 import os
@@ -108,6 +115,25 @@ class Preprocessing:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ValThresholds:
+    """Label thresholds chosen on the validation split when training ended (maximum F1)."""
+
+    per_class: tuple[float, ...]
+    """Per class in ``class_names`` order, the threshold maximising that class's F1 on the split
+    (``mlcore.evaluation.f1_optimal_thresholds``); a class without positives there gets
+    ``single``."""
+    single: float
+    """The one global threshold maximising micro-F1 (OF1) on the split."""
+    split: str = "val"
+    """The split they were chosen on; metrics with them on that split are optimistic."""
+
+    def __post_init__(self) -> None:
+        values = np.array([*self.per_class, self.single], dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise BundleError("bundle thresholds must be finite numbers")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelBundle:
     """A trained model as data: architecture, weights, classes and preprocessing."""
 
@@ -121,6 +147,9 @@ class ModelBundle:
     """Weights of the selected epoch."""
     class_embeddings: torch.Tensor | None = None
     """``(C, E)`` per-class embeddings (word queries), in ``class_names`` order."""
+    thresholds: ValThresholds | None = None
+    """Thresholds chosen on val at the end of training (what ``cpsd predict`` uses by default);
+    None in bundles written before cpsd stored them."""
     metadata: dict[str, Any] = field(default_factory=dict)
     """JSON-able facts about the training run (best epoch, metrics, training positives)."""
     cpsd_version: str = field(default_factory=product_version)
@@ -137,19 +166,53 @@ class ModelBundle:
                 f"class_embeddings must be (num_classes={len(self.class_names)}, E), "
                 f"got {tuple(emb.shape)}"
             )
+        if self.thresholds is not None and len(self.thresholds.per_class) != self.num_classes:
+            raise BundleError(
+                f"the bundle has {len(self.thresholds.per_class)} per-class thresholds for "
+                f"{self.num_classes} classes"
+            )
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def default_decision(self) -> Decision:
+        """The labelling rule without options: the val thresholds, else 0.5 for every class."""
+        if self.thresholds is None:
+            return Decision(0.5)
+        return Decision(np.asarray(self.thresholds.per_class))
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """SHA-256 of what the model computes: model config, class names, preprocessing,
+        weights and class embeddings (not thresholds, metadata or the writer's version)."""
+        h = hashlib.sha256()
+        described = {
+            "model": configlib.to_dict(self.model),
+            "class_names": list(self.class_names),
+            "preprocessing": dataclasses.asdict(self.preprocessing),
+        }
+        h.update(json.dumps(described, sort_keys=True).encode())
+        tensors = dict(self.state_dict)
+        if self.class_embeddings is not None:
+            tensors["\0class_embeddings"] = self.class_embeddings
+        for key in sorted(tensors):
+            tensor = tensors[key].detach().cpu().contiguous()
+            h.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
     def header(self) -> dict[str, Any]:
-        return {
+        header = {
             "cpsd_version": self.cpsd_version,
             "model": configlib.to_dict(self.model),
             "class_names": list(self.class_names),
             "preprocessing": dataclasses.asdict(self.preprocessing),
             "metadata": self.metadata,
         }
+        if self.thresholds is not None:
+            header["thresholds"] = dataclasses.asdict(self.thresholds)
+        return header
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (a crash never leaves half a bundle); returns the path."""
@@ -209,7 +272,12 @@ def load_bundle(path: str | os.PathLike) -> ModelBundle:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, UnpicklingError, EOFError, zipfile.BadZipFile, OSError) as err:
-        raise BundleError(f"{path} is not a readable model bundle (corrupt?): {err}") from err
+        # torch's own text spans lines and suggests weights_only=False, which would run
+        # whatever the file holds: the error names the kind of failure only.
+        raise BundleError(
+            f"{path} is not a readable model bundle: corrupt, truncated, or not a file cpsd "
+            f"wrote ({type(err).__name__})"
+        ) from err
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         hint = (
             " (a training checkpoint: use the model.bundle.pt next to it, or its directory)"
@@ -239,6 +307,7 @@ def load_bundle(path: str | os.PathLike) -> ModelBundle:
             ),
             state_dict=raw["state_dict"],
             class_embeddings=raw.get("embeddings"),
+            thresholds=_thresholds_of(header),
             metadata=header.get("metadata", {}),
             cpsd_version=written_by,
         )
@@ -252,6 +321,17 @@ def load_bundle(path: str | os.PathLike) -> ModelBundle:
             raise BundleError(f"{path}: {err}") from err
         raise BundleError(f"{path}: damaged bundle header ({type(err).__name__}: {err})") from err
     return bundle
+
+
+def _thresholds_of(header: dict[str, Any]) -> ValThresholds | None:
+    found = header.get("thresholds")
+    if found is None:
+        return None
+    return ValThresholds(
+        per_class=tuple(float(t) for t in found["per_class"]),
+        single=float(found["single"]),
+        split=str(found["split"]),
+    )
 
 
 # ---------------------------------------------------------------------------------------------

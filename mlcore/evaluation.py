@@ -18,6 +18,10 @@ multi-hot ``targets`` (N, C); ``cpsd evaluate`` produces them from a model bundl
   between the lowest score it admits and the highest one it rejects. They are fitted to the
   split they are computed on, so they must be chosen on ``val`` and the metrics they give
   reported on another split (``cpsd evaluate --thresholds``).
+* **Validation thresholds** (:func:`choose_thresholds`): training stores per-class thresholds
+  and one global threshold (maximum micro-F1 over the sweep grid) in the model bundle.
+* **Thresholds files** record the model they were fitted to (:class:`ModelIdentity`: the
+  bundle's digest and class names); reading one for another model is refused.
 """
 
 from __future__ import annotations
@@ -44,12 +48,20 @@ from mlcore.metrics import (
 )
 
 THRESHOLDS_FORMAT = "cpsd.thresholds"
+THRESHOLDS_VERSION = 2  # 2: names its model (digest and class names)
 SWEEP_THRESHOLDS = np.round(np.arange(0.01, 1.0, 0.01), 2)
 TOP_K = (3, 5)
 
 
 class ThresholdsError(ValueError):
-    """A thresholds file is not one ``cpsd evaluate`` wrote, or lacks a class of the model."""
+    """A thresholds file is not one ``cpsd evaluate`` wrote, or was written for another model."""
+
+
+class ModelIdentity(NamedTuple):
+    """Which model a thresholds file belongs to."""
+
+    digest: str  # mlcore.bundle.ModelBundle.digest
+    class_names: tuple[str, ...]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,6 +179,19 @@ def f1_optimal_thresholds(
     return thresholds, best_f1
 
 
+def choose_thresholds(scores: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndarray]:
+    """The global threshold maximising micro-F1 (OF1) on the sweep grid, and per-class
+    F1-maximising thresholds (a class without positives gets the global one).
+
+    Returns:
+        ``single`` and ``per_class`` (C,).
+    """
+    sweep = threshold_sweep(scores, targets)
+    single = float(sweep["threshold"][int(np.argmax(sweep["OF1"]))])
+    per_class, _ = f1_optimal_thresholds(scores, targets, default=single)
+    return single, per_class
+
+
 def precision_recall_curve(scores: np.ndarray, positive: np.ndarray):
     """Recall and precision at every cut between distinct scores of one class (for plots)."""
     order = np.argsort(-scores, kind="stable")
@@ -218,6 +243,7 @@ class EvaluationFiles:
     pr_curves_png: Path
     sweep_png: Path
     thresholds_json: Path | None
+    fixed_report: dict[str, float] | None = None  # CP ... OF1 at the fixed per-class thresholds
 
     def paths(self) -> list[Path]:
         files = [self.report_json, self.per_class_csv, self.pr_curves_png, self.sweep_png]
@@ -287,28 +313,25 @@ def plot_pr_curves(
     return path
 
 
-def plot_threshold_sweep(sweep: dict[str, np.ndarray], path: str | os.PathLike, title: str = ""):
-    """CF1 and OF1 (with CP/CR/OP/OR faint) against the global threshold; maxima marked."""
-    fig = Figure(figsize=(7, 4.4))
+def sweep_figure(sweep: dict[str, np.ndarray], title: str = "") -> Figure:
+    """CF1 and OF1 (with CP/CR/OP/OR faint) against the global threshold; maxima marked.
+
+    Every label is a legend entry beside the axes (the maxima too), so no text lands on a curve
+    or on another label, however close the maxima are.
+    """
+    fig = Figure(figsize=(7.6, 4.4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     t = sweep["threshold"]
     for key, colour in (("CF1", "#e6550d"), ("OF1", "#3182bd")):
-        ax.plot(t, sweep[key], color=colour, label=key, linewidth=2)
         best = int(np.argmax(sweep[key]))
+        label = f"{key} (max {sweep[key][best]:.3f} at {t[best]:.2f})"
+        ax.plot(t, sweep[key], color=colour, label=label, linewidth=2)
         ax.plot(t[best], sweep[key][best], "o", color=colour)
-        ax.annotate(
-            f"{key} max {sweep[key][best]:.3f} at {t[best]:.2f}",
-            (t[best], sweep[key][best]),
-            textcoords="offset points",
-            xytext=(6, 6),
-            fontsize=8,
-            color=colour,
-        )
     for key, colour in (("CP", "#e6550d"), ("CR", "#e6550d"), ("OP", "#3182bd"), ("OR", "#3182bd")):
         style = "--" if key.endswith("P") else ":"
         ax.plot(t, sweep[key], style, color=colour, alpha=0.45, linewidth=1, label=key)
-    ax.axvline(0.5, color="grey", linewidth=0.8)
+    ax.axvline(0.5, color="grey", linewidth=0.8, label="threshold 0.5")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("global threshold on the sigmoid probability")
@@ -316,8 +339,13 @@ def plot_threshold_sweep(sweep: dict[str, np.ndarray], path: str | os.PathLike, 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(title or "Thresholded metrics against the global threshold")
+    return fig
+
+
+def plot_threshold_sweep(sweep: dict[str, np.ndarray], path: str | os.PathLike, title: str = ""):
+    """:func:`sweep_figure` as a PNG."""
     path = Path(path)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    sweep_figure(sweep, title).savefig(path, dpi=120, bbox_inches="tight")
     return path
 
 
@@ -332,10 +360,10 @@ def write_evaluation(
     threshold: float = 0.5,
     fixed_thresholds: np.ndarray | None = None,
     fixed_thresholds_from: str | None = None,
-    thresholds_file: bool = True,
+    model: ModelIdentity | None = None,
 ) -> EvaluationFiles:
     """Write ``report.json``, ``per_class.csv``, ``pr_curves.png``, ``threshold_sweep.png`` and
-    (unless ``thresholds_file`` is False) ``thresholds.json``.
+    (given ``model``) ``thresholds.json``.
 
     Args:
         out_dir: Output directory (created).
@@ -348,7 +376,8 @@ def write_evaluation(
         fixed_thresholds: Per-class thresholds chosen elsewhere; their CP ... OF1 are added to
             the report under ``per_class_thresholds``.
         fixed_thresholds_from: Where those came from (recorded).
-        thresholds_file: Also write the F1-maximising thresholds of this split.
+        model: The model the scores come from, when ``class_names`` are all its classes in its
+            order: the F1-maximising thresholds of this split are written for it.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -383,11 +412,10 @@ def write_evaluation(
             for key in ("CF1", "OF1")
         },
     }
+    fixed_report = None
     if fixed_thresholds is not None:
-        doc["per_class_thresholds"] = {
-            "from": fixed_thresholds_from,
-            "metrics": metrics_at(scores, targets, fixed_thresholds),
-        }
+        fixed_report = metrics_at(scores, targets, fixed_thresholds)
+        doc["per_class_thresholds"] = {"from": fixed_thresholds_from, "metrics": fixed_report}
     report_json = out / "report.json"
     report_json.write_text(json.dumps(doc, indent=1))
 
@@ -405,11 +433,15 @@ def write_evaluation(
         sweep, out / "threshold_sweep.png", f"Thresholded metrics vs global threshold ({what})"
     )
     thresholds_json = None
-    if thresholds_file:
+    if model is not None:
+        if tuple(class_names) != tuple(model.class_names):
+            raise ValueError("thresholds are written for all of the model's classes, in order")
         thresholds_json = write_thresholds(
-            out / "thresholds.json", class_names, best_thresholds, split=split, f1=best_f1
+            out / "thresholds.json", model, best_thresholds, split=split, f1=best_f1
         )
-    return EvaluationFiles(report, report_json, per_class_csv, pr_png, sweep_png, thresholds_json)
+    return EvaluationFiles(
+        report, report_json, per_class_csv, pr_png, sweep_png, thresholds_json, fixed_report
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,26 +450,29 @@ def write_evaluation(
 
 def write_thresholds(
     path: str | os.PathLike,
-    class_names: Sequence[str],
+    model: ModelIdentity,
     thresholds: np.ndarray,
     *,
     split: str,
     f1: np.ndarray | None = None,
 ) -> Path:
-    """A per-class thresholds file (JSON, keyed by class name) that ``cpsd predict`` reads."""
+    """A per-class thresholds file (JSON, keyed by class name) for ``model`` alone."""
     path = Path(path)
     doc = {
         "format": THRESHOLDS_FORMAT,
-        "version": 1,
+        "version": THRESHOLDS_VERSION,
+        "model_digest": model.digest,
+        "class_names": list(model.class_names),
         "chosen_on_split": split,
         "note": "chosen to maximise each class's F1 on this split; do not report metrics "
         "computed with them on the same split",
-        "thresholds": {n: float(t) for n, t in zip(class_names, thresholds, strict=True)},
+        "thresholds": {n: float(t) for n, t in zip(model.class_names, thresholds, strict=True)},
     }
     if f1 is not None:
         # JSON has no NaN: a class without positives has no F1 (null).
         doc["f1"] = {
-            n: None if math.isnan(v) else float(v) for n, v in zip(class_names, f1, strict=True)
+            n: None if math.isnan(v) else float(v)
+            for n, v in zip(model.class_names, f1, strict=True)
         }
     path.write_text(json.dumps(doc, indent=1))
     return path
@@ -446,17 +481,33 @@ def write_thresholds(
 class Thresholds(NamedTuple):
     """Per-class thresholds read back, and the split they were chosen on."""
 
-    values: np.ndarray  # (C,) in the order asked for
+    values: np.ndarray  # (C,) in the model's class order
     chosen_on_split: str
 
 
-def read_thresholds(path: str | os.PathLike, class_names: Sequence[str]) -> Thresholds:
-    """Thresholds for ``class_names`` (in that order) from a :func:`write_thresholds` file.
+def name_difference(
+    first: str, first_names: Sequence[str], second: str, second_names: Sequence[str]
+) -> str:
+    """``only in A: [...]; only in B: [...]`` (at most 5 names each), or empty if the sets match."""
+    parts = []
+    for label, mine, theirs in (
+        (first, first_names, set(second_names)),
+        (second, second_names, set(first_names)),
+    ):
+        only = [n for n in mine if n not in theirs]
+        if only:
+            more = f" and {len(only) - 5} more" if len(only) > 5 else ""
+            parts.append(f"{len(only)} only in {label}: {only[:5]}{more}")
+    return "; ".join(parts)
+
+
+def read_thresholds(path: str | os.PathLike, model: ModelIdentity) -> Thresholds:
+    """Thresholds for ``model``'s classes (in its order) from a :func:`write_thresholds` file.
 
     Raises:
         FileNotFoundError: No such file.
-        ThresholdsError: Not a thresholds file, a class of the model is missing from it, or a
-            value is not a finite number.
+        ThresholdsError: Not a thresholds file, one that does not name its model, one written
+            for another model (other digest or classes), or a value that is not a finite number.
     """
     path = Path(path)
     if not path.is_file():
@@ -467,15 +518,22 @@ def read_thresholds(path: str | os.PathLike, class_names: Sequence[str]) -> Thre
         raise ThresholdsError(f"{path} is not JSON: {err}") from err
     if not isinstance(doc, Mapping) or doc.get("format") != THRESHOLDS_FORMAT:
         raise ThresholdsError(f"{path} is not a thresholds file written by cpsd evaluate")
-    table = doc.get("thresholds", {})
-    missing = [n for n in class_names if n not in table]
-    if missing:
+    if doc.get("version") != THRESHOLDS_VERSION or "model_digest" not in doc:
         raise ThresholdsError(
-            f"{path} has no threshold for {len(missing)} of the model's classes "
-            f"(e.g. {missing[:5]}); was it written for another model?"
+            f"{path} does not say which model it was fitted to (written by an older cpsd); "
+            "run cpsd evaluate with this model to write a new one"
+        )
+    table = doc.get("thresholds", {})
+    difference = name_difference("the file", list(table), "the model", model.class_names)
+    if difference:
+        raise ThresholdsError(f"{path} was written for a model with other classes ({difference})")
+    if doc["model_digest"] != model.digest:
+        raise ThresholdsError(
+            f"{path} was fitted to another model (digest {str(doc['model_digest'])[:12]}, this "
+            f"model {model.digest[:12]}); run cpsd evaluate with this model for its thresholds"
         )
     try:
-        values = np.array([float(table[n]) for n in class_names])
+        values = np.array([float(table[n]) for n in model.class_names])
     except (TypeError, ValueError) as err:
         raise ThresholdsError(f"{path}: a threshold is not a number ({err})") from err
     if not np.isfinite(values).all():

@@ -19,7 +19,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from mlcore.bundle import BUNDLE_FILE, ModelBundle, Preprocessing, class_embeddings_of
+from mlcore.bundle import (
+    BUNDLE_FILE,
+    ModelBundle,
+    Preprocessing,
+    ValThresholds,
+    class_embeddings_of,
+)
 from mlcore.config import DataConfig, ExperimentConfig, LossConfig, TrainConfig
 from mlcore.configlib import ConfigError
 from mlcore.data.dataset import (
@@ -32,6 +38,7 @@ from mlcore.data.embeddings import DATASET_FILE, dataset_class_embeddings
 from mlcore.data.manifest import Manifest, ManifestError, is_uri, read_info
 from mlcore.data.sampler import ClassAwareSampler
 from mlcore.data.synth import ensure_generated
+from mlcore.evaluation import choose_thresholds
 from mlcore.fingerprint import config_content, file_digest, split_digest, stable_hash
 from mlcore.losses import build_asymmetry_controller, build_loss
 from mlcore.losses.orderless import TeacherForcing
@@ -384,7 +391,9 @@ def write_training_bundle(
     """``model.bundle.pt`` beside ``best.pt``: the selected weights and all that describes them.
 
     The metadata records the training positives per output class, which ``cpsd evaluate``
-    buckets into head/medium/tail, and the dataset, which it evaluates on by default.
+    buckets into head/medium/tail, and the dataset, which it evaluates on by default. The
+    thresholds are chosen on the selected weights' validation scores (``cpsd predict``'s
+    default rule).
     """
     names = manifest.class_names
     subset = list(class_subset) if class_subset is not None else list(range(len(names)))
@@ -408,12 +417,22 @@ def write_training_bundle(
             "val_split": cfg.data.val_split,
         },
     }
+    thresholds = None
+    # Thresholds need validation scores, one column per output class, with a positive; a
+    # head whose evaluator scores other columns gets none rather than a failed training.
+    scores = result.val_scores
+    if scores is not None and scores.shape[1] == len(subset) and result.val_targets.any():
+        single, per_class = choose_thresholds(scores, result.val_targets)
+        thresholds = ValThresholds(
+            per_class=tuple(float(t) for t in per_class), single=single, split=cfg.data.val_split
+        )
     bundle = ModelBundle(
         model=cfg.model,
         class_names=tuple(names[c] for c in subset),
         preprocessing=Preprocessing(image_size=cfg.data.image_size),
         state_dict=load_checkpoint(result.best_checkpoint)["model"],
         class_embeddings=class_embeddings_of(model),
+        thresholds=thresholds,
         metadata=metadata,
     )
     return bundle.save(result.out_dir / BUNDLE_FILE)

@@ -50,6 +50,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mlcore.config import TrainConfig
+from mlcore.errors import ResumeMismatchError
 from mlcore.metrics import multilabel_report
 from mlcore.swa import WeightAveraging
 
@@ -61,10 +62,6 @@ PENDING = ".next"  # suffix of a best checkpoint staged but not yet recorded (se
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the message names the epoch, step and last good checkpoint."""
-
-
-class ResumeMismatchError(ValueError):
-    """``out_dir`` holds the checkpoint of a run with another fingerprint (another config)."""
 
 
 class Batch(NamedTuple):

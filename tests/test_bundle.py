@@ -20,6 +20,7 @@ from mlcore.bundle import (
     ModelBundle,
     Preprocessing,
     UnreadableImage,
+    ValThresholds,
     class_embeddings_of,
     load_bundle,
     read_image,
@@ -66,6 +67,24 @@ def test_round_trip_rebuilds_the_same_model(head, tmp_path):
         assert torch.equal(loaded.build_model()(images), model(images))
 
 
+def test_thresholds_round_trip_and_the_digest_names_the_computation(tmp_path):
+    stored = ValThresholds(per_class=(0.3, 0.4, 0.5, 0.6), single=0.45)
+    bundle, _ = make_bundle(thresholds=stored)
+    loaded = load_bundle(bundle.save(tmp_path / "b.pt"))
+    assert loaded.thresholds == stored and loaded.digest == bundle.digest
+    assert len(bundle.digest) == 64
+    # Metadata and thresholds describe the model; they do not change what it computes.
+    relabelled = dataclasses.replace(bundle, metadata={"best_epoch": 9}, thresholds=None)
+    assert relabelled.digest == bundle.digest
+    weights = dict(bundle.state_dict)
+    key = next(iter(weights))
+    weights[key] = weights[key] + 1e-3
+    assert dataclasses.replace(bundle, state_dict=weights).digest != bundle.digest
+    assert dataclasses.replace(bundle, class_names=NAMES[::-1]).digest != bundle.digest
+    with pytest.raises(BundleError, match="3 per-class thresholds for 4 classes"):
+        make_bundle(thresholds=ValThresholds(per_class=(0.5,) * 3, single=0.5))
+
+
 def test_pretrained_model_config_does_not_download_on_load(tmp_path, monkeypatch):
     bundle, _ = make_bundle()
     bundle = dataclasses.replace(bundle, model=dataclasses.replace(bundle.model, pretrained=True))
@@ -89,8 +108,22 @@ def test_nothing_is_unpickled(tmp_path):
     payload = torch.load(bundle.save(tmp_path / "good.pt"), weights_only=True)
     payload["extra"] = Preprocessing(image_size=8)  # a class instance: needs the unpickler
     torch.save(payload, tmp_path / "evil.pt")
-    with pytest.raises(BundleError, match="not a readable model bundle"):
+    with pytest.raises(BundleError, match="not a readable model bundle") as refused:
         load_bundle(tmp_path / "evil.pt")
+    assert "weights_only" not in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_random_bytes_are_one_line_without_the_unsafe_hint(tmp_path):
+    """torch's own message spans lines and suggests weights_only=False; ours does neither."""
+    path = tmp_path / "random.pt"
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(BundleError) as refused:
+        load_bundle(path)
+    message = str(refused.value)
+    assert message == (
+        f"{path} is not a readable model bundle: corrupt, truncated, or not a file cpsd wrote "
+        "(UnpicklingError)"
+    )
 
 
 def test_corrupt_foreign_and_future_files_are_clear_errors(tmp_path):

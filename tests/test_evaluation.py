@@ -1,18 +1,23 @@
 """Evaluation helpers against brute force and against multilabel_report."""
 
 import csv
+import itertools
 import json
 
 import numpy as np
 import pytest
+from matplotlib.text import Text
 
 from mlcore.evaluation import (
     SWEEP_THRESHOLDS,
+    ModelIdentity,
     ThresholdsError,
+    choose_thresholds,
     evaluation_report,
     f1_optimal_thresholds,
     metrics_at,
     read_thresholds,
+    sweep_figure,
     threshold_sweep,
     write_evaluation,
     write_thresholds,
@@ -89,6 +94,7 @@ def test_write_evaluation_files_and_thresholds_round_trip(tmp_path):
         train_counts=[150, 50, 10, 200, 30, 5, 1],
         fixed_thresholds=np.full(len(names), 0.5),
         fixed_thresholds_from="test",
+        model=ModelIdentity("d" * 64, tuple(names)),
     )
     doc = json.loads(files.report_json.read_text())
     assert doc["metrics"]["mAP"] == pytest.approx(multilabel_report(scores, targets)["mAP"])
@@ -100,18 +106,62 @@ def test_write_evaluation_files_and_thresholds_round_trip(tmp_path):
     assert len(rows) == len(names) and rows[-1]["AP"] == ""  # the class without positives
     for png in (files.pr_curves_png, files.sweep_png):
         assert png.read_bytes()[:4] == b"\x89PNG"
-    thresholds = read_thresholds(files.thresholds_json, list(reversed(names)))
+    assert files.fixed_report == doc["per_class_thresholds"]["metrics"]
+    thresholds = read_thresholds(files.thresholds_json, ModelIdentity("d" * 64, names[::-1]))
     assert thresholds.chosen_on_split == "val"
     expected, _ = f1_optimal_thresholds(scores, targets)
     assert np.allclose(thresholds.values, expected[::-1])
 
 
 def test_thresholds_file_errors(tmp_path):
-    path = write_thresholds(tmp_path / "t.json", ["a", "b"], np.array([0.3, 0.7]), split="val")
-    with pytest.raises(ThresholdsError, match=r"no threshold for 1 of the model's classes.*'c'"):
-        read_thresholds(path, ["a", "c"])
+    model = ModelIdentity("a" * 64, ("a", "b"))
+    path = write_thresholds(tmp_path / "t.json", model, np.array([0.3, 0.7]), split="val")
+    assert read_thresholds(path, model).values.tolist() == [0.3, 0.7]
+    for other, message in [
+        (model._replace(class_names=("a", "c")), r"other classes \(1 only in the file: \['b'\]; "),
+        (model._replace(class_names=("a",)), r"other classes \(1 only in the file: \['b'\]\)"),
+        (model._replace(digest="b" * 64), "fitted to another model .digest aaaaaaaaaaaa, this"),
+    ]:
+        with pytest.raises(ThresholdsError, match=message) as refused:
+            read_thresholds(path, other)
+        assert "\n" not in str(refused.value)
+    old = json.loads(path.read_text())
+    del old["model_digest"]
+    (tmp_path / "old.json").write_text(json.dumps({**old, "version": 1}))
+    with pytest.raises(ThresholdsError, match="does not say which model it was fitted to"):
+        read_thresholds(tmp_path / "old.json", model)
     (tmp_path / "other.json").write_text('{"thresholds": {}}')
     with pytest.raises(ThresholdsError, match="not a thresholds file"):
-        read_thresholds(tmp_path / "other.json", ["a"])
+        read_thresholds(tmp_path / "other.json", model)
     with pytest.raises(FileNotFoundError):
-        read_thresholds(tmp_path / "absent.json", ["a"])
+        read_thresholds(tmp_path / "absent.json", model)
+
+
+def test_choose_thresholds_maximise_micro_f1_and_each_class_f1():
+    scores, targets = scored(5, ties=False)
+    single, per_class = choose_thresholds(scores, targets)
+    micro_f1 = [multilabel_report(scores, targets, t)["OF1"] for t in SWEEP_THRESHOLDS]
+    assert multilabel_report(scores, targets, single)["OF1"] == pytest.approx(max(micro_f1))
+    best, _ = f1_optimal_thresholds(scores, targets)
+    has_positives = targets.any(axis=0)
+    assert np.array_equal(per_class[has_positives], best[has_positives])
+    assert (per_class[~has_positives] == single).all() and (~has_positives).any()
+
+
+def test_sweep_plot_labels_never_overlap_and_name_the_half_line():
+    """CF1 and OF1 maxima a hundredth apart used to be two annotations on top of each other."""
+    rng = np.random.default_rng(3)
+    targets = (rng.random((200, 5)) < 0.3).astype(np.int64)
+    scores = np.clip(0.45 + 0.1 * targets + rng.normal(0, 0.05, targets.shape), 0, 1)
+    sweep = threshold_sweep(scores, targets)
+    best = {k: sweep["threshold"][np.argmax(sweep[k])] for k in ("CF1", "OF1")}
+    assert abs(best["CF1"] - best["OF1"]) <= 0.03  # the case that overlapped
+    fig = sweep_figure(sweep, "title")
+    fig.canvas.draw()  # lays out the legend and tick labels
+    renderer = fig.canvas.get_renderer()
+    texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    for i, j in itertools.combinations(range(len(texts)), 2):
+        assert not boxes[i].overlaps(boxes[j]), (texts[i].get_text(), texts[j].get_text())
+    (legend,) = [a.get_legend() for a in fig.axes]
+    assert "threshold 0.5" in [t.get_text() for t in legend.get_texts()]

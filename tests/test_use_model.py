@@ -6,6 +6,7 @@ every test of this module.
 
 import base64
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -27,17 +28,40 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from mlcore import configlib
-from mlcore.bundle import BUNDLE_FILE, Classifier, Decision, ModelBundle, Preprocessing, load_bundle
-from mlcore.config import MLDecoderConfig, ModelConfig
+from mlcore.bundle import (
+    BUNDLE_FILE,
+    Classifier,
+    Decision,
+    ModelBundle,
+    Preprocessing,
+    ValThresholds,
+    load_bundle,
+)
+from mlcore.config import MLDecoderConfig, ModelConfig, SynthConfig
 from mlcore.data.dataset import MultiLabelDataset
 from mlcore.data.manifest import Manifest, manifest_digest
-from mlcore.evaluation import read_thresholds
+from mlcore.data.synth import default_class_names, generate
+from mlcore.evaluation import (
+    ModelIdentity,
+    choose_thresholds,
+    metrics_at,
+    read_thresholds,
+    write_thresholds,
+)
 from mlcore.export import HEAD_ADAPTERS, ExportError, export_bundle
 from mlcore.metrics import multilabel_report
 from mlcore.models import build_model_from_config
 from mlcore.train import predict
 from workflows.cli import run
-from workflows.mlflow_model import model_uri, open_bundle
+from workflows.mlflow_model import (
+    IMAGE_ROOT_KEY,
+    INFERENCE_CONFIG_ENV,
+    PATH_OFF,
+    PATH_REFUSED,
+    model_uri,
+    open_bundle,
+    servable_model,
+)
 from workflows.model_commands import manifest_inputs
 from workflows.tracking import (
     ROLE_TAG,
@@ -112,6 +136,11 @@ def test_bundle_reproduces_the_selected_weights(trained):
     assert meta["best_epoch"] == 1 and meta["train_images"] == 320
     assert meta["train_positives"] == trained.manifest.positives_per_class("train").tolist()
     assert trained.bundle.class_names == trained.manifest.class_names
+    with np.load(trained.out / "val_scores.npz") as val:
+        single, per_class = choose_thresholds(val["scores"], val["targets"])
+    assert trained.bundle.thresholds == ValThresholds(
+        per_class=tuple(per_class.tolist()), single=single, split="val"
+    )
 
 
 def test_predict_images_folders_stdin_and_skips(trained, tmp_path, capsys, monkeypatch):
@@ -148,6 +177,7 @@ def test_evaluate_then_predict_a_split_with_its_thresholds(trained, tmp_path, ca
     assert {"mAP", "CP", "CR", "CF1", "OP", "OR", "OF1", "F1@3", "F1@5"} <= set(report["metrics"])
     assert report["metrics"]["mAP"] == pytest.approx(trained.run.data.metrics["best_val_mAP"])
     assert sum(report["buckets"]["classes"].values()) == 10
+    assert "per_class_thresholds" not in report  # the bundle's were chosen on val itself
     for name in ("per_class.csv", "pr_curves.png", "threshold_sweep.png", "thresholds.json"):
         assert (ev / name).stat().st_size > 0
 
@@ -156,9 +186,34 @@ def test_evaluate_then_predict_a_split_with_its_thresholds(trained, tmp_path, ca
     shift = tmp_path / "shift"
     argv = ["evaluate", "--model", str(trained.out), "--thresholds", thresholds_file]
     assert cli(*argv, "--split", "test_shift", "--out", str(shift)) == 0
-    assert "per_class_thresholds" in json.loads((shift / "report.json").read_text())
+    fixed = json.loads((shift / "report.json").read_text())["per_class_thresholds"]["metrics"]
+    printed = capsys.readouterr().out
+    heading = f"test_shift, per-class thresholds from {thresholds_file} (chosen on val):"
+    figures = printed.split(heading)[1].split("wrote")[0]
+    assert [line.split()[0] for line in figures.strip().splitlines()] == list(fixed)
+    for line in figures.strip().splitlines():
+        key, value = line.split()
+        assert float(value) == pytest.approx(100 * fixed[key], abs=0.006)
     assert cli(*argv, "--out", str(tmp_path / "again")) == 2
     assert "chosen on 'val'" in capsys.readouterr().err
+
+    # Without --thresholds, another split is also reported at the bundle's own val thresholds.
+    own = tmp_path / "own"
+    assert cli("evaluate", "--model", str(trained.out), "--split", "test", "--out", str(own)) == 0
+    assert "test, per-class thresholds from the model's own (chosen on val):" in (
+        capsys.readouterr().out
+    )
+    batches = Classifier(trained.bundle, "cpu").iter_scores(
+        manifest_inputs(trained.dataset, "test").sources
+    )
+    scores = np.concatenate([b.scores for b in batches])
+    rows = trained.manifest.split_rows("test")
+    targets = np.zeros_like(scores)
+    for i, labels in enumerate(trained.manifest.table.take(rows).column("labels").to_pylist()):
+        targets[i, labels] = 1
+    expected = metrics_at(scores, targets, np.array(trained.bundle.thresholds.per_class))
+    got = json.loads((own / "report.json").read_text())["per_class_thresholds"]["metrics"]
+    assert got == pytest.approx(expected, abs=1e-6)
 
     out = tmp_path / "shift.csv"
     argv = ["predict", "--model", str(trained.out / BUNDLE_FILE), "--out", str(out)]
@@ -169,10 +224,128 @@ def test_evaluate_then_predict_a_split_with_its_thresholds(trained, tmp_path, ca
     sources = manifest_inputs(trained.dataset, "test_shift").sources
     classifier = Classifier(trained.bundle, "cpu")
     scores = np.concatenate([b.scores for b in classifier.iter_scores(sources)])
-    values = read_thresholds(thresholds_file, trained.bundle.class_names).values
+    identity = ModelIdentity(trained.bundle.digest, trained.bundle.class_names)
+    values = read_thresholds(thresholds_file, identity).values
     for row, chosen in zip(rows, Decision(values).select(scores), strict=True):
         labels = row["labels"].split(";") if row["labels"] else []
         assert labels == [trained.bundle.class_names[c] for c in chosen]
+
+
+def synth_dataset(root: Path, num_classes: int, seed: int, images: int = 16) -> Path:
+    """Freshly generated images like the training data's (same class names and looks)."""
+    cfg = SynthConfig(
+        num_classes=num_classes,
+        num_train=images,
+        num_val=8,
+        num_test=0,
+        image_size=32,
+        num_topics=3,
+        seed=seed,
+    )
+    return generate(cfg, root)
+
+
+def micro_f1(labels_file: Path, manifest: Manifest, split: str) -> float:
+    rows = manifest.table.take(manifest.split_rows(split))
+    truth = {
+        image: {manifest.class_names[c] for c in labels}
+        for image, labels in zip(
+            rows.column("image_id").to_pylist(), rows.column("labels").to_pylist(), strict=True
+        )
+    }
+    hits = predicted = 0
+    for line in labels_file.read_text().splitlines():
+        row = json.loads(line)
+        hits += len(set(row["labels"]) & truth[row["image"]])
+        predicted += len(row["labels"])
+    actual = sum(len(labels) for labels in truth.values())
+    return 2 * hits / (predicted + actual)
+
+
+def test_predict_uses_the_bundles_val_thresholds_and_beats_one_half(trained, tmp_path, capsys):
+    """Issue 21: no threshold option -> the bundle's val thresholds, said in the first line,
+    and a higher micro-F1 on fresh generated images than --threshold 0.5."""
+    fresh = Manifest.load(synth_dataset(tmp_path / "fresh", 10, seed=123, images=200))
+    base = ["predict", "--model", str(trained.out), "--manifest", str(fresh.root)]
+    base += ["--split", "train"]
+    default, half = tmp_path / "default.jsonl", tmp_path / "half.jsonl"
+    assert cli(*base, "--out", str(default)) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("labels: the model's per-class thresholds, chosen on val")
+    assert cli(*base, "--out", str(half), "--threshold", "0.5") == 0
+    assert capsys.readouterr().out.splitlines()[0] == "labels: one threshold, 0.5"
+    assert micro_f1(default, fresh, "train") > micro_f1(half, fresh, "train")
+
+    # The labels are exactly the bundle's per-class rule.
+    classifier = Classifier(trained.bundle, "cpu")
+    sources = manifest_inputs(fresh.root, "train").sources
+    scores = np.concatenate([b.scores for b in classifier.iter_scores(sources)])
+    expected = Decision(np.array(trained.bundle.thresholds.per_class)).select(scores)
+    rows = [json.loads(line) for line in default.read_text().splitlines()]
+    for row, chosen in zip(rows, expected, strict=True):
+        assert row["labels"] == [trained.bundle.class_names[c] for c in chosen]
+
+
+def test_thresholds_of_another_model_are_refused(trained, tmp_path, capsys):
+    """Issue 20: a thresholds file names its model; another model's file is one line, exit 2."""
+    bundle = trained.bundle
+    weights = {k: v + 0.01 if v.is_floating_point() else v for k, v in bundle.state_dict.items()}
+    other = dataclasses.replace(bundle, state_dict=weights).save(tmp_path / "other.bundle.pt")
+    own = write_thresholds(
+        tmp_path / "own.json",
+        ModelIdentity(bundle.digest, bundle.class_names),
+        np.full(bundle.num_classes, 0.4),
+        split="val",
+    )
+    wider_names = (*bundle.class_names, *(f"extra{i}" for i in range(10)))
+    wider = write_thresholds(
+        tmp_path / "wider.json",
+        ModelIdentity("0" * 64, wider_names),
+        np.full(20, 0.4),
+        split="val",
+    )
+    image = image_folder(trained, tmp_path, count=1)[0]
+    out = str(tmp_path / "p.jsonl")
+    predict = ["predict", "--images", str(image), "--out", out]
+    evaluate = ["evaluate", "--split", "test", "--out", str(tmp_path / "ev")]
+    assert cli(*predict, "--model", str(trained.out), "--thresholds", str(own)) == 0
+    capsys.readouterr()
+    for argv, model, file, message in [
+        (predict, other, own, f"{own} was fitted to another model (digest {bundle.digest[:12]}"),
+        (evaluate, other, own, f"{own} was fitted to another model"),
+        (predict, trained.out, wider, "other classes (10 only in the file: ['extra0', "),
+        (evaluate, trained.out, wider, "other classes (10 only in the file"),
+    ]:
+        assert cli(*argv, "--model", str(model), "--thresholds", str(file)) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
+def test_evaluate_on_other_classes_is_an_error_unless_intersect(trained, tmp_path, capsys):
+    """Issue 20: a 10-class model on 12- or 8-class data names the difference; intersect
+    evaluates the shared classes and says so."""
+    wider = synth_dataset(tmp_path / "wider", 12, seed=5)
+    narrower = synth_dataset(tmp_path / "narrower", 8, seed=5)
+    names = trained.bundle.class_names
+    base = ["evaluate", "--model", str(trained.out), "--split", "val"]
+    for data, message in [
+        (wider, f"2 only in the dataset: {list(default_class_names(12)[10:])}"),
+        (narrower, f"2 only in the model: {list(names[8:])}"),
+    ]:
+        assert cli(*base, "--manifest", str(data), "--out", str(tmp_path / "refused")) == 2
+        err = capsys.readouterr().err
+        assert message in err and "--classes intersect" in err and err.count("\n") == 1
+
+    for data, classes in [(wider, 10), (narrower, 8)]:
+        out = tmp_path / f"eval-{data.name}"
+        argv = [*base, "--manifest", str(data), "--out", str(out), "--classes", "intersect"]
+        assert cli(*argv) == 0
+        printed = capsys.readouterr().out
+        assert printed.startswith(f"evaluating the {classes} classes in both (--classes intersect")
+        report = json.loads((out / "report.json").read_text())
+        assert report["classes"] == classes
+        # Thresholds are written for the whole model only.
+        assert (out / "thresholds.json").exists() == (classes == 10)
 
 
 def test_every_model_reference_gives_the_same_bundle(trained, tmp_path, capsys):
@@ -195,17 +368,79 @@ def test_every_model_reference_gives_the_same_bundle(trained, tmp_path, capsys):
     assert model_uri("models:/m/latest") == "models:/m/latest"
 
     image = image_folder(trained, tmp_path, count=1)[0]
+    random_bytes = tmp_path / "random.bundle.pt"
+    random_bytes.write_bytes(np.random.default_rng(0).bytes(4096))
     out = str(tmp_path / "p.jsonl")
     base = ["predict", "--images", str(image), "--out", out]
     assert cli(*base, "--model", f"models:/{REGISTERED}@train", uri=trained.uri) == 0
+    capsys.readouterr()
     for bad, message in [
         (f"models:/{REGISTERED}/7", "--model models:/cpsd-test/7"),
         (str(tmp_path / "nowhere"), "no such file or directory"),
         (str(tmp_path), "no model.bundle.pt in"),
         (str(image), "is not a readable model bundle"),
+        (str(random_bytes), "is not a readable model bundle: corrupt, truncated, or not a file"),
     ]:
         assert cli(*base, "--model", bad, uri=trained.uri) == 2, bad
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "weights_only" not in err, err
+
+
+def test_read_only_commands_never_create_a_tracking_store(trained, tmp_path, monkeypatch, capsys):
+    """Issue 21: a registry look-up in a directory without mlflow.db leaves none behind and says
+    which store was searched and how to name another."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    model = ["--model", f"models:/{REGISTERED}@train"]
+    commands = [
+        ["predict", *model, "--images", "x.png", "--out", "p.jsonl"],
+        ["evaluate", *model, "--out", "ev"],
+        ["export", *model, "--format", "onnx", "--out", "m.onnx"],
+    ]
+    for argv in commands:
+        assert run(argv) == 2
+        err = capsys.readouterr().err
+        assert err == (
+            f"cpsd: error: --model models:/{REGISTERED}@train: there is no tracking store "
+            f"sqlite:///{tmp_path / 'mlflow.db'} (the default, ./mlflow.db); point at the store "
+            "that holds it with --tracking-uri URI or MLFLOW_TRACKING_URI\n"
+        )
+    for store, searched in [
+        ("sqlite:///other.db", f"sqlite:///{tmp_path / 'other.db'}"),
+        (f"file://{tmp_path / 'mlruns'}", f"file://{tmp_path / 'mlruns'}"),
+    ]:
+        assert run([*commands[0], "--tracking-uri", store]) == 2
+        assert f"no tracking store {searched} (--tracking-uri)" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained.uri)
+    assert run(["predict", "--model", "models:/nosuch@train", *commands[0][3:]]) == 2
+    assert capsys.readouterr().err == (
+        "cpsd: error: --model models:/nosuch@train: Registered Model with name=nosuch not "
+        f"found, in the tracking store {trained.uri} (MLFLOW_TRACKING_URI); point at the store "
+        "that holds it with --tracking-uri URI or MLFLOW_TRACKING_URI\n"
+    )
+    found = ["predict", *model, *commands[0][3:], "--tracking-uri", trained.uri]
+    assert run(found) == 1  # the model is found; x.png is skipped
+    assert list(tmp_path.iterdir()) == [tmp_path / "p.jsonl"]
+
+
+def test_a_wrong_model_fails_before_torch_or_mlflow_is_imported(tmp_path):
+    """Issue 21: failing --model look-ups took 12-16 s of imports before the error."""
+    code = (
+        "import sys; from workflows.cli import run\n"
+        "for ref in ('nosuch.pt', 'models:/a/b/c', 'models:/m@alias'):\n"
+        "    assert run(['predict', '--model', ref, '--images', 'x', '--out', 'y.jsonl']) == 2\n"
+        "print(sorted(m for m in ('torch', 'timm', 'mlflow', 'pyarrow') if m in sys.modules))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("MLFLOW_TRACKING_URI")
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[]\n"
+    assert done.stderr.count("cpsd: error: --model") == 3 and list(tmp_path.iterdir()) == []
 
 
 def test_export_onnx_and_torchscript_with_parity(trained, tmp_path, capsys):
@@ -302,25 +537,65 @@ def test_mlflow_run_has_model_datasets_source_and_final_keys(trained):
     assert f"Training run: [`{run_.info.run_id}`]" in version.description  # no pipeline
 
 
-def test_pyfunc_takes_bytes_or_paths_and_pytorch_flavour_gives_logits(trained, tmp_path):
+def test_pyfunc_takes_bytes_and_pytorch_flavour_gives_logits(trained, tmp_path, monkeypatch):
     (path,) = image_folder(trained, tmp_path, count=1)
     mlflow.set_tracking_uri(trained.uri)
     uri = f"runs:/{trained.run.info.run_id}/train"
     model = mlflow.pyfunc.load_model(uri)
-    frame = pd.DataFrame(
-        {"image": [path.read_bytes(), None, b"junk"], "path": [None, str(path), None]}
-    )
+    frame = pd.DataFrame({"image": [path.read_bytes(), b"junk"]})
     out = model.predict(frame, params={"top_k": 2})
     assert list(out.columns) == ["labels", "scores", "error"]
-    assert out["labels"][0] == out["labels"][1] and len(out["labels"][0]) == 2
-    assert out["error"][0] == "" and "not an image" in out["error"][2]
+    assert len(out["labels"][0]) == 2 and out["error"][0] == ""
+    assert "not an image" in out["error"][1]
     assert model.metadata.get_input_schema().input_names() == ["image", "path"]
+
+    # Without a threshold the bundle's own val thresholds label, as in cpsd predict.
+    ((_, scores, _),) = Classifier(trained.bundle, "cpu").iter_scores([path.read_bytes()])
+    (chosen,) = trained.bundle.default_decision().select(scores)
+    (labels,) = model.predict(frame[:1])["labels"]
+    assert list(labels) == [trained.bundle.class_names[c] for c in chosen]
 
     network = mlflow.pytorch.load_model(uri)
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         expected = trained.bundle.build_model()(images)
         assert torch.allclose(network(images), expected, atol=1e-5)
+
+
+def test_pyfunc_reads_server_files_only_under_an_allowed_root(trained, tmp_path, monkeypatch):
+    """Issue 20: paths are off by default; with a root, outside and missing look the same."""
+    (image,) = image_folder(trained, tmp_path, count=1)
+    root = image.parent
+    (root / "link.png").symlink_to("/etc/passwd")
+    monkeypatch.delenv(INFERENCE_CONFIG_ENV, raising=False)
+    mlflow.set_tracking_uri(trained.uri)
+    uri = f"runs:/{trained.run.info.run_id}/model"
+    texts = [
+        str(image),
+        image.name,
+        "/etc/passwd",
+        "../" * 12 + "etc/passwd",
+        str(root / "absent.png"),
+        "link.png",  # inside the root, pointing outside
+        "broken.png",
+    ]
+    frame = pd.DataFrame({"path": texts})
+
+    served = mlflow.pyfunc.load_model(uri).predict(frame, params={"top_k": 2})
+    assert list(served["error"]) == [PATH_OFF] * len(texts)
+    assert all(len(labels) == 0 for labels in served["labels"])
+
+    expected = mlflow.pyfunc.load_model(uri).predict(
+        pd.DataFrame({"image": [image.read_bytes()]}), params={"top_k": 2}
+    )["labels"][0]
+    by_config = mlflow.pyfunc.load_model(uri, model_config={IMAGE_ROOT_KEY: str(root)})
+    monkeypatch.setenv(INFERENCE_CONFIG_ENV, json.dumps({IMAGE_ROOT_KEY: str(root)}))
+    for model in (by_config, mlflow.pyfunc.load_model(uri)):  # the second as a server would
+        out = model.predict(frame, params={"top_k": 2})
+        assert list(out["error"][:2]) == ["", ""]
+        assert list(out["labels"][0]) == list(out["labels"][1]) == list(expected)
+        assert list(out["error"][2:6]) == [PATH_REFUSED] * 4
+        assert "not an image" in out["error"][6]  # a file under the root is read
 
 
 def _post(url: str, body: dict) -> dict:
@@ -331,17 +606,19 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
-def test_mlflow_models_serve_answers_an_image_with_labels(trained, tmp_path):
+def test_cpsd_serve_answers_an_image_with_labels(trained, tmp_path):
+    """cpsd serve works without the venv on PATH (mlflow models serve by full path did not:
+    "uvicorn: not found"), and reads server files only under --image-root."""
     (path,) = image_folder(trained, tmp_path, count=1)
     port = free_port()
     env = {
         **os.environ,
-        "MLFLOW_TRACKING_URI": trained.uri,
-        "PYTHONPATH": str(REPO),  # the pyfunc loader module is this checkout's workflows
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(REPO),  # python -m workflows.cli from this checkout
+        "PATH": "/usr/bin:/bin",  # no venv: uvicorn is not on it
     }
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "--env-manager", "local"]
-    command += ["-m", f"models:/{REGISTERED}@train", "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", "workflows.cli", "serve", "--tracking-uri", trained.uri]
+    command += ["--model", f"models:/{REGISTERED}@train", "--port", str(port)]
+    command += ["--image-root", str(path.parent)]
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 (closed below)
     # Its own process group: the server forks a uvicorn worker, stopped with it by PID.
     server = subprocess.Popen(command, env=env, stdout=log, stderr=log, start_new_session=True)
@@ -362,6 +639,12 @@ def test_mlflow_models_serve_answers_an_image_with_labels(trained, tmp_path):
         assert len(prediction["labels"]) == 3 and prediction["error"] == ""
         assert set(prediction["labels"]) <= set(trained.bundle.class_names)
         assert prediction["scores"] == sorted(prediction["scores"], reverse=True)
+
+        paths = {"dataframe_split": {"columns": ["path"], "data": [[path.name], ["/etc/passwd"]]}}
+        answer = _post(f"http://127.0.0.1:{port}/invocations", {**paths, "params": {"top_k": 3}})
+        under_root, outside = answer["predictions"]
+        assert under_root == prediction
+        assert outside == {"labels": [], "scores": [], "error": PATH_REFUSED}
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -370,6 +653,22 @@ def test_mlflow_models_serve_answers_an_image_with_labels(trained, tmp_path):
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
         log.close()
+    first_line = (tmp_path / "serve.log").read_text().splitlines()[0]
+    assert first_line.startswith(f"serving models:/{REGISTERED}@train at http://127.0.0.1:{port}/")
+
+
+def test_serve_writes_a_local_bundle_once_as_an_mlflow_model(trained, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    served = Path(servable_model(str(trained.out)))
+    assert served.parent == tmp_path / "cache" / "cpsd" / "serve"
+    written = (served / "MLmodel").stat().st_mtime_ns
+    assert servable_model(str(trained.out / BUNDLE_FILE)) == str(served)  # the same bundle
+    assert (served / "MLmodel").stat().st_mtime_ns == written
+    (image,) = image_folder(trained, tmp_path, count=1)
+    model = mlflow.pyfunc.load_model(str(served))
+    out = model.predict(pd.DataFrame({"image": [image.read_bytes()]}), params={"top_k": 2})
+    assert len(out["labels"][0]) == 2 and out["error"][0] == ""
+    assert servable_model(f"models:/{REGISTERED}/train") == f"models:/{REGISTERED}@train"
 
 
 def test_final_keys_and_links():

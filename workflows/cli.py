@@ -3,17 +3,23 @@
 Every command that trains reads one YAML config (``--config``) with ``--set dotted.key=value``
 overrides. Expected failures (bad config, bad data) print one clear line and exit 2; nothing
 prints a traceback for user error.
+
+This module imports neither torch nor MLflow at import time: the commands that use a trained
+model check ``--model`` first (``workflows.model_ref``), so a mistyped one fails in a fraction
+of a second instead of after seconds of imports.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from workflows.config import USER_ERRORS, add_retrain_stale
+from workflows.config import add_retrain_stale
+from workflows.model_ref import TrackingStore, check_model_ref
 
 
 class UsageError(Exception):
@@ -289,18 +295,11 @@ def _model_errors() -> Iterator[None]:
         raise UsageError(str(err)) from err
 
 
-def _tracking_uri(args: argparse.Namespace) -> str:
-    from workflows.config import MlflowConfig
-    from workflows.tracking import resolve_tracking_uri
-
-    return resolve_tracking_uri(MlflowConfig(tracking_uri=args.tracking_uri))
-
-
 def _load_model(args: argparse.Namespace):
     from mlcore.bundle import Classifier, load_bundle
     from workflows.mlflow_model import open_bundle
 
-    with open_bundle(args.model, _tracking_uri(args)) as path:
+    with open_bundle(args.model, args.tracking_uri) as path:
         return Classifier(load_bundle(path), args.device)
 
 
@@ -308,7 +307,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from workflows.model_commands import (
         OUTPUT_SUFFIXES,
         collect_images,
-        decision_from_args,
+        label_rule,
         manifest_inputs,
         run_predict,
     )
@@ -319,9 +318,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError(f"--out must end in .jsonl or .csv, got {args.out!r}")
     with _model_errors():
         classifier = _load_model(args)
-        decision = decision_from_args(
-            classifier.bundle, args.threshold, args.thresholds, args.top_k
-        )
+        rule = label_rule(classifier.bundle, args.threshold, args.thresholds, args.top_k)
+    print(rule.description, flush=True)
     if args.manifest is not None:
         inputs = manifest_inputs(args.manifest, args.split)
     else:
@@ -335,7 +333,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         classifier,
         inputs,
         args.out,
-        decision,
+        rule.decision,
         batch_size=args.batch_size,
         num_workers=args.workers,
         report=lambda line: print(line, file=sys.stderr),
@@ -350,24 +348,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     with _model_errors():
         classifier = _load_model(args)
-        files = run_evaluate(
+        done = run_evaluate(
             classifier,
             args.out,
             manifest_dir=args.manifest,
             split=args.split,
             threshold=args.threshold,
             thresholds_file=args.thresholds,
+            classes=args.classes,
             batch_size=args.batch_size,
             num_workers=args.workers,
         )
-    print(f"{args.split}, {len(classifier.class_names)} classes, threshold {args.threshold}:")
-    print(format_report(files.report))
-    for path in files.paths():
+    for note in done.notes:
+        print(note)
+    print(f"{args.split}, {done.classes} classes, threshold {args.threshold:g}:")
+    print(format_report(done.files.report))
+    if done.files.fixed_report is not None:
+        print(f"{args.split}, per-class thresholds from {done.fixed_from}:")
+        print(format_report(done.files.fixed_report))
+    for path in done.files.paths():
         print(f"wrote {path}")
-    print(
-        "thresholds.json: per-class F1-maximising thresholds fitted on this split; use them on "
-        "other splits (predict/evaluate --thresholds), never to report this one"
-    )
+    if done.files.thresholds_json is not None:
+        print(
+            "thresholds.json: per-class F1-maximising thresholds fitted on this split, for this "
+            "model only; use them on other splits (predict/evaluate --thresholds), never to "
+            "report this one"
+        )
     return 0
 
 
@@ -383,6 +389,26 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"<= {result.atol:g}"
     )
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``mlflow models serve`` for any ``--model`` form, started so that it works from any shell."""
+    from workflows.mlflow_model import servable_model, serve_process
+
+    if args.image_root is not None and not Path(args.image_root).is_dir():
+        raise UsageError(f"--image-root {args.image_root}: not a directory")
+    store = TrackingStore.of(args.tracking_uri)
+    with _model_errors():
+        model = servable_model(args.model)
+    argv, env = serve_process(
+        model, store.uri, host=args.host, port=args.port, image_root=args.image_root
+    )
+    print(
+        f"serving {args.model} at http://{args.host}:{args.port}/invocations "
+        f"(mlflow models serve -m {model}; Ctrl-C stops it)",
+        flush=True,
+    )
+    os.execve(argv[0], argv, env)  # the server replaces this process: signals reach it
 
 
 def _positive_int(text: str) -> int:
@@ -588,8 +614,15 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--split", default="test", help="split of --manifest (default: test)")
     pred.add_argument("--out", required=True, help="output file: .jsonl or .csv")
     rule = pred.add_mutually_exclusive_group()
-    rule.add_argument("--threshold", type=_probability, default=0.5, help="global (default 0.5)")
-    rule.add_argument("--thresholds", metavar="FILE", help="per-class thresholds (cpsd evaluate)")
+    rule.add_argument(
+        "--threshold",
+        type=_probability,
+        help="one threshold for every class (default: the model's per-class thresholds chosen "
+        "on val when training ended)",
+    )
+    rule.add_argument(
+        "--thresholds", metavar="FILE", help="per-class thresholds of this model (cpsd evaluate)"
+    )
     rule.add_argument("--top-k", type=_positive_int, help="the k most likely classes per image")
     _add_inference_args(pred)
     pred.set_defaults(func=cmd_predict)
@@ -607,7 +640,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--thresholds",
         metavar="FILE",
-        help="also report CP..OF1 with per-class thresholds chosen on another split",
+        help="also report CP..OF1 with this model's per-class thresholds chosen on another "
+        "split (default: the model's own, when chosen on another split than --split)",
+    )
+    evaluate.add_argument(
+        "--classes",
+        choices=["exact", "intersect"],
+        default="exact",
+        help="exact (default): the dataset must have the model's classes; intersect: "
+        "evaluate the classes both have",
     )
     _add_inference_args(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
@@ -620,6 +661,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--atol", type=float, default=1e-4, help="parity tolerance on the logits (default 1e-4)"
     )
     export.set_defaults(func=cmd_export, device="cpu")
+
+    serve = sub.add_parser(
+        "serve", help="an HTTP server answering images with labels (mlflow models serve)"
+    )
+    _add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=5001, help="port (default 5001)")
+    serve.add_argument(
+        "--image-root",
+        metavar="DIR",
+        help="let requests name image files under DIR in a 'path' column (default: only "
+        "image bytes are accepted)",
+    )
+    serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser(
         "demo", help="generate the benchmark data and run the full CPSD pipeline (default job)"
@@ -635,6 +690,14 @@ def run(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int | None] = args.func
+    if getattr(args, "model", None) is not None:
+        try:  # before torch and MLflow are imported: a wrong --model fails at once
+            check_model_ref(args.model, TrackingStore.of(args.tracking_uri))
+        except FileNotFoundError as err:
+            print(f"cpsd: error: {err}", file=sys.stderr)
+            return 2
+    from workflows.config import USER_ERRORS
+
     try:
         return func(args) or 0
     except (*USER_ERRORS, UsageError) as err:

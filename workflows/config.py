@@ -18,8 +18,7 @@ from typing import Any, Literal
 from mlcore import configlib
 from mlcore.config import UNSEEN_FROM_MANIFEST, ExperimentConfig
 from mlcore.configlib import ConfigError
-from mlcore.data.manifest import ManifestError
-from mlcore.train import ResumeMismatchError
+from mlcore.errors import ManifestError, ResumeMismatchError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 

@@ -7,12 +7,19 @@ A model bundle (``mlcore.bundle``) is logged as an MLflow 3 *logged model* with 
   images (B, 3, S, S) float32 to logits (B, C).
 * ``python_function``: loaded by this module (``_load_pyfunc``) from the bundle file inside the
   model; ``predict`` takes a DataFrame with an ``image`` column (encoded image bytes; base64 in
-  JSON requests) or a ``path`` column (image files), and returns a DataFrame with ``labels``
-  and ``scores`` (the predicted classes, highest first) and ``error`` (empty, or why the row's
-  image could not be read). Parameters ``threshold`` (default 0.5) and ``top_k`` (0: off)
-  choose the labels. ``mlflow models serve --env-manager local`` serves it: the environment
-  must have this package installed, because the pyfunc code is imported from it rather than
-  copied into every model.
+  JSON requests) and returns a DataFrame with ``labels`` and ``scores`` (the predicted classes,
+  highest first) and ``error`` (empty, or why the row's image could not be read). Parameters
+  ``threshold`` (default: the bundle's per-class thresholds chosen on val, else 0.5) and
+  ``top_k`` (0: off) choose the labels. ``cpsd serve`` (or ``mlflow models serve --env-manager
+  local``) serves it: the environment must have this package installed, because the pyfunc
+  code is imported from it rather than copied into every model.
+
+  A ``path`` column (files on the serving host) is refused unless the model is loaded with an
+  allowed image root: ``model_config`` key :data:`IMAGE_ROOT_KEY` (logged empty, so off; set
+  it with ``mlflow.pyfunc.load_model(uri, model_config=...)``, or for a server with MLflow's
+  ``MLFLOW_PYFUNC_INFERENCE_CONFIG`` JSON, which ``cpsd serve --image-root`` sets). Then only
+  files under that root are read. A path outside the root and a missing file give the same
+  error, so answers never tell which files exist.
 
 The model signature and input example describe the pyfunc (what serving sees); the PyTorch
 flavour's tensor interface is recorded in the model metadata.
@@ -30,8 +37,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -51,8 +58,20 @@ from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema, 
 from PIL import Image
 
 from mlcore.bundle import BUNDLE_FILE, Classifier, Decision, ModelBundle, load_bundle
+from mlcore.fingerprint import file_digest
+from workflows.model_ref import TrackingStore, check_model_ref, model_uri
 
 PYTORCH_DATA = "pytorch"  # subdirectory of the model holding the torch.export program
+IMAGE_ROOT_KEY = "image_root"
+"""``model_config`` key: the directory whose files the ``path`` column may name (empty: none)."""
+INFERENCE_CONFIG_ENV = "MLFLOW_PYFUNC_INFERENCE_CONFIG"
+"""MLflow's environment variable overriding ``model_config`` keys at load time (JSON)."""
+PATH_OFF = (
+    "the 'path' column is off: send the encoded image in 'image' (a server reads its own files "
+    f"only when loaded with an allowed image root: cpsd serve --image-root, or model_config "
+    f"{IMAGE_ROOT_KEY})"
+)
+PATH_REFUSED = "no such file under the allowed image root"
 
 IMAGE_SIGNATURE = ModelSignature(
     inputs=Schema(
@@ -65,7 +84,8 @@ IMAGE_SIGNATURE = ModelSignature(
             ColSpec("string", "error", required=False),
         ]
     ),
-    params=ParamSchema([ParamSpec("threshold", "double", 0.5), ParamSpec("top_k", "long", 0)]),
+    # threshold None: the bundle's own (cpsd predict's default).
+    params=ParamSchema([ParamSpec("threshold", "double", None), ParamSpec("top_k", "long", 0)]),
 )
 
 
@@ -74,10 +94,39 @@ IMAGE_SIGNATURE = ModelSignature(
 
 
 class BundlePyfunc:
-    """What ``mlflow.pyfunc.load_model`` wraps: images (bytes or paths) in, labels out."""
+    """What ``mlflow.pyfunc.load_model`` wraps: images in, labels out.
 
-    def __init__(self, bundle_path: str | os.PathLike):
+    Args:
+        bundle_path: The bundle file inside the MLflow model.
+        image_root: The directory whose files the ``path`` column may name (None: no paths).
+
+    Raises:
+        NotADirectoryError: ``image_root`` is not a directory.
+    """
+
+    def __init__(self, bundle_path: str | os.PathLike, image_root: str | None = None):
         self.classifier = Classifier.from_file(bundle_path)
+        self.image_root = None
+        if image_root:
+            if not Path(image_root).is_dir():
+                raise NotADirectoryError(f"the allowed image root {image_root} is not a directory")
+            self.image_root = Path(os.path.realpath(image_root))
+
+    def _allowed(self, text: str) -> str | None:
+        """The real path of a file under the image root that ``text`` names, else None.
+
+        Paths are checked as text before the file system is touched, and again after symbolic
+        links are resolved; every refusal is the same, whatever exists.
+        """
+        if self.image_root is None:
+            return None
+        named = Path(os.path.normpath(self.image_root / text))  # an absolute text replaces root
+        if not named.is_relative_to(self.image_root):
+            return None
+        real = Path(os.path.realpath(named))
+        if not real.is_relative_to(self.image_root) or not real.is_file():
+            return None
+        return str(real)
 
     def predict(
         self, model_input: pd.DataFrame, params: Mapping[str, Any] | None = None
@@ -86,17 +135,21 @@ class BundlePyfunc:
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         params = dict(params or {})
         top_k = int(params.get("top_k") or 0)
-        decision = Decision(float(params.get("threshold", 0.5)), top_k or None)
+        threshold = params.get("threshold")
+        if top_k:
+            decision = Decision(top_k=top_k)
+        elif threshold is not None:
+            decision = Decision(float(threshold))
+        else:
+            decision = self.classifier.bundle.default_decision()
         names = self.classifier.class_names
         labels: list[list[str]] = [[] for _ in range(len(frame))]
         scores: list[list[float]] = [[] for _ in range(len(frame))]
         errors = [""] * len(frame)
         sources, positions = [], []
         for i, row in enumerate(frame.to_dict("records")):
-            source = _row_source(row)
-            if source is None:
-                errors[i] = "row has neither an 'image' (bytes) nor a 'path'"
-            else:
+            source, errors[i] = self._row_source(row)
+            if source is not None:
                 sources.append(source)
                 positions.append(i)
         for batch in self.classifier.iter_scores(sources):
@@ -110,19 +163,22 @@ class BundlePyfunc:
                 errors[positions[index]] = reason
         return pd.DataFrame({"labels": labels, "scores": scores, "error": errors})
 
-
-def _row_source(row: Mapping[str, Any]) -> bytes | str | None:
-    image, path = row.get("image"), row.get("path")
-    if isinstance(image, bytes | bytearray) and image:
-        return bytes(image)
-    if isinstance(path, str) and path:
-        return path
-    return None
+    def _row_source(self, row: Mapping[str, Any]) -> tuple[bytes | str | None, str]:
+        """The row's image bytes or allowed file, or None and why not."""
+        image, path = row.get("image"), row.get("path")
+        if isinstance(image, bytes | bytearray) and image:
+            return bytes(image), ""
+        if isinstance(path, str) and path:
+            if self.image_root is None:
+                return None, PATH_OFF
+            allowed = self._allowed(path)
+            return allowed, "" if allowed is not None else PATH_REFUSED
+        return None, "row has no 'image' (encoded image bytes)"
 
 
 def _load_pyfunc(data_path: str, model_config: Mapping[str, Any] | None = None) -> BundlePyfunc:
     """MLflow's loader hook (``loader_module`` of the python_function flavour)."""
-    return BundlePyfunc(data_path)
+    return BundlePyfunc(data_path, (model_config or {}).get(IMAGE_ROOT_KEY))
 
 
 def _requirements() -> list[str]:
@@ -188,6 +244,8 @@ def save_model(
             signature=IMAGE_SIGNATURE,
             input_example=pd.DataFrame({"image": [_example_image(size)]}),
             pip_requirements=requirements,
+            # Logged so that a load may override it: MLflow only lets logged keys be set.
+            model_config={IMAGE_ROOT_KEY: ""},
         )
         shutil.copytree(torch_dir / torch_flavour["model_data"], path / PYTORCH_DATA)
     torch_flavour["model_data"] = PYTORCH_DATA
@@ -303,18 +361,6 @@ def register_model(
 # Resolving --model
 
 
-def model_uri(ref: str) -> str:
-    """``models:/name/<alias>`` -> ``models:/name@<alias>``; other references unchanged.
-
-    MLflow reads the path segment after a registered model's name as a version number (or
-    ``latest``); aliases need ``@``. Both spellings are accepted here.
-    """
-    match = re.fullmatch(r"models:/([^/@]+)/([^/]+)", ref)
-    if match and not match.group(2).isdigit() and match.group(2).lower() != "latest":
-        return f"models:/{match.group(1)}@{match.group(2)}"
-    return ref
-
-
 def find_bundle(path: str | os.PathLike) -> Path:
     """The bundle file of a path: the file itself, or inside a training or MLflow model dir.
 
@@ -342,26 +388,85 @@ def open_bundle(ref: str, tracking_uri: str | None = None) -> Iterator[Path]:
     Args:
         ref: Bundle file, training output directory, ``runs:/<run_id>/<stage>`` or
             ``models:/<name>/<version | alias>`` (also ``models:/<name>@<alias>``).
-        tracking_uri: Store that ``runs:/`` and ``models:/`` refer to.
+        tracking_uri: Store that ``runs:/`` and ``models:/`` refer to (None:
+            ``MLFLOW_TRACKING_URI``, else ``./mlflow.db``).
 
     Raises:
-        FileNotFoundError: The path, run, model, version or alias does not exist.
+        FileNotFoundError: The path, run, model, version or alias does not exist, or the
+            tracking store does not (it is never created); the message names the store.
     """
+    store = TrackingStore.of(tracking_uri)
+    check_model_ref(ref, store)
     if not ref.startswith(("runs:/", "models:/")):
         yield find_bundle(ref)
         return
-    uri = model_uri(ref)
     with tempfile.TemporaryDirectory(prefix="cpsd-model-") as scratch:
-        store = tracking_uri or mlflow.get_tracking_uri()
         try:
             # runs:/ URIs find the run's logged model through the process-wide tracking URI.
-            with _global_tracking(store):
+            with _global_tracking(store.uri):
                 local = mlflow.artifacts.download_artifacts(
-                    artifact_uri=uri, dst_path=scratch, tracking_uri=store, registry_uri=store
+                    artifact_uri=model_uri(ref),
+                    dst_path=scratch,
+                    tracking_uri=store.uri,
+                    registry_uri=store.uri,
                 )
         except MlflowException as err:
-            raise FileNotFoundError(f"--model {ref}: {err.message}") from err
+            message = err.message.splitlines()[0] if err.message else type(err).__name__
+            raise FileNotFoundError(f"--model {ref}: {message}, in the {store.where()}") from err
         yield find_bundle(local)
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving
+
+
+def serve_cache() -> Path:
+    """Where ``cpsd serve`` keeps the MLflow models it writes for local bundles (per user)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cpsd" / "serve"
+
+
+def servable_model(ref: str) -> str:
+    """What ``mlflow models serve -m`` takes for a ``--model``.
+
+    ``runs:/`` and ``models:/`` references and MLflow model directories are served as they
+    are; a bundle file or training directory is written once as an MLflow model under
+    :func:`serve_cache`, named by the bundle file's content.
+    """
+    if ref.startswith(("runs:/", "models:/")):
+        return model_uri(ref)
+    if (Path(ref) / "MLmodel").is_file():
+        return str(Path(ref).resolve())
+    bundle = find_bundle(ref)
+    target = serve_cache() / file_digest(bundle)
+    if not (target / "MLmodel").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            save_model(Path(scratch) / "model", bundle=bundle)
+            with contextlib.suppress(OSError):  # a concurrent serve wrote it first
+                os.replace(Path(scratch) / "model", target)
+    return str(target)
+
+
+def serve_process(
+    model: str, tracking_uri: str, *, host: str, port: int, image_root: str | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """The ``mlflow models serve`` command line and environment for :func:`servable_model`.
+
+    MLflow starts ``uvicorn`` by name, which fails ("uvicorn: not found") when the venv's
+    ``mlflow`` is run by full path without the venv on ``PATH``: the interpreter's directory
+    goes first on ``PATH``. The server imports this package's pyfunc loader, so it gets the
+    directory this package was imported from first on ``PYTHONPATH`` (the same code).
+    """
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), env.get("PATH")]))
+    here = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
+    env["MLFLOW_TRACKING_URI"] = tracking_uri
+    if image_root is not None:
+        env[INFERENCE_CONFIG_ENV] = json.dumps({IMAGE_ROOT_KEY: str(Path(image_root).resolve())})
+    argv = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model]
+    argv += ["--env-manager", "local", "--host", host, "--port", str(port)]
+    return argv, env
 
 
 def read_logged_bundle(ref: str, tracking_uri: str | None = None) -> ModelBundle:

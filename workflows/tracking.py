@@ -61,6 +61,7 @@ from mlflow.exceptions import MlflowException
 
 from mlcore import configlib
 from workflows.config import MlflowConfig, TrackingUnavailable
+from workflows.model_ref import absolute_tracking_uri
 
 PARENT_TAG = "mlflow.parentRunId"
 KEY_TAG = "cpsd.key"
@@ -81,20 +82,9 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
 def resolve_tracking_uri(cfg: MlflowConfig, cwd: str | os.PathLike | None = None) -> str:
-    """An absolute tracking URI: the config's, else ``MLFLOW_TRACKING_URI``, else local SQLite.
-
-    Ray workers run in another directory, so a relative ``sqlite:///mlflow.db`` would silently
-    create a throwaway database per worker: relative SQLite paths are made absolute here.
-    """
-    uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    base = Path(cwd or os.getcwd())
-    if not uri:
-        return f"sqlite:///{(base / 'mlflow.db').resolve()}"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{(base / uri.removeprefix('sqlite:///')).resolve()}"
-    if "://" not in uri:  # a bare path means a local SQLite file here
-        return f"sqlite:///{(base / uri).resolve()}"
-    return uri
+    """An absolute tracking URI: the config's, else ``MLFLOW_TRACKING_URI``, else local SQLite
+    (:func:`workflows.model_ref.absolute_tracking_uri`, importable without MLflow)."""
+    return absolute_tracking_uri(cfg.tracking_uri, cwd)
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:

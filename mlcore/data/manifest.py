@@ -62,6 +62,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from mlcore.errors import ManifestError
+
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.parquet"
 METADATA_KEY = b"cpsd"
@@ -77,10 +79,6 @@ SCHEMA = pa.schema(
 )
 OPTIONAL_FIELDS = {"neg_labels": pa.field("neg_labels", pa.list_(pa.int32()), nullable=False)}
 """Columns a manifest may add to :data:`SCHEMA` (see the module docstring)."""
-
-
-class ManifestError(ValueError):
-    """A dataset directory or its rows do not follow the format."""
 
 
 def _schema_for(table: pa.Table) -> pa.Schema:
