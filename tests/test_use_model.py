@@ -569,7 +569,7 @@ def test_pyfunc_reads_server_files_only_under_an_allowed_root(trained, tmp_path,
     (root / "link.png").symlink_to("/etc/passwd")
     monkeypatch.delenv(INFERENCE_CONFIG_ENV, raising=False)
     mlflow.set_tracking_uri(trained.uri)
-    uri = f"runs:/{trained.run.info.run_id}/model"
+    uri = f"runs:/{trained.run.info.run_id}/train"
     texts = [
         str(image),
         image.name,
