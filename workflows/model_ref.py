@@ -104,7 +104,7 @@ def check_model_ref(ref: str, store: TrackingStore) -> None:
             "models:/<name>@<alias>"
         )
     if ref.startswith("runs:/") and not _RUNS.fullmatch(ref):
-        raise FileNotFoundError(f"--model {ref}: expected runs:/<run_id>/model")
+        raise FileNotFoundError(f"--model {ref}: expected runs:/<run_id>/<stage>")
     local = store.local_path()
     if local is not None and not local.exists():  # MLflow would create it
         raise FileNotFoundError(f"--model {ref}: there is no {store.where()}")
