@@ -27,6 +27,7 @@ from mlcore.configlib import ConfigError
 from mlcore.cpsd import ENSEMBLES, RunSummary
 from mlcore.data.manifest import read_info
 from mlcore.experiment import resolve_dataset
+from workflows.autoscaling import resolve_placement, start_prewarm
 from workflows.config import USER_ERRORS, Config, config_arg_parser, config_path, load_config
 from workflows.graph import StageGraph
 from workflows.report import (
@@ -100,10 +101,14 @@ def run_pipeline(cfg: Config, *, log: Callable[[str], None] = print) -> RunSumma
     try:
         with tracking as (tracker, parent):
             init_ray(cfg)
+            # GPUs the cluster has or can add (workflows.autoscaling), decided once, here.
+            cfg, placement = resolve_placement(cfg, log)
+            parent.params(placement.params())
             # The synth dataset is generated (and cached) once here, before the fan-out.
             resolve_dataset(cfg.data)
             ctx = JobContext(cfg, cfg.storage_path, tracker, cfg.name)
             graph = StageGraph(log)
+            prewarm = start_prewarm(cfg, placement, graph, log)
             try:
                 log(f"[{cfg.name}] mode {cfg.cpsd.mode}: partitions and baseline submitted")
                 refs = graph.finish(graph.start(cfg, ctx))
@@ -120,6 +125,8 @@ def run_pipeline(cfg: Config, *, log: Callable[[str], None] = print) -> RunSumma
                 cancelled = graph.cancel()
                 log(f"[{cfg.name}] {reason}: cancelled {cancelled} outstanding stages")
                 raise
+            finally:
+                prewarm.close()
             for record in partitions.values():
                 for name in record["files"]:
                     parent.artifact(
