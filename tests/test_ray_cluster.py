@@ -129,6 +129,9 @@ def test_ray_job_submit_then_job_stop(ray_head, tmp_path, tiny_overrides):
     assert info.driver_exit_code == 0
     logs = client.get_job_logs("cpsd-ok")
     assert "| student | student | 10 |" in logs
+    # A head without an autoscaling config only mirrors its nodes: nothing to scale up.
+    assert "placement: 0 GPU per teacher, student, baseline and trial (no GPUs and no " \
+        "autoscaler)" in logs  # fmt: skip
     runs = _runs(tmp_path)
     names = sorted(r.info.run_name for r in runs)
     assert names == [
