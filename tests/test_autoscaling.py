@@ -2,7 +2,7 @@
 
 The slow tests share one head whose autoscaler is Ray's fake multi-node provider
 (``tests/fake_cluster.py``): a CPU-only head and a worker type ``{CPU: 1, GPU: 1}``, 0..3, idle
-timeout 6 s. Worker nodes are processes on this machine: their logical GPU is a slot a task
+timeout 12 s. Worker nodes are processes on this machine: their logical GPU is a slot a task
 can hold, training runs on their CPU, and a local directory is storage every node sees.
 """
 
@@ -31,12 +31,16 @@ from .fake_cluster import RAY, FakeCluster, fake_cluster
 # The same small run everywhere, so the preempted run can be compared with the plain one.
 # No MLflow model or checkpoint uploads: they cost seconds per stage and are tested elsewhere.
 RUN = [
-    "cpsd.teacher_epochs=3",
+    "cpsd.teacher_epochs=2",
     "train.epochs=1",
     "mlflow.log_models=false",
     "mlflow.log_checkpoints=false",
 ]
 TEACHERS = ["teacher-cgp-0", "teacher-cgp-1", "teacher-dgp-0", "teacher-dgp-1"]
+# Each of the module's three runs (pipeline, sweep, job) starts worker nodes, a raylet and two
+# agents each, on the same cores: the first test to need a run pays for it, ~2-4 min on a
+# loaded 2-core machine, close to the suite's 300 s default.
+LONG = pytest.mark.timeout(600)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,7 +84,9 @@ def test_a_trial_gets_the_gpu_default_unless_its_resources_name_gpus(tiny_overri
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    with fake_cluster(tmp_path_factory.mktemp("fake-cluster")) as running:
+    # At 6 s a node could be removed as idle just as a retried or next stage was placed on it,
+    # costing that stage a retry of its own.
+    with fake_cluster(tmp_path_factory.mktemp("fake-cluster"), idle_timeout_minutes=0.2) as running:
         yield running
 
 
@@ -159,6 +165,7 @@ def plain_run(cluster, tiny_overrides, tmp_path_factory):
 
 
 @pytest.mark.slow
+@LONG
 def test_pipeline_defaults_train_every_teacher_on_an_autoscaled_gpu_worker(cluster, plain_run):
     out, stdout, most = plain_run
     assert "placement: 1 GPU per teacher, student, baseline and trial (no GPUs now, but the " \
@@ -176,10 +183,11 @@ def test_pipeline_defaults_train_every_teacher_on_an_autoscaled_gpu_worker(clust
         "placement.autoscaler": "v1",
         "placement.prewarm": "true",
     }
-    cluster.wait_workers(0, timeout=90)  # idle timeout 6 s
+    cluster.wait_workers(0, timeout=90)  # idle timeout 12 s
 
 
 @pytest.mark.slow
+@LONG
 def test_tune_trials_with_a_gpu_each_scale_the_cluster_up_and_down(
     cluster, tiny_overrides, tmp_path
 ):
@@ -251,7 +259,11 @@ def preempted_job(cluster, plain_run, tiny_overrides, tmp_path_factory):
             if (stage / "last.pt").is_file() and not (stage / "_SUCCESS.json").exists():
                 victim, node = stage, _kill_node_of(stage)
                 break
-        assert client.get_job_status("preempted") in (JobStatus.PENDING, JobStatus.RUNNING)
+        status = client.get_job_status("preempted")
+        assert status in (JobStatus.PENDING, JobStatus.RUNNING), (
+            status,
+            client.get_job_logs("preempted")[-3000:],
+        )
         time.sleep(0.1)
     assert victim is not None, client.get_job_logs("preempted")[-3000:]
     while client.get_job_status("preempted") not in (JobStatus.SUCCEEDED, JobStatus.FAILED):
@@ -261,6 +273,7 @@ def preempted_job(cluster, plain_run, tiny_overrides, tmp_path_factory):
 
 
 @pytest.mark.slow
+@LONG
 def test_job_submit_trains_every_teacher_on_an_autoscaled_gpu_worker(cluster, preempted_job):
     out, client, _, _ = preempted_job
     from ray.job_submission import JobStatus
@@ -282,6 +295,7 @@ def _numbers(record: dict) -> tuple:
 
 
 @pytest.mark.slow
+@LONG
 def test_preempted_teacher_resumes_on_another_node_with_the_same_numbers(plain_run, preempted_job):
     out, _, victim, node = preempted_job
     record = _records(out / "storage")[victim]
