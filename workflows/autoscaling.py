@@ -279,7 +279,7 @@ class Prewarm:
         if not refs:
             return {}
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=0)
-        done = {ref for ref in ready}
+        done = set(ready)  # failed stages too: they hold nothing any more
         counts: dict[str, int] = {}
         for name, ref in refs.items():
             if ref in done:

@@ -49,8 +49,9 @@ class RayConfig:
     num_gpus: int | None = None
     """GPUs of a local instance (None: detected; logical GPUs allowed for testing)."""
     teacher_gpus: float | None = None
-    """GPUs per teacher; None: 1 when the cluster has GPUs or its autoscaler can add a node
-    that has them, else 0 (the paper: one per GPU; ``workflows.autoscaling``)."""
+    """GPUs per teacher; None: 1 when the cluster has GPUs, else 0 (the paper: one per GPU).
+    ``pipeline`` and ``tune`` also count a GPU node the autoscaler can add
+    (``workflows.autoscaling``)."""
     teacher_cpus: float = 1.0
     """CPUs per teacher task."""
     student_gpus: float | None = None
