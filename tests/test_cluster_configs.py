@@ -59,11 +59,24 @@ def _ray_validate(config: dict[str, Any]) -> None:
     validate_config(prepare_config(copy.deepcopy(config)))
 
 
+def _gpu_types(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        name: t
+        for name, t in config["available_node_types"].items()
+        if t["resources"].get("GPU", 0) > 0
+    }
+
+
 def _gpu_type(config: dict[str, Any]) -> dict[str, Any]:
-    (node_type,) = (
-        t for t in config["available_node_types"].values() if t["resources"].get("GPU", 0) > 0
-    )
-    return node_type
+    """The on-demand GPU worker type."""
+    return _gpu_types(config)["gpu_worker"]
+
+
+def _is_spot(name: str, node_type: dict[str, Any]) -> bool:
+    node = node_type["node_config"]
+    if name == "aws.yaml":
+        return node.get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+    return node.get("scheduling", {}).get("provisioningModel") == "SPOT"
 
 
 @pytest.mark.parametrize("name", LAUNCHER_FILES)
@@ -77,15 +90,33 @@ def test_launcher_has_cpu_head_and_autoscaling_gpu_workers(name):
     types = config["available_node_types"]
     head = types[config["head_node_type"]]
     assert head["resources"].get("GPU", 0) == 0, "GPU tasks must drive worker scale-up"
-    gpu = _gpu_type(config)
-    assert gpu is not head
-    assert gpu["resources"]["GPU"] == 1 and gpu["resources"]["CPU"] >= 1
-    assert gpu.get("min_workers", 0) == 0
-    assert 1 <= gpu["max_workers"] <= config["max_workers"]
+    gpus = _gpu_types(config)
+    assert set(gpus) == {"gpu_worker", "gpu_spot_worker"}
+    for gpu in gpus.values():
+        assert gpu is not head
+        assert gpu["resources"]["GPU"] == 1 and gpu["resources"]["CPU"] >= 1
+        assert gpu.get("min_workers", 0) == 0
+        assert 1 <= gpu["max_workers"] <= config["max_workers"]
+        node = gpu["node_config"]
+        if "guestAccelerators" in node:  # GCP: GPU VMs cannot live-migrate
+            assert node["scheduling"]["onHostMaintenance"] == "TERMINATE"
     assert config["idle_timeout_minutes"] > 0
-    node = gpu["node_config"]
-    if "guestAccelerators" in node:  # GCP: GPU VMs cannot live-migrate
-        assert node["scheduling"]["onHostMaintenance"] == "TERMINATE"
+
+
+@pytest.mark.parametrize("name", LAUNCHER_FILES)
+def test_launcher_has_a_spot_gpu_type_like_the_on_demand_one(name):
+    gpus = _gpu_types(_launcher(name))
+    spot, on_demand = gpus["gpu_spot_worker"], gpus["gpu_worker"]
+    assert _is_spot(name, spot) and not _is_spot(name, on_demand)
+    assert spot["resources"] == on_demand["resources"]
+    same = {k: v for k, v in spot["node_config"].items() if k in on_demand["node_config"]}
+    kind = "InstanceType" if name == "aws.yaml" else "machineType"
+    assert same[kind] == on_demand["node_config"][kind]
+    if name == "gcp.yaml":
+        assert (
+            spot["node_config"]["guestAccelerators"]
+            == on_demand["node_config"]["guestAccelerators"]
+        )
 
 
 @pytest.mark.parametrize("name", LAUNCHER_FILES)
@@ -277,16 +308,20 @@ def _cluster_spec(doc: dict[str, Any]) -> dict[str, Any]:
     return doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
 
 
-def _gpu_group(doc: dict[str, Any]) -> dict[str, Any]:
-    (group,) = (
-        g
+def _gpu_groups(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        g["groupName"]: g
         for g in _cluster_spec(doc)["workerGroupSpecs"]
         if any(
             "nvidia.com/gpu" in c.get("resources", {}).get("limits", {})
             for c in g["template"]["spec"]["containers"]
         )
-    )
-    return group
+    }
+
+
+def _gpu_group(doc: dict[str, Any]) -> dict[str, Any]:
+    """The on-demand GPU worker group."""
+    return _gpu_groups(doc)["gpu"]
 
 
 def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -366,10 +401,18 @@ def test_kuberay_cluster_groups(name):
     assert spec["rayVersion"].startswith(f"{_ray_minor()}.")
     head = spec["headGroupSpec"]["template"]["spec"]["containers"]
     assert all("nvidia.com/gpu" not in c["resources"].get("limits", {}) for c in head)
-    group = _gpu_group(doc)
-    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
-    assert int(limits["nvidia.com/gpu"]) == 1
-    assert group["minReplicas"] == 0 and group["replicas"] == 0 and group["maxReplicas"] >= 1
+    groups = _gpu_groups(doc)
+    assert set(groups) == {"gpu", "gpu-spot"}
+    for group in groups.values():
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert int(limits["nvidia.com/gpu"]) == 1
+        assert group["minReplicas"] == 0 and group["replicas"] == 0 and group["maxReplicas"] >= 1
+    # The spot group differs only in where its pods may land.
+    on_demand, spot = (groups[g]["template"]["spec"] for g in ("gpu", "gpu-spot"))
+    assert spot["nodeSelector"] == {"cloud.google.com/gke-spot": "true"}
+    assert "nodeSelector" not in on_demand
+    assert spot["containers"] == on_demand["containers"]
+    assert on_demand["tolerations"][0] in spot["tolerations"]
     containers = _containers(doc)
     assert len({c["image"] for c in containers}) == 1, "head and workers need the same image"
     for container in containers:
@@ -419,7 +462,8 @@ def _check_pipeline_config(text: str, job: dict[str, Any]) -> None:
         path.write_text(text)
         cfg = load_config(path)
     assert "://" in cfg.storage_path, "storage_path must be shared storage on a cluster"
-    # the cluster starts without GPU workers: "auto" would pick 0 GPUs per teacher
+    # explicit, as autoscaler v2 (KubeRay's autoscalerOptions.version: v2) says nothing about
+    # its node types to the GPU default of workflows.autoscaling
     assert cfg.ray.teacher_gpus and cfg.ray.teacher_gpus >= 1
     assert cfg.ray.student_gpus and cfg.ray.student_gpus >= 1
     teachers = 2 * cfg.cpsd.k if cfg.cpsd.mode == "cpsd" else cfg.cpsd.k

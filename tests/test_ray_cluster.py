@@ -138,6 +138,9 @@ def test_ray_job_submit_then_job_stop(ray_head, tmp_path, tiny_overrides):
     for stage in ("teacher-cgp-0", "student", "baseline"):
         (log,) = stages.glob(f"{stage}-*/stage.log")
         assert "epoch 1/" in log.read_text()
+    # A head without an autoscaling config only mirrors its nodes: nothing to scale up.
+    assert "placement: 0 GPU per teacher, student, baseline and trial (no GPUs and no " \
+        "autoscaler)" in logs  # fmt: skip
     runs = _runs(tmp_path)
     names = sorted(r.info.run_name for r in runs)
     assert names == [

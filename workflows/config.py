@@ -48,7 +48,9 @@ class RayConfig:
     num_gpus: int | None = None
     """GPUs of a local instance (None: detected; logical GPUs allowed for testing)."""
     teacher_gpus: float | None = None
-    """GPUs per teacher; None: 1 when the cluster has GPUs, else 0 (the paper: one per GPU)."""
+    """GPUs per teacher; None: 1 when the cluster has GPUs, else 0 (the paper: one per GPU).
+    ``pipeline`` and ``tune`` also count a GPU node the autoscaler can add
+    (``workflows.autoscaling``)."""
     teacher_cpus: float = 1.0
     """CPUs per teacher task."""
     student_gpus: float | None = None
@@ -65,6 +67,9 @@ class RayConfig:
     Ray task. Changes where a model trains, not what it computes."""
     student_train_workers: int | None = None
     """Workers of the student and the baseline (None: like ``train_workers``)."""
+    prewarm: bool | None = None
+    """Ask the autoscaler up front for the stages that can run at once (2k teachers and the
+    baseline) and release them as they finish; None: on where an autoscaler can add nodes."""
 
     def __post_init__(self) -> None:
         if self.max_retries < 0:
@@ -130,7 +135,9 @@ class SweepConfig:
     """Cap on trials running at once (None: as many as resources allow)."""
     resources_per_trial: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
     """Ray resources of one trial, e.g. ``{CPU: 4, GPU: 0.5}`` (fractional GPUs pack trials);
-    on an autoscaling cluster these requests drive scale-up."""
+    on an autoscaling cluster these requests drive scale-up. Without a ``GPU`` key a trial
+    gets the GPU default of ``ray.teacher_gpus`` when that is unset (one where the cluster has
+    or can add GPUs)."""
     metric: str = "val_mAP"
     """Reported metric the scheduler and the best-trial choice use."""
     mode: Literal["max", "min"] = "max"

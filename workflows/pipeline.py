@@ -23,6 +23,7 @@ from pathlib import Path
 
 from mlcore.cpsd import RunSummary
 from mlcore.experiment import resolve_dataset
+from workflows.autoscaling import resolve_placement, start_prewarm
 from workflows.config import USER_ERRORS, Config, config_arg_parser, config_from_args
 from workflows.console import STAGE_LOG, ProgressLine, board, quiet_third_party
 from workflows.driver import preflight, report_unsent, spill_dir_for, user_message
@@ -87,6 +88,9 @@ def run_pipeline(cfg: Config, *, log: Callable[[str], None] = print) -> RunSumma
             if tracker is not None and unsent.is_file() and replay_unsent(tracker.uri, unsent):
                 log(f"[{cfg.name}] MLflow records an earlier run left unsent were sent")
             init_ray(cfg)
+            # GPUs the cluster has or can add (workflows.autoscaling), decided once, here.
+            cfg, placement = resolve_placement(cfg, log)
+            parent.params(placement.params())
             # The synth dataset is generated (and cached) once here, before the fan-out.
             resolve_dataset(cfg.data)
             progress = board()
@@ -96,6 +100,7 @@ def run_pipeline(cfg: Config, *, log: Callable[[str], None] = print) -> RunSumma
                 f"[{cfg.name}] epoch lines of each stage: "
                 f"{storage.uri_of(ctx.stage_rel('<stage>', '<key>'))}/{STAGE_LOG}"
             )
+            prewarm = start_prewarm(cfg, placement, graph, log)
             try:
                 log(f"[{cfg.name}] mode {cfg.cpsd.mode}: partitions and baseline submitted")
                 refs = graph.finish(graph.start(cfg, ctx))
@@ -112,6 +117,8 @@ def run_pipeline(cfg: Config, *, log: Callable[[str], None] = print) -> RunSumma
                 cancelled = graph.cancel()
                 log(f"[{cfg.name}] {reason}: cancelled {cancelled} outstanding stages")
                 raise
+            finally:
+                prewarm.close()
             for record in partitions.values():
                 for name in record["files"]:
                     parent.artifact(

@@ -21,6 +21,7 @@ group's last epoch checkpoint (same Ray Train run).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -37,6 +38,7 @@ from mlflow import MlflowClient
 from mlcore import configlib
 from mlcore.configlib import ConfigError
 from mlcore.experiment import resolve_dataset, train_classifier
+from workflows.autoscaling import resolve_placement, trial_resources
 from workflows.config import (
     USER_ERRORS,
     Config,
@@ -357,6 +359,15 @@ def run_sweep(
     status = "FAILED"
     try:
         init_ray(cfg)
+        cfg, placement = resolve_placement(cfg)
+        # A trial's GPU default travels in its config (a worker group's workers read it too).
+        cfg = dataclasses.replace(
+            cfg,
+            tune=dataclasses.replace(cfg.tune, resources_per_trial=trial_resources(cfg, placement)),
+        )
+        sweep = cfg.tune
+        if parent is not None and not resume:  # a resumed sweep's run has them already
+            parent.params(placement.params())
         resolve_dataset(cfg.data)  # generate the synth data once, before trials start
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, ctx=SweepContext(cfg, tracker)),
