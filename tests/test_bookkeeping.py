@@ -69,6 +69,55 @@ def _steps(client, run, key="val_mAP"):
     return sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
 
 
+def _broken_labels(cache_dir, tmp_path) -> Path:
+    """A copy of the tiny dataset whose first training row has a label past the last class."""
+    cfg = load_config(config_path("tiny"), [f"data.cache_dir={cache_dir}"])
+    source = Path(resolve_dataset(cfg.data))
+    table = pq.read_table(source / "manifest.parquet")
+    labels = table.column("labels").to_pylist()
+    labels[0] = [*labels[0], 99]
+    column = pa.array(labels, type=table.schema.field("labels").type)
+    table = table.set_column(table.column_names.index("labels"), "labels", column)
+    out = tmp_path / "broken"
+    out.mkdir()
+    pq.write_table(table, out / "manifest.parquet")
+    for entry in source.iterdir():
+        if entry.name != "manifest.parquet":
+            (out / entry.name).symlink_to(entry)
+    return out
+
+
+# First in this module: no test before it has started Ray.
+def test_user_errors_stop_before_ray_with_one_line(cache_dir, tiny_overrides, tmp_path, capsys):
+    from workflows.cli import run as cli
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    broken = _broken_labels(cache_dir, tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base = [*tiny_overrides, f"mlflow.tracking_uri={uri}"]
+    cases = [
+        (["model.backbone=resnet9000", f"storage_path={tmp_path / 's'}"], "does not build"),
+        ([f"storage_path={blocker}/runs"], "is not writable"),
+        ([f"data.root={broken}", "data.synth=null", f"storage_path={tmp_path / 's'}"],
+         "out of range [0, 10)"),
+    ]  # fmt: skip
+    for extra, message in cases:
+        argv = ["--config", "tiny", *[a for o in [*base, *extra] for a in ("--set", o)]]
+        assert main(argv) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not ray.is_initialized()
+        assert not (tmp_path / "s").exists()  # nothing started, nothing written
+        assert not (tmp_path / "mlflow.db").exists()
+    # cpsd train read the broken labels as an IndexError traceback before.
+    argv = ["train", "--config", "tiny", "--set", f"data.root={broken}", "--set", "data.synth=null",
+            "--set", f"storage_path={tmp_path / 's'}", "--set", "mlflow.enabled=false"]  # fmt: skip
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "out of range" in err[0], err
+
+
 def test_a_later_pipeline_never_takes_over_an_earlier_pipelines_runs(
     local_ray, tiny_overrides, tmp_path
 ):
@@ -245,54 +294,6 @@ def test_stale_stages_are_named_marked_refused_or_retrained(
     assert main(["--config", "tiny", *args, "--retrain-stale"]) == 0
     record = json.loads(success.read_text())
     assert record["versions"]["code"] != "0123older" and len(record["attempts"]) == 1
-
-
-def _broken_labels(cache_dir, tmp_path) -> Path:
-    """A copy of the tiny dataset whose first training row has a label past the last class."""
-    cfg = load_config(config_path("tiny"), [f"data.cache_dir={cache_dir}"])
-    source = Path(resolve_dataset(cfg.data))
-    table = pq.read_table(source / "manifest.parquet")
-    labels = table.column("labels").to_pylist()
-    labels[0] = [*labels[0], 99]
-    column = pa.array(labels, type=table.schema.field("labels").type)
-    table = table.set_column(table.column_names.index("labels"), "labels", column)
-    out = tmp_path / "broken"
-    out.mkdir()
-    pq.write_table(table, out / "manifest.parquet")
-    for entry in source.iterdir():
-        if entry.name != "manifest.parquet":
-            (out / entry.name).symlink_to(entry)
-    return out
-
-
-def test_user_errors_stop_before_ray_with_one_line(cache_dir, tiny_overrides, tmp_path, capsys):
-    from workflows.cli import run as cli
-
-    blocker = tmp_path / "a-file"
-    blocker.write_text("")
-    broken = _broken_labels(cache_dir, tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    base = [*tiny_overrides, f"mlflow.tracking_uri={uri}"]
-    cases = [
-        (["model.backbone=resnet9000", f"storage_path={tmp_path / 's'}"], "does not build"),
-        ([f"storage_path={blocker}/runs"], "is not writable"),
-        ([f"data.root={broken}", "data.synth=null", f"storage_path={tmp_path / 's'}"],
-         "out of range [0, 10)"),
-    ]  # fmt: skip
-    for extra, message in cases:
-        argv = ["--config", "tiny", *[a for o in [*base, *extra] for a in ("--set", o)]]
-        assert main(argv) == 2, extra
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and message in err[0], err
-        assert not ray.is_initialized()
-        assert not (tmp_path / "s").exists()  # nothing started, nothing written
-        assert not (tmp_path / "mlflow.db").exists()
-    # cpsd train read the broken labels as an IndexError traceback before.
-    argv = ["train", "--config", "tiny", "--set", f"data.root={broken}", "--set", "data.synth=null",
-            "--set", f"storage_path={tmp_path / 's'}", "--set", "mlflow.enabled=false"]  # fmt: skip
-    assert cli(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "out of range" in err[0], err
 
 
 def test_concurrent_first_use_of_a_new_sqlite_store(tmp_path):
