@@ -53,6 +53,7 @@ from mlcore.distill import (
     DistillationObjective,
     Ensemble,
     OnlineTeachers,
+    ensemble_weights,
     iter_logits,
     load_cached_ensemble,
     merge_logits,
@@ -75,6 +76,7 @@ from mlcore.partition.cooccurrence import cooccurrence_from_manifest
 from mlcore.partition.random_partition import random_partition
 from mlcore.partition.report import label_stats_hash, partition_report, plot_affinity_heatmap
 from mlcore.partition.spectral import normalized_cut, spectral_partition
+from mlcore.pretrain import BACKBONE_FILE, export_backbone, pretrain_config, with_pretrained
 from mlcore.train import (
     LOCAL,
     SCORES,
@@ -337,6 +339,28 @@ def baseline_fingerprint(cfg: ExperimentConfig) -> str:
     return training_fingerprint(cfg)
 
 
+def control_seed(seed: int, index: int) -> int:
+    """``train.seed`` of control model ``index`` (``cpsd.control_ensemble``): a hash of (seed,
+    index), 31 bits, so that no control model is another seed's baseline."""
+    digest = hashlib.sha256(f"{seed}:control:{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def control_config(cfg: ExperimentConfig, index: int) -> ExperimentConfig:
+    """The baseline's config with the seed of control model ``index``: keyed by
+    :func:`baseline_fingerprint` like any plain model, so variants that share the baseline share
+    its control models."""
+    train = dataclasses.replace(cfg.train, seed=control_seed(cfg.train.seed, index))
+    return dataclasses.replace(cfg, train=train)
+
+
+def trains_baseline(cfg: ExperimentConfig) -> bool:
+    """Whether a run trains the plain baseline: mode ``baseline``, ``train_baseline``, or a
+    control ensemble (whose first member it is)."""
+    c = cfg.cpsd
+    return not ENSEMBLES[c.mode] or c.train_baseline or c.control_ensemble > 0
+
+
 def student_fingerprint(cfg: ExperimentConfig, specs: Sequence[TeacherSpec]) -> str:
     """What the student depends on: its config, distillation settings, and every teacher."""
     if not specs:
@@ -540,6 +564,88 @@ def ensemble_reports(
     return reports
 
 
+TARGET = "ensemble-target"
+"""Summary row of the student's distillation target."""
+CONTROL = "ensemble-baseline"
+"""Summary row of the plain ensemble: the baseline and its ``cpsd.control_ensemble`` models."""
+
+
+@dataclass(frozen=True)
+class Combination:
+    """Models whose logits are combined into one full-label model, scored like the others.
+
+    ``groups[g]`` is a list of (checkpoint, class subset) whose subsets partition the classes
+    (one merged ensemble, or one full-label model); the combined logits are
+    ``Σ_g weights[g] · merged logits of group g``.
+    """
+
+    groups: tuple[tuple[tuple[str, tuple[int, ...]], ...], ...]
+    weights: tuple[float, ...]
+
+
+def target_combination(
+    cfg: ExperimentConfig, specs: Sequence[TeacherSpec], checkpoints: Sequence[str | os.PathLike]
+) -> Combination:
+    """The logits the student regresses to: each ensemble's merged logits weighted by
+    :func:`mlcore.distill.ensemble_weights` with ``cpsd.kd_alpha``, the shares its loss uses."""
+    groups = tuple(
+        tuple((str(ck), s) for s, ck in zip(subsets, cks, strict=True))
+        for subsets, cks in _ensembles(specs, checkpoints)
+    )
+    return Combination(groups, ensemble_weights(len(groups), cfg.cpsd.kd_alpha))
+
+
+def control_combination(checkpoints: Sequence[str | os.PathLike], num_classes: int) -> Combination:
+    """The plain ensemble of the baseline and its control models: the mean of their logits."""
+    everything = tuple(range(num_classes))
+    groups = tuple(((str(ck), everything),) for ck in checkpoints)
+    return Combination(groups, (1.0 / len(groups),) * len(groups))
+
+
+def combined_logits(
+    cfg: ExperimentConfig, combination: Combination, split: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (N, C) float32 of a combination on ``split`` (eval transform, the one the cached
+    teacher logits use) and its multi-hot targets (N, C)."""
+    manifest = load_manifest(cfg.data)
+    num_classes = manifest.num_classes
+    loader = _eval_loader(cfg, manifest, split)
+    device = resolve_device(cfg.train.device)
+    merged = []
+    for group in combination.groups:
+        blocks = [
+            torch.from_numpy(
+                np.concatenate(
+                    list(iter_logits(load_trained(cfg, len(s), ck), loader, device)), axis=0
+                )
+            )
+            for ck, s in group
+        ]
+        merged.append(merge_logits(blocks, [s for _, s in group], num_classes))
+    logits = combination.weights[0] * merged[0]
+    for weight, more in zip(combination.weights[1:], merged[1:], strict=True):
+        logits = logits + weight * more
+    targets = manifest.multi_hot(manifest.split_rows(split)).astype(np.float32)
+    return logits.numpy().astype(np.float32), targets
+
+
+def evaluate_combination(
+    cfg: ExperimentConfig, combination: Combination, out_dir: str | os.PathLike
+) -> dict[str, dict[str, float] | None]:
+    """``{"val"|"test"|"shift": report}`` of a combination (absent splits: None); writes
+    ``logits-<role>.npz`` (logits and targets) into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    present, _ = held_out_splits(cfg)
+    reports: dict[str, dict[str, float] | None] = {"val": None, "test": None, "shift": None}
+    for role, split in {"val": cfg.data.val_split, **present}.items():
+        logits, targets = combined_logits(cfg, combination, split)
+        np.savez(out / f"logits-{role}.npz", logits=logits, targets=targets)
+        scores = torch.sigmoid(torch.from_numpy(logits)).numpy()
+        reports[role] = multilabel_report(scores, targets)
+    return reports
+
+
 SUMMARY_METRICS = ("mAP", "CF1", "OF1")
 SUMMARY_COLUMNS = (
     "name",
@@ -614,8 +720,11 @@ def build_summary(
     teachers: Sequence[TrainedModel],
     finals: Sequence[TrainedModel],
     num_classes: int,
+    combinations: Sequence[tuple[str, dict[str, dict[str, float] | None]]] = (),
 ) -> RunSummary:
-    """Rows for every teacher, every merged ensemble, then the full-label models."""
+    """Rows for every teacher, every merged ensemble, the combinations (``ensemble-target``,
+    ``ensemble-baseline``: name and :func:`evaluate_combination` reports), then the
+    full-label models."""
     rows = [
         summary_row(t.name, "teacher", t.classes, _val(t.best_metrics), t.held_out, t.best_epoch)
         for t in teachers
@@ -624,6 +733,8 @@ def build_summary(
     for kind, reports in merged.items():
         val = reports.pop("val")
         rows.append(summary_row(f"ensemble-{kind}", "ensemble", num_classes, val, reports))
+    for name, reports in combinations:
+        rows.append(summary_row(name, "ensemble", num_classes, reports["val"], reports))
     for m in finals:
         rows.append(
             summary_row(m.name, m.role, m.classes, _val(m.best_metrics), m.held_out, m.best_epoch)
@@ -642,6 +753,11 @@ def run_local(
 ) -> RunSummary:
     """The whole algorithm in this process, sequentially: the reference the pipeline matches."""
     out = Path(out_dir)
+    if cfg.pretrain.enabled:
+        log(f"pretrain: {cfg.pretrain.synth.num_classes} upstream classes")
+        upstream = train_classifier(pretrain_config(cfg), out / "pretrain", log=log)
+        backbone = export_backbone(cfg, upstream.best_checkpoint, out / "pretrain" / BACKBONE_FILE)
+        cfg = with_pretrained(cfg, backbone)
     root = resolve_dataset(cfg.data)
     num_classes = load_manifest(cfg.data, with_bytes=False).num_classes
     log(f"mode {cfg.cpsd.mode}: label statistics and partitions")
@@ -660,13 +776,32 @@ def run_local(
             path = teacher_dir / LOGIT_STORE
             logits.append(cache_teacher_logits(cfg, spec, result.best_checkpoint, path))
     finals = []
+    combinations = []
+    if specs:
+        target = target_combination(cfg, specs, checkpoints)
+        combinations.append(
+            (TARGET, evaluate_combination(cfg, target, out / "combinations" / TARGET))
+        )
     baseline_checkpoint = None
-    if not specs or cfg.cpsd.train_baseline:
+    if trains_baseline(cfg):
         log(f"baseline: training on all {num_classes} classes")
         baseline = train_classifier(cfg, out / "baseline", log=log)
         held_out = evaluate_model(cfg, baseline.best_checkpoint, out / "baseline")
         finals.append(_trained("baseline", "baseline", num_classes, baseline, held_out))
         baseline_checkpoint = baseline.best_checkpoint
+        controls = [baseline.best_checkpoint]
+        for i in range(cfg.cpsd.control_ensemble):
+            log(f"control-{i}: a plain model with another seed")
+            controls.append(
+                train_classifier(
+                    control_config(cfg, i), out / f"control-{i}", log=log
+                ).best_checkpoint
+            )
+        if len(controls) > 1:
+            plain = control_combination(controls, num_classes)
+            combinations.append(
+                (CONTROL, evaluate_combination(cfg, plain, out / "combinations" / CONTROL))
+            )
     if specs:
         log(f"student: training on all {num_classes} classes")
         student = train_student(
@@ -680,7 +815,7 @@ def run_local(
         )
         held_out = evaluate_model(student_config(cfg), student.best_checkpoint, out / "student")
         finals.insert(0, _trained("student", "student", num_classes, student, held_out))
-    summary = build_summary(specs, teachers, finals, num_classes)
+    summary = build_summary(specs, teachers, finals, num_classes, combinations)
     (out / "summary.json").write_text(summary.to_json())
     (out / "summary.md").write_text(summary.markdown() + "\n")
     return summary
