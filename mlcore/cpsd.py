@@ -420,10 +420,33 @@ def train_student(
     c = cfg.cpsd
     if c.student_init == "baseline" and baseline_checkpoint is None:
         raise ValueError("cpsd.student_init: baseline needs the baseline's checkpoint")
+    teachers = student_teachers(cfg, specs, teacher_checkpoints, teacher_logits)
+    student = student_config(cfg)
+    return train_classifier(
+        student,
+        out_dir,
+        make_objective=student_objective(cfg, teachers),
+        init_weights=baseline_checkpoint if c.student_init == "baseline" else None,
+        fingerprint_extra=[student_fingerprint(cfg, specs)],
+        return_index=c.teacher_mode == "cached",
+        on_epoch=on_epoch,
+        on_step=on_step,
+        placement=placement,
+        log=log,
+    )
+
+
+def student_teachers(
+    cfg: ExperimentConfig,
+    specs: Sequence[TeacherSpec],
+    teacher_checkpoints: Sequence[str | os.PathLike] = (),
+    teacher_logits: Sequence[str | os.PathLike] | None = None,
+) -> OnlineTeachers | CachedTeachers:
+    """The student's source of merged teacher logits per batch (``cpsd.teacher_mode``)."""
+    c = cfg.cpsd
     manifest = load_manifest(cfg.data, with_bytes=False)
     num_classes = manifest.num_classes
-    cached = c.teacher_mode == "cached"
-    if cached:
+    if c.teacher_mode == "cached":
         if teacher_logits is None or len(teacher_logits) != len(specs):
             raise ValueError("cached teacher mode needs one logit store per teacher")
         image_ids = manifest.table.column("image_id").take(
@@ -449,6 +472,14 @@ def train_student(
         teachers = OnlineTeachers(
             *ensembles, *[None] * (2 - len(ensembles)), num_classes=num_classes
         )
+    return teachers
+
+
+def student_objective(
+    cfg: ExperimentConfig, teachers: OnlineTeachers | CachedTeachers
+) -> Callable[[torch.nn.Module], DistillationObjective]:
+    """Eq. 7 around a classification loss, with ``cpsd``'s weights and reduction."""
+    c = cfg.cpsd
 
     def make_objective(loss: torch.nn.Module) -> DistillationObjective:
         kd = DistillationLoss(
@@ -456,19 +487,7 @@ def train_student(
         )
         return DistillationObjective(kd, teachers)
 
-    student = student_config(cfg)
-    return train_classifier(
-        student,
-        out_dir,
-        make_objective=make_objective,
-        init_weights=baseline_checkpoint if c.student_init == "baseline" else None,
-        fingerprint_extra=[student_fingerprint(cfg, specs)],
-        return_index=cached,
-        on_epoch=on_epoch,
-        on_step=on_step,
-        placement=placement,
-        log=log,
-    )
+    return make_objective
 
 
 # ---------------------------------------------------------------------------------------------
