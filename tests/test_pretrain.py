@@ -50,3 +50,18 @@ def test_exported_backbone_initialises_a_downstream_model(tiny_config, tmp_path)
         for n, t in state.items()
         if t.is_floating_point() and not n.startswith("fc.")
     )
+
+
+def test_commands_that_do_not_run_the_stage_graph_refuse_pretrain(tiny_config):
+    import pytest
+
+    from mlcore.configlib import ConfigError
+    from workflows.train_one import train_one
+    from workflows.tune import validate_space
+
+    cfg = configlib.replace(tiny_config, UPSTREAM)
+    with pytest.raises(ConfigError, match=r"pretrain\.enabled runs in cpsd pipeline"):
+        train_one(cfg)
+    sweep = configlib.replace(cfg, ["tune.space={loss.clip: {choice: [0.0]}}"])
+    with pytest.raises(ConfigError, match=r"pretrain\.enabled needs tune\.target: student"):
+        validate_space(sweep)

@@ -187,11 +187,41 @@ class StageGraph:
         return refs
 
     def finish(self, refs: ConfigRefs) -> ConfigRefs:
-        """Phase 2: with its partitions known, submit the config's teachers, logits, student."""
+        """Phase 2: with its partitions known, submit the config's teachers, logits, the
+        target's evaluation and the student."""
         cfg, ctx = refs.cfg, refs.ctx
         c = cfg.cpsd
         if not ENSEMBLES[c.mode]:
             return refs
+        self.teachers(refs)
+        key = student_fingerprint(cfg, refs.specs)
+        retries = {"max_retries": cfg.ray.max_retries}
+        n = len(refs.specs)
+        teacher_refs = [refs.teachers[s.name] for s in refs.specs]
+        logit_refs = [refs.logits[s.name] for s in refs.specs] if refs.logits else []
+        needs_baseline = c.student_init == "baseline"
+        refs.final = self.submit(
+            ctx.stage_rel("student", key),
+            "student",
+            _student_task,
+            {**task_options(cfg, "student"), **retries},
+            ctx,
+            refs.specs,
+            key,
+            n,
+            len(logit_refs),
+            needs_baseline,
+            *teacher_refs,
+            *logit_refs,
+            *([refs.baseline] if needs_baseline else []),
+        )
+        return refs
+
+    def teachers(self, refs: ConfigRefs) -> ConfigRefs:
+        """With its partitions known, submit a config's teachers, their cached logits and the
+        evaluation of the student's target (also what a student sweep trains against)."""
+        cfg, ctx = refs.cfg, refs.ctx
+        c = cfg.cpsd
         records = self.wait({f"partition-{k}": r for k, r in refs.partitions.items()}, quiet=True)
         partitions = {k: partition_of(records[f"partition-{k}"]) for k in refs.partitions}
         refs.specs = plan_teachers(partitions)
@@ -223,26 +253,6 @@ class StageGraph:
             [[(teacher_fingerprint(cfg, s), list(s.subset)) for s in g] for g in groups],
             [[refs.teachers[s.name] for s in g] for g in groups],
             list(ensemble_weights(len(groups), c.kd_alpha)),
-        )
-        key = student_fingerprint(cfg, refs.specs)
-        n = len(refs.specs)
-        teacher_refs = [refs.teachers[s.name] for s in refs.specs]
-        logit_refs = [refs.logits[s.name] for s in refs.specs] if refs.logits else []
-        needs_baseline = c.student_init == "baseline"
-        refs.final = self.submit(
-            ctx.stage_rel("student", key),
-            "student",
-            _student_task,
-            {**task_options(cfg, "student"), **retries},
-            ctx,
-            refs.specs,
-            key,
-            n,
-            len(logit_refs),
-            needs_baseline,
-            *teacher_refs,
-            *logit_refs,
-            *([refs.baseline] if needs_baseline else []),
         )
         return refs
 
