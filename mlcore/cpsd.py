@@ -27,6 +27,11 @@ reported on the held-out ``test`` split and the optional ``test_shift`` split
 (``mlcore.fingerprint``): a teacher's covers its config, data and subset; the student's adds its
 distillation settings and its teachers' fingerprints; the baseline's is the plain training one,
 so every mode and distillation setting shares one baseline per seed.
+
+Beside the merged teacher ensembles, two logit combinations (:class:`Combination`) are scored
+like models: ``ensemble-target``, the logits the student regresses to (each ensemble weighted by
+``mlcore.distill.ensemble_weights``), and with ``cpsd.control_ensemble: N`` the plain ensemble
+``ensemble-baseline``, the mean logits of the baseline and N plain models with other seeds.
 """
 
 from __future__ import annotations
