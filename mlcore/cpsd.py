@@ -633,19 +633,20 @@ def combined_logits(
     teacher logits use) and its multi-hot targets (N, C)."""
     manifest = load_manifest(cfg.data)
     num_classes = manifest.num_classes
-    loader = _eval_loader(cfg, manifest, split)
     device = resolve_device(cfg.train.device)
-    merged = []
-    for group in combination.groups:
-        blocks = [
-            torch.from_numpy(
-                np.concatenate(
-                    list(iter_logits(load_trained(cfg, len(s), ck), loader, device)), axis=0
-                )
-            )
-            for ck, s in group
-        ]
-        merged.append(merge_logits(blocks, [s for _, s in group], num_classes))
+    models = [[load_trained(cfg, len(s), ck).to(device) for ck, s in g] for g in combination.groups]
+    outputs: list[list[list[torch.Tensor]]] = [[[] for _ in g] for g in models]
+    # One pass over the split for all members: decoding costs more than these forward passes.
+    with torch.inference_mode():
+        for images, *_ in _eval_loader(cfg, manifest, split):
+            images = images.to(device)
+            for group, out in zip(models, outputs, strict=True):
+                for model, blocks in zip(group, out, strict=True):
+                    blocks.append(model(images).float().cpu())
+    merged = [
+        merge_logits([torch.cat(b) for b in out], [s for _, s in group], num_classes)
+        for group, out in zip(combination.groups, outputs, strict=True)
+    ]
     logits = combination.weights[0] * merged[0]
     for weight, more in zip(combination.weights[1:], merged[1:], strict=True):
         logits = logits + weight * more

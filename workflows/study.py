@@ -10,12 +10,15 @@ variant that keeps the data, model, loss and training settings shares one baseli
 Outputs, under ``<storage_path>/<name>/study/`` and as artifacts of the study's MLflow run:
 
 * ``study.csv``: one row per variant × seed with every metric of the variant's final model
-  (the student, or the baseline in mode ``baseline``), of its baseline and of its ensembles;
+  (the student, or the baseline in mode ``baseline``), of its baseline and of its ensembles
+  (merged teachers, ``ensemble-target``, ``ensemble-baseline``: test, shift and val mAP);
 * ``study_summary.csv``: ``variant, metric, mean, ci95_low, ci95_high, n`` (t-interval over
   seeds; empty bounds with one seed);
-* ``study_paired.csv``: per-seed paired differences against the baseline, with intervals;
-* ``study.md``: the table people read; ``study_modes.png`` (the paper's Table 3) and
-  ``study_k.png`` (its Fig. 3, when ``cpsd.k`` varies), with 95% error bars.
+* ``study_paired.csv``: per-seed paired differences against the baseline, with intervals (the
+  final model's, and each ensemble's test mAP);
+* ``study.md``: the tables people read (variants, then ensembles); ``study_modes.png`` (the
+  paper's Table 3) and ``study_k.png`` (its Fig. 3, when ``cpsd.k`` varies), with 95% error
+  bars.
 
 Everything is chosen on ``val`` inside each run and reported on the held-out ``test`` split.
 """
@@ -267,7 +270,7 @@ def _row(
         row[f"test_mAP_{bucket}"] = final_test.get(f"mAP_{bucket}")
         row[f"baseline_test_mAP_{bucket}"] = base_test.get(f"mAP_{bucket}")
     for ens in (r for r in summary.rows if r["role"] == "ensemble"):
-        for metric in ("test_mAP", "val_mAP"):
+        for metric in ("test_mAP", "shift_mAP", "val_mAP"):
             row[f"{ens['name'].replace('-', '_')}_{metric}"] = ens.get(metric)
     if logger is not None:
         logger.metrics(final_keys(final), step=0)
