@@ -237,11 +237,20 @@ def replace(config: T, overrides: Sequence[str]) -> T:
 #
 # and a field naming a file whose *content* matters (pretrained weights) is marked ``FILE``.
 # Stage keys and resume fingerprints are built from :func:`result_content`, so a new field counts
-# by default and is left out only by an explicit mark next to its definition.
+# by default and is left out only by an explicit mark next to its definition. A result field
+# added after stage keys were published is marked ``KEYED_WHEN_SET``: it counts once set away
+# from its default, so every existing key (and its finished stages) stays valid.
 
 KEY_ROLE = "cpsd.key_role"
 NOT_RESULT = {KEY_ROLE: "ignore"}
 FILE = {KEY_ROLE: "file"}
+KEYED_WHEN_SET = {KEY_ROLE: "when_set"}
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[misc]
 
 
 def result_content(config: Any, file_digest: typing.Callable[[str], str] | None = None) -> Any:
@@ -252,7 +261,7 @@ def result_content(config: Any, file_digest: typing.Callable[[str], str] | None 
         for f in dataclasses.fields(config):
             role = f.metadata.get(KEY_ROLE)
             value = getattr(config, f.name)
-            if role == "ignore":
+            if role == "ignore" or (role == "when_set" and value == _default(f)):
                 continue
             if role == "file" and value is not None and file_digest is not None:
                 out[f.name] = file_digest(value)

@@ -27,6 +27,11 @@ reported on the held-out ``test`` split and the optional ``test_shift`` split
 (``mlcore.fingerprint``): a teacher's covers its config, data and subset; the student's adds its
 distillation settings and its teachers' fingerprints; the baseline's is the plain training one,
 so every mode and distillation setting shares one baseline per seed.
+
+Beside the merged teacher ensembles, two logit combinations (:class:`Combination`) are scored
+like models: ``ensemble-target``, the logits the student regresses to (each ensemble weighted by
+``mlcore.distill.ensemble_weights``), and with ``cpsd.control_ensemble: N`` the plain ensemble
+``ensemble-baseline``, the mean logits of the baseline and N plain models with other seeds.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from mlcore.distill import (
     DistillationObjective,
     Ensemble,
     OnlineTeachers,
+    ensemble_weights,
     iter_logits,
     load_cached_ensemble,
     merge_logits,
@@ -75,6 +81,7 @@ from mlcore.partition.cooccurrence import cooccurrence_from_manifest
 from mlcore.partition.random_partition import random_partition
 from mlcore.partition.report import label_stats_hash, partition_report, plot_affinity_heatmap
 from mlcore.partition.spectral import normalized_cut, spectral_partition
+from mlcore.pretrain import BACKBONE_FILE, export_backbone, pretrain_config, with_pretrained
 from mlcore.train import (
     LOCAL,
     SCORES,
@@ -337,6 +344,28 @@ def baseline_fingerprint(cfg: ExperimentConfig) -> str:
     return training_fingerprint(cfg)
 
 
+def control_seed(seed: int, index: int) -> int:
+    """``train.seed`` of control model ``index`` (``cpsd.control_ensemble``): a hash of (seed,
+    index), 31 bits, so that no control model is another seed's baseline."""
+    digest = hashlib.sha256(f"{seed}:control:{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def control_config(cfg: ExperimentConfig, index: int) -> ExperimentConfig:
+    """The baseline's config with the seed of control model ``index``: keyed by
+    :func:`baseline_fingerprint` like any plain model, so variants that share the baseline share
+    its control models."""
+    train = dataclasses.replace(cfg.train, seed=control_seed(cfg.train.seed, index))
+    return dataclasses.replace(cfg, train=train)
+
+
+def trains_baseline(cfg: ExperimentConfig) -> bool:
+    """Whether a run trains the plain baseline: mode ``baseline``, ``train_baseline``, or a
+    control ensemble (whose first member it is)."""
+    c = cfg.cpsd
+    return not ENSEMBLES[c.mode] or c.train_baseline or c.control_ensemble > 0
+
+
 def student_fingerprint(cfg: ExperimentConfig, specs: Sequence[TeacherSpec]) -> str:
     """What the student depends on: its config, distillation settings, and every teacher."""
     if not specs:
@@ -396,10 +425,33 @@ def train_student(
     c = cfg.cpsd
     if c.student_init == "baseline" and baseline_checkpoint is None:
         raise ValueError("cpsd.student_init: baseline needs the baseline's checkpoint")
+    teachers = student_teachers(cfg, specs, teacher_checkpoints, teacher_logits)
+    student = student_config(cfg)
+    return train_classifier(
+        student,
+        out_dir,
+        make_objective=student_objective(cfg, teachers),
+        init_weights=baseline_checkpoint if c.student_init == "baseline" else None,
+        fingerprint_extra=[student_fingerprint(cfg, specs)],
+        return_index=c.teacher_mode == "cached",
+        on_epoch=on_epoch,
+        on_step=on_step,
+        placement=placement,
+        log=log,
+    )
+
+
+def student_teachers(
+    cfg: ExperimentConfig,
+    specs: Sequence[TeacherSpec],
+    teacher_checkpoints: Sequence[str | os.PathLike] = (),
+    teacher_logits: Sequence[str | os.PathLike] | None = None,
+) -> OnlineTeachers | CachedTeachers:
+    """The student's source of merged teacher logits per batch (``cpsd.teacher_mode``)."""
+    c = cfg.cpsd
     manifest = load_manifest(cfg.data, with_bytes=False)
     num_classes = manifest.num_classes
-    cached = c.teacher_mode == "cached"
-    if cached:
+    if c.teacher_mode == "cached":
         if teacher_logits is None or len(teacher_logits) != len(specs):
             raise ValueError("cached teacher mode needs one logit store per teacher")
         image_ids = manifest.table.column("image_id").take(
@@ -425,6 +477,14 @@ def train_student(
         teachers = OnlineTeachers(
             *ensembles, *[None] * (2 - len(ensembles)), num_classes=num_classes
         )
+    return teachers
+
+
+def student_objective(
+    cfg: ExperimentConfig, teachers: OnlineTeachers | CachedTeachers
+) -> Callable[[torch.nn.Module], DistillationObjective]:
+    """Eq. 7 around a classification loss, with ``cpsd``'s weights and reduction."""
+    c = cfg.cpsd
 
     def make_objective(loss: torch.nn.Module) -> DistillationObjective:
         kd = DistillationLoss(
@@ -432,19 +492,7 @@ def train_student(
         )
         return DistillationObjective(kd, teachers)
 
-    student = student_config(cfg)
-    return train_classifier(
-        student,
-        out_dir,
-        make_objective=make_objective,
-        init_weights=baseline_checkpoint if c.student_init == "baseline" else None,
-        fingerprint_extra=[student_fingerprint(cfg, specs)],
-        return_index=cached,
-        on_epoch=on_epoch,
-        on_step=on_step,
-        placement=placement,
-        log=log,
-    )
+    return make_objective
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,6 +588,89 @@ def ensemble_reports(
     return reports
 
 
+TARGET = "ensemble-target"
+"""Summary row of the student's distillation target."""
+CONTROL = "ensemble-baseline"
+"""Summary row of the plain ensemble: the baseline and its ``cpsd.control_ensemble`` models."""
+
+
+@dataclass(frozen=True)
+class Combination:
+    """Models whose logits are combined into one full-label model, scored like the others.
+
+    ``groups[g]`` is a list of (checkpoint, class subset) whose subsets partition the classes
+    (one merged ensemble, or one full-label model); the combined logits are
+    ``Σ_g weights[g] · merged logits of group g``.
+    """
+
+    groups: tuple[tuple[tuple[str, tuple[int, ...]], ...], ...]
+    weights: tuple[float, ...]
+
+
+def target_combination(
+    cfg: ExperimentConfig, specs: Sequence[TeacherSpec], checkpoints: Sequence[str | os.PathLike]
+) -> Combination:
+    """The logits the student regresses to: each ensemble's merged logits weighted by
+    :func:`mlcore.distill.ensemble_weights` with ``cpsd.kd_alpha``, the shares its loss uses."""
+    groups = tuple(
+        tuple((str(ck), s) for s, ck in zip(subsets, cks, strict=True))
+        for subsets, cks in _ensembles(specs, checkpoints)
+    )
+    return Combination(groups, ensemble_weights(len(groups), cfg.cpsd.kd_alpha))
+
+
+def control_combination(checkpoints: Sequence[str | os.PathLike], num_classes: int) -> Combination:
+    """The plain ensemble of the baseline and its control models: the mean of their logits."""
+    everything = tuple(range(num_classes))
+    groups = tuple(((str(ck), everything),) for ck in checkpoints)
+    return Combination(groups, (1.0 / len(groups),) * len(groups))
+
+
+def combined_logits(
+    cfg: ExperimentConfig, combination: Combination, split: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (N, C) float32 of a combination on ``split`` (eval transform, the one the cached
+    teacher logits use) and its multi-hot targets (N, C)."""
+    manifest = load_manifest(cfg.data)
+    num_classes = manifest.num_classes
+    device = resolve_device(cfg.train.device)
+    models = [[load_trained(cfg, len(s), ck).to(device) for ck, s in g] for g in combination.groups]
+    outputs: list[list[list[torch.Tensor]]] = [[[] for _ in g] for g in models]
+    # One pass over the split for all members: decoding costs more than these forward passes.
+    with torch.inference_mode():
+        for images, *_ in _eval_loader(cfg, manifest, split):
+            images = images.to(device)
+            for group, out in zip(models, outputs, strict=True):
+                for model, blocks in zip(group, out, strict=True):
+                    blocks.append(model(images).float().cpu())
+    merged = [
+        merge_logits([torch.cat(b) for b in out], [s for _, s in group], num_classes)
+        for group, out in zip(combination.groups, outputs, strict=True)
+    ]
+    logits = combination.weights[0] * merged[0]
+    for weight, more in zip(combination.weights[1:], merged[1:], strict=True):
+        logits = logits + weight * more
+    targets = manifest.multi_hot(manifest.split_rows(split)).astype(np.float32)
+    return logits.numpy().astype(np.float32), targets
+
+
+def evaluate_combination(
+    cfg: ExperimentConfig, combination: Combination, out_dir: str | os.PathLike
+) -> dict[str, dict[str, float] | None]:
+    """``{"val"|"test"|"shift": report}`` of a combination (absent splits: None); writes
+    ``logits-<role>.npz`` (logits and targets) into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    present, _ = held_out_splits(cfg)
+    reports: dict[str, dict[str, float] | None] = {"val": None, "test": None, "shift": None}
+    for role, split in {"val": cfg.data.val_split, **present}.items():
+        logits, targets = combined_logits(cfg, combination, split)
+        np.savez(out / f"logits-{role}.npz", logits=logits, targets=targets)
+        scores = torch.sigmoid(torch.from_numpy(logits)).numpy()
+        reports[role] = multilabel_report(scores, targets)
+    return reports
+
+
 SUMMARY_METRICS = ("mAP", "CF1", "OF1")
 SUMMARY_COLUMNS = (
     "name",
@@ -620,8 +751,11 @@ def build_summary(
     teachers: Sequence[TrainedModel],
     finals: Sequence[TrainedModel],
     num_classes: int,
+    combinations: Sequence[tuple[str, dict[str, dict[str, float] | None]]] = (),
 ) -> RunSummary:
-    """Rows for every teacher, every merged ensemble, then the full-label models."""
+    """Rows for every teacher, every merged ensemble, the combinations (``ensemble-target``,
+    ``ensemble-baseline``: name and :func:`evaluate_combination` reports), then the
+    full-label models."""
     rows = [
         summary_row(t.name, "teacher", t.classes, _val(t.best_metrics), t.held_out, t.best_epoch)
         for t in teachers
@@ -630,6 +764,8 @@ def build_summary(
     for kind, reports in merged.items():
         val = reports.pop("val")
         rows.append(summary_row(f"ensemble-{kind}", "ensemble", num_classes, val, reports))
+    for name, reports in combinations:
+        rows.append(summary_row(name, "ensemble", num_classes, reports["val"], reports))
     for m in finals:
         rows.append(
             summary_row(m.name, m.role, m.classes, _val(m.best_metrics), m.held_out, m.best_epoch)
@@ -648,6 +784,11 @@ def run_local(
 ) -> RunSummary:
     """The whole algorithm in this process, sequentially: the reference the pipeline matches."""
     out = Path(out_dir)
+    if cfg.pretrain.enabled:
+        log(f"pretrain: {cfg.pretrain.synth.num_classes} upstream classes")
+        upstream = train_classifier(pretrain_config(cfg), out / "pretrain", log=log)
+        backbone = export_backbone(cfg, upstream.best_checkpoint, out / "pretrain" / BACKBONE_FILE)
+        cfg = with_pretrained(cfg, backbone)
     root = resolve_dataset(cfg.data)
     num_classes = load_manifest(cfg.data, with_bytes=False).num_classes
     log(f"mode {cfg.cpsd.mode}: label statistics and partitions")
@@ -666,13 +807,32 @@ def run_local(
             path = teacher_dir / LOGIT_STORE
             logits.append(cache_teacher_logits(cfg, spec, result.best_checkpoint, path))
     finals = []
+    combinations = []
+    if specs:
+        target = target_combination(cfg, specs, checkpoints)
+        combinations.append(
+            (TARGET, evaluate_combination(cfg, target, out / "combinations" / TARGET))
+        )
     baseline_checkpoint = None
-    if not specs or cfg.cpsd.train_baseline:
+    if trains_baseline(cfg):
         log(f"baseline: training on all {num_classes} classes")
         baseline = train_classifier(cfg, out / "baseline", log=log)
         held_out = evaluate_model(cfg, baseline.best_checkpoint, out / "baseline")
         finals.append(_trained("baseline", "baseline", num_classes, baseline, held_out))
         baseline_checkpoint = baseline.best_checkpoint
+        controls = [baseline.best_checkpoint]
+        for i in range(cfg.cpsd.control_ensemble):
+            log(f"control-{i}: a plain model with another seed")
+            controls.append(
+                train_classifier(
+                    control_config(cfg, i), out / f"control-{i}", log=log
+                ).best_checkpoint
+            )
+        if len(controls) > 1:
+            plain = control_combination(controls, num_classes)
+            combinations.append(
+                (CONTROL, evaluate_combination(cfg, plain, out / "combinations" / CONTROL))
+            )
     if specs:
         log(f"student: training on all {num_classes} classes")
         student = train_student(
@@ -686,7 +846,7 @@ def run_local(
         )
         held_out = evaluate_model(student_config(cfg), student.best_checkpoint, out / "student")
         finals.insert(0, _trained("student", "student", num_classes, student, held_out))
-    summary = build_summary(specs, teachers, finals, num_classes)
+    summary = build_summary(specs, teachers, finals, num_classes, combinations)
     (out / "summary.json").write_text(summary.to_json())
     (out / "summary.md").write_text(summary.markdown() + "\n")
     return summary

@@ -136,16 +136,39 @@ class DistillationLoss(nn.Module):
     ) -> torch.Tensor:
         """student (B, C) logits, targets (B, C), cgp/dgp (B, C) merged teacher logits or None."""
         loss = self.cls_weight * self.cls_loss(student, targets)
-        if cgp is not None and dgp is not None:
-            weights = (self.alpha / 2, 0.5 - self.alpha / 2)
-        else:
-            weights = (0.5, 0.5)  # one ensemble takes the whole distillation weight
-        for teacher, weight in zip((cgp, dgp), weights, strict=True):
-            if teacher is not None:
-                squared = (student - teacher.to(student.dtype)).pow(2)
-                mse = squared.sum() if self.reduction == "sum" else squared.mean()
-                loss = loss + weight * mse
+        present = [t for t in (cgp, dgp) if t is not None]
+        # The distillation weight ½ split by the target's shares (ensemble_weights): α/2 and
+        # ½ − α/2 with both ensembles, ½ with one.
+        for teacher, share in zip(present, ensemble_weights(len(present), self.alpha), strict=True):
+            squared = (student - teacher.to(student.dtype)).pow(2)
+            mse = squared.sum() if self.reduction == "sum" else squared.mean()
+            loss = loss + 0.5 * share * mse
         return loss
+
+
+def ensemble_weights(count: int, alpha: float) -> tuple[float, ...]:
+    """Share of each present teacher ensemble (CGP slot first) in the student's target.
+
+    The two MSE terms of Eq. 7 are one squared distance up to a constant that does not depend
+    on the student's logits s::
+
+        (α/2)‖s − ŷ⁺‖² + (½ − α/2)‖s − ŷ⁻‖² = ½‖s − (α·ŷ⁺ + (1 − α)·ŷ⁻)‖² + const
+
+    so the student regresses to α·ŷ⁺ + (1 − α)·ŷ⁻: shares α and 1 − α with two ensembles, 1
+    with one (modes ``sd``, ``cgpd``, ``dgpd``, ``random``). :class:`DistillationLoss` weights
+    its terms by half these shares, and the ``ensemble-target`` row combines the ensembles'
+    logits with them (``mlcore.cpsd.target_combination``).
+
+    Raises:
+        ValueError: More than two ensembles.
+    """
+    if count == 2:
+        return (alpha, 1.0 - alpha)
+    if count == 1:
+        return (1.0,)
+    if count == 0:
+        return ()
+    raise ValueError(f"at most two teacher ensembles (CGP, DGP), got {count}")
 
 
 @dataclass(frozen=True)

@@ -76,3 +76,20 @@ def test_relative_paths_resolved(tmp_path, monkeypatch):
 def test_missing_bundled_config_lists_available():
     with pytest.raises(ConfigError, match=r"bundled configs: .*tiny"):
         config_path("nope")
+
+
+def test_pretrained_study_runs_the_issue_18_design():
+    from workflows.study import expand
+
+    runs = expand(load_config(config_path("study_cpsd_pretrained")))
+    assert len(runs) == 14 * 5
+    modes = {r.cfg.cpsd.mode for r in runs}
+    assert modes == {"baseline", "sd", "cgpd", "dgpd", "cpsd"}
+    assert {r.cfg.cpsd.cls_weight for r in runs if r.cfg.cpsd.mode != "baseline"} == {0.5, 5, 50}
+    for run in runs:
+        assert run.cfg.pretrain.enabled and run.cfg.cpsd.control_ensemble == 2 * run.cfg.cpsd.k - 1
+        assert run.cfg.data.synth.seed == run.seed and 12 <= run.cfg.train.epochs <= 20
+    upstream = runs[0].cfg.pretrain.synth
+    downstream = runs[0].cfg.data.synth
+    assert upstream.class_offset >= downstream.num_classes  # disjoint classes
+    assert load_config(config_path("study_cpsd")).cpsd.control_ensemble == 5

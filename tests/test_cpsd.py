@@ -28,7 +28,9 @@ def test_every_mode_end_to_end(mode, tiny_overrides, tmp_path):
     k = exp.cpsd.k
     expected_teachers = {"baseline": 0, "sd": 1, "cgpd": k, "dgpd": k, "cpsd": 2 * k, "random": k}
     assert roles.count("teacher") == expected_teachers[mode]
-    assert roles.count("ensemble") == len(ENSEMBLES[mode])
+    # Each merged ensemble, then the student's target (ensemble-target) in modes with teachers.
+    assert roles.count("ensemble") == len(ENSEMBLES[mode]) + bool(ENSEMBLES[mode])
+    assert ("ensemble-target" in [r["name"] for r in summary.rows]) == bool(ENSEMBLES[mode])
     assert roles[-1] == ("baseline" if mode == "baseline" else "student")
     for row in summary.rows:
         assert 0.0 <= row["val_mAP"] <= 1.0 and 0.0 <= row["test_mAP"] <= 1.0

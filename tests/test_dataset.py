@@ -39,9 +39,14 @@ def test_sparse_labels_give_the_dense_multi_hot_rows_per_batch(tiny_config):
     assert seen == len(dataset)
 
 
-def test_augmentation_does_not_depend_on_workers_or_ranks(tiny_config):
+@pytest.mark.parametrize(
+    "augment",
+    [{"randaugment": True, "cutout": 0.25}, {"augment": "randaug"}],
+    ids=["torchvision", "timm-randaug"],
+)
+def test_augmentation_does_not_depend_on_workers_or_ranks(augment, tiny_config):
     manifest = Manifest.load(resolve_dataset(tiny_config.data))
-    data = dataclasses.replace(tiny_config.data, randaugment=True, cutout=0.25)
+    data = dataclasses.replace(tiny_config.data, **augment)
     dataset = MultiLabelDataset(manifest, "train", build_transform(data, train=True))
 
     def batches(world: int, rank: int, workers: int) -> list[torch.Tensor]:
@@ -68,6 +73,32 @@ def test_augmentation_does_not_depend_on_workers_or_ranks(tiny_config):
     other_epoch.set_epoch(3)
     first = next(iter(DataLoader(dataset, 16, sampler=other_epoch, collate_fn=dataset.collate_fn)))
     assert not torch.equal(first[0], single[0])
+
+
+def test_timm_randaug_is_seeded_per_sample_and_leaves_global_rngs_alone(tiny_config):
+    import random
+
+    manifest = Manifest.load(resolve_dataset(tiny_config.data))
+    randaug = dataclasses.replace(tiny_config.data, augment="randaug")
+    dataset = MultiLabelDataset(manifest, "train", build_transform(randaug, train=True))
+    basic = MultiLabelDataset(manifest, "train", build_transform(tiny_config.data, train=True))
+    random.seed(5)
+    np.random.seed(5)
+    expected = (random.random(), np.random.rand())
+    random.seed(5)
+    np.random.seed(5)
+    first = dataset[(3, 123)][0]
+    assert (random.random(), np.random.rand()) == expected  # timm's draws were restored
+    random.random()
+    assert torch.equal(dataset[(3, 123)][0], first)  # whatever the global streams hold
+    assert not torch.equal(dataset[(3, 124)][0], first)
+    assert not torch.equal(basic[(3, 123)][0], first)
+    # Cutout: a square of half the side is one random colour in every pixel.
+    erased = [
+        ((image[:, 1:, 1:] == image[:, :-1, :-1]).all(0).float().mean() > 0.2)
+        for image in (dataset[(i, i)][0] for i in range(8))
+    ]
+    assert all(erased)
 
 
 def _jpeg(name: str, long_side: int) -> bytes:

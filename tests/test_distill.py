@@ -115,3 +115,57 @@ def test_online_and_cached_teachers_agree_on_unaugmented_inputs(tiny_config, tmp
     (from_cache, none_a), (from_online, none_b) = cached(batch), online(batch)
     assert none_a is None and none_b is None
     torch.testing.assert_close(from_online, from_cache, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["cpsd", "dgpd"])
+def test_ensemble_target_row_is_what_the_student_regresses_to(mode, tiny_config, tmp_path):
+    """The ``ensemble-target`` row's logits equal the student's target as its loss defines
+    it: with the KD terms summed, their gradient is s − target, so target = s − gradient."""
+    from mlcore import configlib
+    from mlcore.cpsd import (
+        cache_teacher_logits,
+        combined_logits,
+        compute_partitions,
+        plan_teachers,
+        student_objective,
+        student_teachers,
+        target_combination,
+    )
+    from mlcore.distill import LOGIT_STORE
+    from mlcore.experiment import load_manifest
+    from mlcore.models import build_model_from_config
+
+    # α ≠ ½ so that swapping the CGP and DGP shares would show.
+    cfg = configlib.replace(tiny_config, [f"cpsd.mode={mode}", "cpsd.kd_alpha=0.3"])
+    specs = plan_teachers(compute_partitions(cfg, resolve_dataset(cfg.data)))
+    checkpoints, stores = [], []
+    for i, spec in enumerate(specs):
+        torch.manual_seed(i)  # untrained teachers with distinct weights are enough here
+        model = build_model_from_config(cfg.model, len(spec.subset))
+        checkpoint = tmp_path / f"{spec.name}.pt"
+        torch.save({"model": model.state_dict()}, checkpoint)
+        checkpoints.append(checkpoint)
+        stores.append(
+            cache_teacher_logits(cfg, spec, checkpoint, tmp_path / spec.name / LOGIT_STORE)
+        )
+
+    manifest = load_manifest(cfg.data, with_bytes=False)
+    rows = manifest.split_rows(cfg.data.train_split)
+    targets = torch.from_numpy(manifest.multi_hot(rows)).float()
+    cls_loss = AsymmetricLoss()
+    objective = student_objective(cfg, student_teachers(cfg, specs, teacher_logits=stores))(
+        cls_loss
+    )
+    student = torch.randn(len(rows), manifest.num_classes, requires_grad=True)
+    batch = Batch(torch.empty(0), targets, torch.arange(len(rows)))
+    objective(student, batch).backward()
+    alone = student.detach().clone().requires_grad_(True)
+    (cfg.cpsd.cls_weight * cls_loss(alone, targets)).backward()  # the same summed ASL
+    target = student.detach() - (student.grad - alone.grad)
+
+    logits, row_targets = combined_logits(
+        cfg, target_combination(cfg, specs, checkpoints), cfg.data.train_split
+    )
+    np.testing.assert_array_equal(row_targets, targets.numpy())
+    np.testing.assert_allclose(logits, target.numpy(), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(logits, 0.0, atol=1e-3)  # a real target, not a degenerate one

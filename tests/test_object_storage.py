@@ -185,6 +185,7 @@ def test_pipeline_with_s3_storage_and_data_then_a_rerun_skips_every_stage(
         "partition-cgp",
         "teacher-cgp-0",
         "teacher-cgp-1",
+        "ensemble-target",
         "student",
     }
     assert any(k.endswith("teacher_logits/values.npy") for k in keys)

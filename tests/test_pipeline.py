@@ -1,5 +1,6 @@
 """The CPSD pipeline on a real local Ray instance (started here, stopped after)."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -99,7 +100,10 @@ def test_pipeline_reproduces_reference_then_skips_and_reruns_what_changed(
     again = run_pipeline(cfg, log=lambda _: None)
     assert again.rows == first.rows
     changed = run_pipeline(configlib.replace(cfg, ["cpsd.kd_alpha=0.3"]), log=lambda _: None)
-    assert changed.rows[:-1] == first.rows[:-1]  # teachers and ensembles reused as they were
+    # Teachers and their merged ensembles reused as they were; α moves the student's target.
+    assert changed.rows[:-2] == first.rows[:-2]
+    assert [r["name"] for r in changed.rows[-2:]] == ["ensemble-target", "student"]
+    assert changed.rows[-2]["val_mAP"] != first.rows[-2]["val_mAP"]
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parents, children = _children(uri)
@@ -114,6 +118,7 @@ def test_pipeline_reproduces_reference_then_skips_and_reruns_what_changed(
     assert roles["ensemble-cgp"] == "ensemble" and roles["student"] == "student"
     (ensemble,) = [r for r in children[parents[0].info.run_id] if r.info.run_name == "ensemble-cgp"]
     assert "best_epoch" not in ensemble.data.metrics and "test_mAP" in ensemble.data.metrics
+    assert roles["ensemble-target"] == "ensemble"
     reused = [
         {r.info.run_name for r in children[p.info.run_id] if "cpsd.reused_from" in r.data.tags}
         for p in parents
@@ -175,17 +180,41 @@ def test_concurrent_teachers_never_share_a_gpu(local_ray, tiny_overrides, tmp_pa
 
 
 # The teacher layouts that cpsd (test above) does not have: one all-class teacher, a random
-# partition. Every mode also runs on Ray in test_study and in one process in test_cpsd.
+# partition. Every mode also runs on Ray in test_study and in one process in test_cpsd. The sd
+# run goes through the command line with a control ensemble of two more plain models.
 @pytest.mark.parametrize("mode", ["sd", "random"])
 def test_every_mode_on_ray(mode, local_ray, tiny_overrides, tmp_path):
-    cfg = _config(
-        tiny_overrides, tmp_path, f"cpsd.mode={mode}", "train.epochs=1", "cpsd.teacher_epochs=1"
-    )
-    summary = run_pipeline(cfg, log=lambda _: None)
-    reference = run_local(cfg, tmp_path / "ref", log=lambda _: None)
-    assert [r["name"] for r in summary.rows] == [r["name"] for r in reference.rows]
-    assert summary.rows[-1]["test_mAP"] == pytest.approx(reference.rows[-1]["test_mAP"], abs=1e-9)
+    sets = [f"cpsd.mode={mode}", "train.epochs=1", "cpsd.teacher_epochs=1"]
+    if mode == "sd":
+        sets.append("cpsd.control_ensemble=2")
+    cfg = _config(tiny_overrides, tmp_path, *sets)
+    if mode == "sd":
+        argv = ["--config", "tiny", *tiny_overrides_args([*tiny_overrides, *sets])]
+        argv += ["--set", f"storage_path={cfg.storage_path}"]
+        argv += ["--set", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+        assert main(argv) == 0
+        summary = json.loads(
+            (tmp_path / "storage" / "tiny" / "summary" / "summary.json").read_text()
+        )
+    else:
+        summary = run_pipeline(cfg, log=lambda _: None).rows
+    reference = run_local(cfg, tmp_path / "ref", log=lambda _: None).rows
+    assert [r["name"] for r in summary] == [r["name"] for r in reference]
+    ours = {r["name"]: r for r in summary}
+    for ref in reference:
+        if ref["role"] != "teacher":
+            assert ours[ref["name"]]["test_mAP"] == pytest.approx(ref["test_mAP"], abs=1e-9)
     assert Path(tmp_path / "storage" / "tiny" / "summary" / "summary.png").is_file()
+    if mode == "sd":
+        with open(tmp_path / "storage" / "tiny" / "summary" / "summary.csv") as f:
+            rows = {r["name"]: r for r in csv.DictReader(f)}
+        for name in ("ensemble-target", "ensemble-baseline"):
+            assert rows[name]["role"] == "ensemble" and 0 < float(rows[name]["test_mAP"]) <= 1
+        # One full-label teacher: the target is that teacher's logits.
+        assert ours["ensemble-target"]["val_mAP"] == pytest.approx(ours["ensemble-full"]["val_mAP"])
+        stages = tmp_path / "storage" / "tiny" / "stages"
+        assert len(list(stages.glob("control-*/_SUCCESS.json"))) == 2
+        assert len(list(stages.glob("baseline-*/_SUCCESS.json"))) == 1
 
 
 def test_device_follows_the_gpus_ray_assigned(local_ray, tiny_config):

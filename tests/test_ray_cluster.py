@@ -146,6 +146,7 @@ def test_ray_job_submit_then_job_stop(ray_head, tmp_path, tiny_overrides):
     assert names == [
         "ensemble-cgp",
         "ensemble-dgp",
+        "ensemble-target",
         "student",
         "teacher-cgp-0",
         "teacher-cgp-1",

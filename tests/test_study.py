@@ -106,3 +106,52 @@ def test_every_mode_over_two_seeds_shares_stages(tiny_overrides, tmp_path):
     assert {"study/study.md", "study/study_summary.csv", "study/study_modes.png"} <= artifacts
     running = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
     assert running == []
+
+
+def test_one_pretrain_stage_serves_every_seed_and_control_models_every_variant(
+    tiny_overrides, tmp_path
+):
+    import json
+
+    from mlcore.cpsd import baseline_fingerprint
+    from mlcore.pretrain import with_pretrained
+
+    cfg = load_config(
+        config_path("study_cpsd_tiny"),
+        [
+            *tiny_overrides,
+            f"storage_path={tmp_path / 'storage'}",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "study.grid={}",
+            # Two variants whose plain models are the same stages (cls_weight is a student
+            # setting): the control models must be trained once per seed, not per variant.
+            "study.variants=[{cpsd.mode: baseline}, {cpsd.mode: baseline, cpsd.cls_weight: 5}]",
+            "cpsd.control_ensemble=1",
+            "pretrain.enabled=true",
+            "pretrain.synth={num_classes: 10, class_offset: 10, num_train: 32, num_val: 16,"
+            " num_test: 0, image_size: 32, num_topics: 3}",
+            "pretrain.epochs=1",
+        ],
+    )
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        result = run_study(cfg, log=lambda _: None)
+    finally:
+        ray.shutdown()
+
+    stages = tmp_path / "storage" / "study_cpsd_tiny" / "stages"
+    (pretrain,) = stages.glob("pretrain-*")
+    assert (pretrain / "_SUCCESS.json").is_file() and (pretrain / "backbone.pt").is_file()
+    assert len(list(stages.glob("baseline-*/_SUCCESS.json"))) == 2
+    assert len(list(stages.glob("control-0-*/_SUCCESS.json"))) == 2
+    assert len(list(stages.glob("ensemble-baseline-*/_SUCCESS.json"))) == 2
+    # Each seed's baseline started from the upstream backbone: its key follows the file.
+    for run in expand(cfg):
+        pretrained = with_pretrained(run.cfg, pretrain / "backbone.pt")
+        assert (stages / f"baseline-{baseline_fingerprint(pretrained)}").is_dir()
+        assert not (stages / f"baseline-{baseline_fingerprint(run.cfg)}").exists()
+    record = json.loads((pretrain / "_SUCCESS.json").read_text())
+    assert record["role"] == "pretrain" and record["classes"] == 10
+    assert all(0 < r["ensemble_baseline_test_mAP"] <= 1 for r in result.rows)
+    paired = {(r["variant"], r["metric"]) for r in result.paired}
+    assert ("mode=baseline", "ensemble_baseline_test_mAP - baseline") in paired

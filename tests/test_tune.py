@@ -216,3 +216,34 @@ def test_sweep_over_label_orders_with_the_orderless_rnn(tiny_overrides, tmp_path
         assert {"val_OF1", "val_duplicate_ratio", "val_mla_loss"} <= set(run.data.metrics)
     best = yaml.safe_load(outcome.best_loss_file.read_text())
     assert best["name"] == "orderless" and best["order"] == outcome.best_params["loss.order"]
+
+
+def test_student_sweep_refuses_keys_that_would_change_its_teachers(tmp_path, capsys):
+    argv = ["--config", "tune_cpsd_student_tiny", "--set", f"storage_path={tmp_path}"]
+    argv += ["--set", "tune.space={train.lr: {choice: [0.001]}}"]
+    assert main(argv) == 2
+    assert "train.lr would change the teachers" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_student_sweep_distils_every_trial_from_one_set_of_cached_teachers(
+    tiny_overrides, tmp_path
+):
+    cfg = load_config(config_path("tune_cpsd_student_tiny"), _sets(tiny_overrides, tmp_path))
+    outcome = run_sweep(cfg, out_dir=tmp_path / "out")
+    stages = tmp_path / "storage" / "tune_cpsd_student_tiny" / "stages"
+    assert len(list(stages.glob("teacher-*/_SUCCESS.json"))) == 2 * cfg.cpsd.k
+    assert len(list(stages.glob("teacher-*/logits-float32/_SUCCESS.json"))) == 2 * cfg.cpsd.k
+    assert not list(stages.glob("student-*")) and not list(stages.glob("baseline-*"))
+    _, runs = _runs(tmp_path)
+    trials = [r for r in runs if "trial_id" in r.data.params]
+    assert {t.data.params["tune.target"] for t in trials} == {"student"}
+    assert sorted(float(t.data.params["sweep.cpsd.cls_weight"]) for t in trials) == [0.5, 50.0]
+    for trial in trials:
+        assert trial.info.status == "FINISHED" and trial.data.params["teachers"] == "4"
+        assert "val_mAP" in trial.data.metrics
+    # Selected on val: the best trial is the one with the higher val mAP.
+    best = max(trials, key=lambda t: t.data.metrics["val_mAP"])
+    assert outcome.best_params["cpsd.cls_weight"] == float(
+        best.data.params["sweep.cpsd.cls_weight"]
+    )

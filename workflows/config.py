@@ -148,6 +148,13 @@ class SweepConfig:
     """Retries of a trial that failed (it resumes from its last epoch checkpoint)."""
     class_subset: tuple[int, ...] | None = None
     """Train on these classes only (tune a teacher's sub-task); None: all classes."""
+    target: Literal["model", "student"] = "model"
+    """What a trial trains. ``model``: the configured model. ``student``: the CPSD student of
+    ``cpsd`` against the config's teachers, which the stage graph trains (with their cached
+    logits) before the trials start, or reuses from ``<storage_path>/<name>/stages``; the space
+    may only hold student settings (``cpsd.cls_weight``, ``cpsd.kd_alpha``,
+    ``cpsd.kd_reduction``, ``cpsd.student_lr_scale``, ``cpsd.student_epochs``), so every trial
+    shares the same teachers."""
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:

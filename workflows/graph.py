@@ -3,10 +3,17 @@
 ``pipeline`` (one config), ``study`` (a grid of configs over seeds) and ``demo`` all build their
 work through :class:`StageGraph`. For one config the graph is::
 
-    partition-cgp ─┬─ teacher-cgp-0 ─ logits ─┐
-    partition-dgp ─┼─ ...                      ├─ student
-                   └─ teacher-dgp-<k-1> ─ logits ┘   ↑
-    baseline ───────────────────────── (cpsd.student_init: baseline)
+                  partition-cgp ─┬─ teacher-cgp-0 ─ logits ─┐
+    (pretrain) ─► partition-dgp ─┼─ ...                      ├─ student
+                                 └─ teacher-dgp-<k-1> ─ logits ┘   ↑
+                                    teachers ─ ensemble-target     │
+                  baseline ─────────────────────── (cpsd.student_init: baseline)
+                  control-0..N-1 ─┴─ ensemble-baseline  (cpsd.control_ensemble: N)
+
+``pretrain`` (``pretrain.enabled``) runs first and alone: its backbone file becomes every
+model's ``model.pretrained_file``, so every key below depends on its bytes. ``ensemble-target``
+scores the logits the student regresses to, ``ensemble-baseline`` the mean of the baseline and
+its control models (plain models with other seeds).
 
 Every node is a Ray task (``workflows.stages``). A node is identified by its storage folder,
 ``<stage>-<key>``, whose key is the fingerprint of what it computes; submitting a node that is
@@ -23,19 +30,30 @@ outstanding task of the graph; checkpoints stay and a rerun resumes.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from mlcore.cpsd import (
+    CONTROL,
     ENSEMBLES,
+    TARGET,
     TeacherSpec,
     baseline_fingerprint,
+    control_config,
+    held_out_splits,
     plan_teachers,
     student_fingerprint,
     teacher_fingerprint,
+    trains_baseline,
 )
+from mlcore.data.manifest import read_info
+from mlcore.distill import ensemble_weights
+from mlcore.experiment import resolve_dataset
+from mlcore.fingerprint import stable_hash
+from mlcore.pretrain import pretrain_fingerprint, with_pretrained
 from workflows.config import Config
 from workflows.console import ProgressLine
 from workflows.distributed import model_resources, task_options
@@ -43,10 +61,13 @@ from workflows.runtime import STOP
 from workflows.stages import (
     JobContext,
     baseline_stage,
+    combination_stage,
+    control_stage,
     logits_stage,
     partition_key,
     partition_of,
     partition_stage,
+    pretrain_stage,
     student_stage,
     teacher_stage,
 )
@@ -55,7 +76,8 @@ from workflows.stages import (
 @dataclass
 class ConfigRefs:
     """The refs of one config's stages (``final``: the student, or the baseline in mode
-    ``baseline``)."""
+    ``baseline``; ``combinations``: ``ensemble-target`` and ``ensemble-baseline``). ``cfg`` is
+    the config as run: with ``pretrain`` enabled, its ``model.pretrained_file`` is filled."""
 
     cfg: Config
     ctx: JobContext
@@ -64,6 +86,8 @@ class ConfigRefs:
     teachers: dict[str, Any] = field(default_factory=dict)
     logits: dict[str, Any] = field(default_factory=dict)
     baseline: Any = None
+    controls: list[Any] = field(default_factory=list)
+    combinations: dict[str, Any] = field(default_factory=dict)
     final: Any = None
 
 
@@ -97,10 +121,23 @@ class StageGraph:
         return ref
 
     def start(self, cfg: Config, ctx: JobContext) -> ConfigRefs:
-        """Phase 1 of a config: its partitions and its baseline (both before any teacher)."""
+        """Phase 1 of a config: its partitions and its baseline (both before any teacher),
+        after the upstream model when ``pretrain`` is enabled (waited for here)."""
+        retries = {"max_retries": cfg.ray.max_retries}
+        if cfg.pretrain.enabled:
+            key = pretrain_fingerprint(cfg)
+            ref = self.submit(
+                ctx.stage_rel("pretrain", key),
+                "pretrain",
+                pretrain_stage,
+                {**task_options(cfg, "baseline"), **retries},
+                ctx,
+                key,
+            )
+            cfg = with_pretrained(cfg, self.wait({"pretrain": ref})["pretrain"]["backbone"])
+            ctx = dataclasses.replace(ctx, cfg=cfg)
         c = cfg.cpsd
         refs = ConfigRefs(cfg, ctx)
-        retries = {"max_retries": cfg.ray.max_retries}
         for kind in ENSEMBLES[c.mode]:
             key = partition_key(cfg, kind)
             # Zero CPUs: planning the graph waits on partitions, which take seconds; they must
@@ -114,7 +151,7 @@ class StageGraph:
                 kind,
                 key,
             )
-        if not ENSEMBLES[c.mode] or c.train_baseline:
+        if trains_baseline(cfg):
             key = baseline_fingerprint(cfg)
             refs.baseline = self.submit(
                 ctx.stage_rel("baseline", key),
@@ -124,16 +161,70 @@ class StageGraph:
                 ctx,
                 key,
             )
+            keys = [key]
+            for i in range(c.control_ensemble):
+                keys.append(baseline_fingerprint(control_config(cfg, i)))
+                refs.controls.append(
+                    self.submit(
+                        ctx.stage_rel(f"control-{i}", keys[-1]),
+                        f"control-{i}",
+                        control_stage,
+                        {**task_options(cfg, "baseline"), **retries},
+                        ctx,
+                        i,
+                        keys[-1],
+                    )
+                )
+            if refs.controls:
+                everything = list(range(read_info(resolve_dataset(cfg.data)).num_classes))
+                members = [refs.baseline, *refs.controls]
+                refs.combinations[CONTROL] = self._combination(
+                    ctx,
+                    CONTROL,
+                    [[(k, everything)] for k in keys],
+                    [[ref] for ref in members],
+                    [1.0 / len(members)] * len(members),
+                )
         if not ENSEMBLES[c.mode]:
             refs.final = refs.baseline
         return refs
 
     def finish(self, refs: ConfigRefs) -> ConfigRefs:
-        """Phase 2: with its partitions known, submit the config's teachers, logits, student."""
+        """Phase 2: with its partitions known, submit the config's teachers, logits, the
+        target's evaluation and the student."""
         cfg, ctx = refs.cfg, refs.ctx
         c = cfg.cpsd
         if not ENSEMBLES[c.mode]:
             return refs
+        self.teachers(refs)
+        key = student_fingerprint(cfg, refs.specs)
+        retries = {"max_retries": cfg.ray.max_retries}
+        n = len(refs.specs)
+        teacher_refs = [refs.teachers[s.name] for s in refs.specs]
+        logit_refs = [refs.logits[s.name] for s in refs.specs] if refs.logits else []
+        needs_baseline = c.student_init == "baseline"
+        refs.final = self.submit(
+            ctx.stage_rel("student", key),
+            "student",
+            _student_task,
+            {**task_options(cfg, "student"), **retries},
+            ctx,
+            refs.specs,
+            key,
+            n,
+            len(logit_refs),
+            needs_baseline,
+            *teacher_refs,
+            *logit_refs,
+            *([refs.baseline] if needs_baseline else []),
+        )
+        return refs
+
+    def teachers(self, refs: ConfigRefs) -> ConfigRefs:
+        """With its partitions known, submit a config's teachers, their cached logits and the
+        evaluation of the student's target (also what a student sweep trains against)."""
+        cfg, ctx = refs.cfg, refs.ctx
+        c = cfg.cpsd
         records = self.wait({f"partition-{k}": r for k, r in refs.partitions.items()}, quiet=True)
         partitions = {k: partition_of(records[f"partition-{k}"]) for k in refs.partitions}
         refs.specs = plan_teachers(partitions)
@@ -157,27 +248,44 @@ class StageGraph:
                     spec,
                     refs.teachers[spec.name],
                 )
-        key = student_fingerprint(cfg, refs.specs)
-        n = len(refs.specs)
-        teacher_refs = [refs.teachers[s.name] for s in refs.specs]
-        logit_refs = [refs.logits[s.name] for s in refs.specs] if refs.logits else []
-        needs_baseline = c.student_init == "baseline"
-        refs.final = self.submit(
-            ctx.stage_rel("student", key),
-            "student",
-            _student_task,
-            {**task_options(cfg, "student"), **retries},
+        kinds = dict.fromkeys(s.kind for s in refs.specs)  # ENSEMBLES slot order
+        groups = [[s for s in refs.specs if s.kind == kind] for kind in kinds]
+        refs.combinations[TARGET] = self._combination(
             ctx,
-            refs.specs,
-            key,
-            n,
-            len(logit_refs),
-            needs_baseline,
-            *teacher_refs,
-            *logit_refs,
-            *([refs.baseline] if needs_baseline else []),
+            TARGET,
+            [[(teacher_fingerprint(cfg, s), list(s.subset)) for s in g] for g in groups],
+            [[refs.teachers[s.name] for s in g] for g in groups],
+            list(ensemble_weights(len(groups), c.kd_alpha)),
         )
         return refs
+
+    def _combination(
+        self,
+        ctx: JobContext,
+        name: str,
+        members: list[list[tuple[str, list[int]]]],
+        refs: list[list[Any]],
+        weights: list[float],
+    ) -> Any:
+        """Submit a combination of trained models' logits: ``members[g]`` are the (stage key,
+        class subset) of group g, ``refs[g]`` their refs, ``weights[g]`` its share."""
+        cfg = ctx.cfg
+        # Keyed by its members, its shares and the data it is scored on (val is in every
+        # member's key; the held-out splits are not).
+        key = stable_hash("combination", name, members, weights, held_out_splits(cfg)[1])
+        layout = [[subset for _, subset in group] for group in members]
+        return self.submit(
+            ctx.stage_rel(name, key),
+            name,
+            _combination_task,
+            {**model_resources(cfg, "teacher"), "max_retries": cfg.ray.max_retries},
+            ctx,
+            name,
+            key,
+            layout,
+            weights,
+            *[ref for group in refs for ref in group],
+        )
 
     # -- waiting and cancelling ---------------------------------------------------------------
 
@@ -261,3 +369,17 @@ def _student_task(
     logits = list(inputs[num_teachers : num_teachers + num_logits]) or None
     baseline = inputs[num_teachers + num_logits] if needs_baseline else None
     return student_stage(ctx, specs, key, teachers, logits, baseline)
+
+
+def _combination_task(
+    ctx: JobContext,
+    name: str,
+    key: str,
+    layout: list[list[list[int]]],
+    weights: list[float],
+    *records: dict[str, Any],
+) -> dict[str, Any]:
+    """Regroups the member records Ray resolved by ``layout`` (each group's class subsets)."""
+    flat = iter(records)
+    groups = [[(next(flat), subset) for subset in group] for group in layout]
+    return combination_stage(ctx, name, key, groups, weights)

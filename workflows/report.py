@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from mlcore.cpsd import (
+    CONTROL,
     ENSEMBLES,
     SUMMARY_COLUMNS,
+    TARGET,
     RunSummary,
     TrainedModel,
     build_summary,
@@ -31,8 +33,9 @@ from workflows.tracking import (
 
 
 def collect(graph: StageGraph, refs: ConfigRefs) -> dict[str, dict[str, Any]]:
-    """Wait for a config's teachers, baseline and final model; records by stage name."""
-    named = dict(refs.teachers)
+    """Wait for a config's teachers, baseline, combinations and final model; records by
+    stage name."""
+    named = {**refs.teachers, **refs.combinations}
     if refs.baseline is not None:
         named["baseline"] = refs.baseline
     if refs.final is not None and refs.final is not refs.baseline:
@@ -64,7 +67,10 @@ def summarise(
         finals.append(trained("student", "student", num_classes))
     if "baseline" in records:
         finals.append(trained("baseline", "baseline", num_classes))
-    summary = build_summary(refs.specs, teachers, finals, num_classes)
+    combinations = [
+        (name, records[name]["reports"]) for name in (TARGET, CONTROL) if name in records
+    ]
+    summary = build_summary(refs.specs, teachers, finals, num_classes, combinations)
     for row in summary.rows:
         if records.get(row["name"], {}).get("stale"):
             row["stale"] = records[row["name"]]["stale"]
@@ -124,17 +130,24 @@ def log_ensembles(tracker: Tracker | None, summary: RunSummary) -> None:
             run_name=row["name"],
             tags={"mlflow.parentRunId": tracker.parent_run_id or ""},
         ).info.run_id
-        describe_run(
-            client,
-            run_id,
-            role="ensemble",
-            description=(
-                f"{row['name']}: its teachers' logits merged over all {row['classes']} classes; "
-                "no training of its own (each teacher was selected on val)."
-            ),
-        )
+        describe_run(client, run_id, role="ensemble", description=_describe(row))
         log_final_metrics(client, run_id, final_keys(row), step=0)
         client.set_terminated(run_id)
+
+
+def _describe(row: dict[str, Any]) -> str:
+    """What an ensemble row's numbers cover."""
+    what = {
+        TARGET: "the logits the student is distilled towards: the cpsd.kd_alpha-weighted "
+        "combination of the CGP and DGP merged teacher logits (mode cpsd), or the one "
+        "ensemble's merged logits (other modes)",
+        CONTROL: "the mean logits of the baseline and its cpsd.control_ensemble plain models "
+        "with other seeds, a plain ensemble to set against the teachers'",
+    }.get(row["name"], "its teachers' logits merged")
+    return (
+        f"{row['name']}: {what}, over all {row['classes']} classes; no training of its own "
+        "(each member was selected on val)."
+    )
 
 
 def final_keys(row: dict[str, Any]) -> dict[str, float]:

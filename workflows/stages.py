@@ -30,9 +30,12 @@ from typing import Any
 
 from mlcore.bundle import BUNDLE_FILE
 from mlcore.cpsd import (
+    Combination,
     Partition,
     TeacherSpec,
     cache_teacher_logits,
+    control_config,
+    evaluate_combination,
     evaluate_model,
     held_out_splits,
     make_partition,
@@ -46,6 +49,7 @@ from mlcore.distill import LOGIT_STORE
 from mlcore.experiment import resolve_dataset, train_classifier
 from mlcore.fingerprint import split_digest, stable_hash
 from mlcore.partition.cooccurrence import cooccurrence_from_manifest
+from mlcore.pretrain import BACKBONE_FILE, export_backbone, pretrain_config
 from mlcore.train import BEST, LAST, SCORES, TrainResult, load_checkpoint
 from workflows.config import Config
 from workflows.console import STAGE_LOG, post_end, post_epoch, stage_log
@@ -608,6 +612,93 @@ def student_stage(
     return _train_stage(
         ctx, "student", key, params, student_config(cfg), run, role="student", classes=classes
     )
+
+
+def control_stage(ctx: JobContext, index: int, key: str) -> dict[str, Any]:
+    """Control model ``index`` of ``cpsd.control_ensemble``: the baseline with another seed."""
+    stage = f"control-{index}"
+    ctx = _on_assigned_device(ctx, stage, "baseline")
+    cfg = control_config(ctx.cfg, index)
+    return _train_stage(
+        ctx,
+        stage,
+        key,
+        _common_params(cfg),
+        cfg,
+        lambda path, **hooks: train_classifier(cfg, path, **hooks),
+        role="control",
+        classes=read_info(resolve_dataset(cfg.data)).num_classes,
+    )
+
+
+def pretrain_stage(ctx: JobContext, key: str) -> dict[str, Any]:
+    """The upstream model (``pretrain``); its backbone weights go to ``backbone.pt`` beside it,
+    the file every downstream model starts from."""
+    ctx = _on_assigned_device(ctx, "pretrain", "baseline")
+    cfg = pretrain_config(ctx.cfg)
+    record = _train_stage(
+        ctx,
+        "pretrain",
+        key,
+        _common_params(cfg),
+        cfg,
+        lambda path, **hooks: train_classifier(cfg, path, **hooks),
+        role="pretrain",
+        classes=ctx.cfg.pretrain.synth.num_classes,
+    )
+    storage = Storage(ctx.storage_uri)
+    backbone = f"{record['rel']}/{BACKBONE_FILE}"
+    if not storage.exists(backbone):
+        scratch = Path(tempfile.mkdtemp(prefix="cpsd-pretrain-"))
+        try:
+            checkpoint = storage.download(f"{record['rel']}/{BEST}", scratch / BEST)
+            storage.upload(export_backbone(ctx.cfg, checkpoint, scratch / BACKBONE_FILE), backbone)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return {**record, "backbone": storage.path(backbone)}
+
+
+def combination_stage(
+    ctx: JobContext,
+    name: str,
+    key: str,
+    groups: Sequence[Sequence[tuple[dict[str, Any], Sequence[int]]]],
+    weights: Sequence[float],
+) -> dict[str, Any]:
+    """A combination of trained models' logits (``ensemble-target``, ``ensemble-baseline``),
+    scored on val and the held-out splits; ``groups`` holds (stage record, class subset)."""
+    ctx = dataclasses.replace(ctx, cfg=device_for_task(ctx.cfg, name))
+    storage = Storage(ctx.storage_uri)
+    rel = ctx.stage_rel(name, key)
+    done = storage.done(rel)
+    if done is not None:
+        return done
+    work = WorkDir(storage, rel)
+    scratch = Path(tempfile.mkdtemp(prefix="cpsd-combination-"))
+    try:
+        members = tuple(
+            tuple(
+                (str(storage.download(f"{r['rel']}/{BEST}", scratch / f"{g}-{i}.pt")), tuple(s))
+                for i, (r, s) in enumerate(group)
+            )
+            for g, group in enumerate(groups)
+        )
+        reports = evaluate_combination(ctx.cfg, Combination(members, tuple(weights)), work.path)
+        record = {
+            "stage": name,
+            "rel": rel,
+            "key": key,
+            "reports": reports,
+            # What the graph's progress lines read.
+            "metrics": {"val_mAP": reports["val"]["mAP"]},
+            "held_out": {r: reports[r] for r in ("test", "shift") if reports[r] is not None},
+        }
+        work.sync()
+        storage.mark_done(rel, record)
+        return record
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        work.close()
 
 
 def download_scores(storage: Storage, record: dict[str, Any], scratch: Path) -> Path:

@@ -10,12 +10,15 @@ variant that keeps the data, model, loss and training settings shares one baseli
 Outputs, under ``<storage_path>/<name>/study/`` and as artifacts of the study's MLflow run:
 
 * ``study.csv``: one row per variant × seed with every metric of the variant's final model
-  (the student, or the baseline in mode ``baseline``), of its baseline and of its ensembles;
+  (the student, or the baseline in mode ``baseline``), of its baseline and of its ensembles
+  (merged teachers, ``ensemble-target``, ``ensemble-baseline``: test, shift and val mAP);
 * ``study_summary.csv``: ``variant, metric, mean, ci95_low, ci95_high, n`` (t-interval over
   seeds; empty bounds with one seed);
-* ``study_paired.csv``: per-seed paired differences against the baseline, with intervals;
-* ``study.md``: the table people read; ``study_modes.png`` (the paper's Table 3) and
-  ``study_k.png`` (its Fig. 3, when ``cpsd.k`` varies), with 95% error bars.
+* ``study_paired.csv``: per-seed paired differences against the baseline, with intervals (the
+  final model's, and each ensemble's test mAP);
+* ``study.md``: the tables people read (variants, then ensembles); ``study_modes.png`` (the
+  paper's Table 3) and ``study_k.png`` (its Fig. 3, when ``cpsd.k`` varies), with 95% error
+  bars.
 
 Everything is chosen on ``val`` inside each run and reported on the held-out ``test`` split.
 """
@@ -284,7 +287,7 @@ def _row(
         row[f"test_mAP_{bucket}"] = final_test.get(f"mAP_{bucket}")
         row[f"baseline_test_mAP_{bucket}"] = base_test.get(f"mAP_{bucket}")
     for ens in (r for r in summary.rows if r["role"] == "ensemble"):
-        for metric in ("test_mAP", "val_mAP"):
+        for metric in ("test_mAP", "shift_mAP", "val_mAP"):
             row[f"{ens['name'].replace('-', '_')}_{metric}"] = ens.get(metric)
     if logger is not None:
         logger.metrics(final_keys(final), step=0)
@@ -301,9 +304,10 @@ def summarise_rows(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Per-variant t-intervals of every metric, and paired differences (by seed) against each
     variant's own baseline, or against the ``reference`` variant's final model."""
+    # Over every row's columns: a first variant in mode baseline has no ensemble columns.
     metrics = [
         k
-        for k in rows[0]
+        for k in dict.fromkeys(k for r in rows for k in r)
         if ("_mAP" in k or k.endswith(("_CF1", "_OF1"))) and any(r.get(k) is not None for r in rows)
     ]
     summary, paired = [], []
@@ -319,11 +323,20 @@ def summarise_rows(
                 pairs = [(r.get(metric), r.get(f"baseline_{metric}")) for r in mine]
             else:
                 pairs = [(r.get(metric), against.get(r["seed"], {}).get(metric)) for r in mine]
-            pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
-            if pairs:
-                diff = paired_interval([a for a, _ in pairs], [b for _, b in pairs])
-                paired.append(_interval_row(variant, f"{metric} - {reference or 'baseline'}", diff))
+            _add_paired(paired, variant, f"{metric} - {reference or 'baseline'}", pairs)
+        # Each ensemble (merged teachers, the student's target, the plain control ensemble)
+        # against the variant's own baseline, whatever the reference: what the teachers offer.
+        for metric in (m for m in metrics if m.startswith("ensemble_") and m.endswith("_test_mAP")):
+            pairs = [(r.get(metric), r.get("baseline_test_mAP")) for r in mine]
+            _add_paired(paired, variant, f"{metric} - baseline", pairs)
     return summary, paired
+
+
+def _add_paired(paired: list[dict[str, Any]], variant: str, name: str, pairs) -> None:
+    pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+    if pairs:
+        diff = paired_interval([a for a, _ in pairs], [b for _, b in pairs])
+        paired.append(_interval_row(variant, name, diff))
 
 
 def _interval_row(variant: str, metric: str, interval) -> dict[str, Any]:
@@ -379,6 +392,31 @@ def markdown_table(
             f"{cell(summary, v, 'test_OF1')} | {cell(summary, v, 'shift_mAP')} | "
             f"{cell(paired, v, f'shift_mAP - {against}')} |"
         )
+    ensembles = list(
+        dict.fromkeys(
+            r["metric"].removesuffix("_test_mAP")
+            for r in summary
+            if r["metric"].startswith("ensemble_") and r["metric"].endswith("_test_mAP")
+        )
+    )
+    if ensembles:
+        lines += [
+            "",
+            "Ensembles (no training of their own): test mAP, and Δ vs the variant's baseline. "
+            "`ensemble_target` is the logits the student regresses to; `ensemble_baseline` the "
+            "mean of the baseline and its control models:",
+            "",
+            "| variant | " + " | ".join(f"{e} | Δ {e}" for e in ensembles) + " |",
+            "|---|" + "---|---|" * len(ensembles),
+        ]
+        for v in variants:
+            cells = [
+                cell(summary, v, f"{e}_test_mAP")
+                + " | "
+                + cell(paired, v, f"{e}_test_mAP - baseline")
+                for e in ensembles
+            ]
+            lines.append(f"| {v} | " + " | ".join(cells) + " |")
     buckets = ("head", "medium", "tail")
     if any(r["metric"].startswith("test_mAP_") for r in summary):
         lines += [

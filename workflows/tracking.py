@@ -696,7 +696,7 @@ NOTE_TAG = "mlflow.note.content"
 # MLflow 3 opens an experiment on its GenAI overview unless the experiment says otherwise.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
-ROLES = ("teacher", "ensemble", "student", "baseline", "train", "trial")
+ROLES = ("teacher", "ensemble", "student", "baseline", "control", "pretrain", "train", "trial")
 FINAL_KEYS = (
     "best_val_mAP",
     "best_epoch",

@@ -10,6 +10,7 @@ import yaml
 
 from mlcore import configlib
 from mlcore.bundle import BUNDLE_FILE
+from mlcore.configlib import ConfigError
 from mlcore.cpsd import evaluate_model
 from mlcore.data.manifest import read_info
 from mlcore.experiment import resolve_dataset, train_classifier, training_fingerprint
@@ -70,6 +71,11 @@ def train_one(cfg: Config, out_dir: str | Path | None = None) -> TrainResult:
     ..., "zsl_mAP": ..., ...}`` is appended, and the same numbers go to the MLflow run at the
     best epoch's step.
     """
+    if cfg.pretrain.enabled:
+        raise ConfigError(
+            "pretrain.enabled runs in cpsd pipeline, study and run-local; for cpsd train set "
+            "model.pretrained_file to a pretrain stage's backbone.pt"
+        )
     fingerprint = training_fingerprint(cfg)
     out = Path(out_dir) if out_dir else Path(cfg.storage_path) / cfg.name / f"train-{fingerprint}"
     check_resumable(out, fingerprint)

@@ -9,6 +9,12 @@ against every swept key. The best trial's loss section is written as ``best_loss
 pipeline config includes with ``loss: !include best_loss.yaml``; it records the sweep's run id
 in ``loss.source``, so the pipeline's runs say where their loss came from.
 
+With ``tune.target: student`` a trial is the CPSD student: the stage graph first trains (or
+reuses) the config's partitions, teachers and cached teacher logits under
+``<storage_path>/<name>/stages``, then every trial distils a student from them with its
+sampled student settings (``cpsd.cls_weight``, ``cpsd.student_lr_scale``...), selected on val
+like any trial.
+
 An interrupted sweep resumes with ``--resume`` (``Tuner.restore``): finished trials are not
 rerun, unfinished ones continue from their last epoch checkpoint, and their MLflow runs resume.
 
@@ -37,7 +43,9 @@ from mlflow import MlflowClient
 
 from mlcore import configlib
 from mlcore.configlib import ConfigError
+from mlcore.cpsd import ENSEMBLES, TeacherSpec, student_config, train_student
 from mlcore.experiment import resolve_dataset, train_classifier
+from mlcore.train import BEST
 from workflows.autoscaling import resolve_placement, trial_resources
 from workflows.config import (
     USER_ERRORS,
@@ -48,7 +56,9 @@ from workflows.config import (
     load_config,
 )
 from workflows.distributed import TRIAL_RESOURCES, fit_group, task_placement
+from workflows.graph import StageGraph
 from workflows.runtime import device_for_task, init_ray
+from workflows.stages import JobContext
 from workflows.storage import Storage
 from workflows.tracking import (
     RunLogger,
@@ -64,6 +74,14 @@ from workflows.tracking import (
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
 BEST_LOSS_FILE = "best_loss.yaml"
+# What a student sweep may vary: settings of the student alone, never of its teachers.
+STUDENT_KEYS = (
+    "cpsd.cls_weight",
+    "cpsd.kd_alpha",
+    "cpsd.kd_reduction",
+    "cpsd.student_lr_scale",
+    "cpsd.student_epochs",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,6 +116,10 @@ def validate_space(cfg: Config) -> dict[str, tuple[str, list[Any]]]:
     sweep = cfg.tune
     if not sweep.space:
         raise ConfigError("tune.space is empty: nothing to sweep")
+    if sweep.target == "student":
+        _check_student_sweep(cfg)
+    elif cfg.pretrain.enabled:
+        raise ConfigError("pretrain.enabled needs tune.target: student (the stage graph runs it)")
     parsed = {}
     for key, spec in sweep.space.items():
         where = f"tune.space.{key}"
@@ -133,6 +155,24 @@ def validate_space(cfg: Config) -> dict[str, tuple[str, list[Any]]]:
     return parsed
 
 
+def _check_student_sweep(cfg: Config) -> None:
+    c = cfg.cpsd
+    if not ENSEMBLES[c.mode]:
+        raise ConfigError("tune.target: student needs a cpsd.mode with teachers")
+    if c.student_init == "baseline":
+        raise ConfigError("tune.target: student does not train the baseline (cpsd.student_init)")
+    if "://" in cfg.storage_path:
+        raise ConfigError("tune.target: student reads its teachers from a local storage_path")
+    if cfg.ray.train_workers > 1:
+        raise ConfigError("tune.target: student trials train in their task (ray.train_workers=1)")
+    others = [key for key in cfg.tune.space if key not in STUDENT_KEYS]
+    if others:
+        raise ConfigError(
+            f"tune.target: student sweeps student settings only ({', '.join(STUDENT_KEYS)}); "
+            f"{', '.join(others)} would change the teachers"
+        )
+
+
 def param_space(parsed: Mapping[str, tuple[str, list[Any]]], search: str) -> dict[str, Any]:
     from ray import tune
 
@@ -156,9 +196,19 @@ def param_space(parsed: Mapping[str, tuple[str, list[Any]]], search: str) -> dic
 
 
 @dataclass(frozen=True)
+class StudentTeachers:
+    """The teachers every trial of a student sweep distils from (local files)."""
+
+    specs: list[TeacherSpec]
+    checkpoints: list[str]
+    logits: list[str] | None
+
+
+@dataclass(frozen=True)
 class SweepContext:
     cfg: Config
     tracker: Tracker | None
+    teachers: StudentTeachers | None = None
 
 
 def _trial_params(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -186,7 +236,10 @@ def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
         **flat_params(cfg.loss, "loss"),
         "trial_id": trial.get_trial_id(),
         "git_commit": git_commit(),
+        "tune.target": cfg.tune.target,
     }
+    if ctx.teachers is not None:
+        run_params["teachers"] = len(ctx.teachers.specs)
     try:
         with child_run(
             ctx.tracker, trial.get_trial_id(), trial.get_trial_name(), run_params
@@ -215,6 +268,15 @@ def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
             subset = list(cfg.tune.class_subset) if cfg.tune.class_subset else None
 
             def train(out: Path, **hooks):
+                if ctx.teachers is not None:
+                    return train_student(
+                        cfg,
+                        ctx.teachers.specs,
+                        out,
+                        teacher_checkpoints=ctx.teachers.checkpoints,
+                        teacher_logits=ctx.teachers.logits,
+                        **hooks,
+                    )
                 return train_classifier(cfg, out, class_subset=subset, **hooks)
 
             if cfg.ray.train_workers > 1:
@@ -369,11 +431,14 @@ def run_sweep(
         if parent is not None and not resume:  # a resumed sweep's run has them already
             parent.params(placement.params())
         resolve_dataset(cfg.data)  # generate the synth data once, before trials start
+        context = SweepContext(cfg, tracker)
+        if sweep.target == "student":
+            context = _with_teachers(cfg, tracker)
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, ctx=SweepContext(cfg, tracker)),
+            tune.with_parameters(run_trial, ctx=context),
             dict(sweep.resources_per_trial) if cfg.ray.train_workers == 1 else TRIAL_RESOURCES,
         )
-        max_t = cfg.train.epochs
+        max_t = trial_epochs(cfg)
         if sweep.scheduler.name == "asha":
             scheduler = ASHAScheduler(
                 time_attr="training_iteration",
@@ -424,6 +489,37 @@ def run_sweep(
             ray.shutdown()
 
 
+def trial_epochs(cfg: Config) -> int:
+    """Epochs of one trial: the student's in a student sweep."""
+    return student_config(cfg).train.epochs if cfg.tune.target == "student" else cfg.train.epochs
+
+
+def _with_teachers(cfg: Config, tracker: Tracker | None) -> SweepContext:
+    """Train (or reuse) the config's teachers and their logits through the stage graph; the
+    trials' context then holds the config as run (with ``pretrain``: its backbone file)."""
+    graph = StageGraph()
+    ctx = JobContext(cfg, cfg.storage_path, tracker, cfg.name)
+    # The plain baseline is not part of a student sweep.
+    plain = configlib.replace(cfg, ["cpsd.train_baseline=false", "cpsd.control_ensemble=0"])
+    try:
+        refs = graph.teachers(graph.start(plain, dataclasses.replace(ctx, cfg=plain)))
+        records = graph.wait(
+            {**refs.teachers, **{f"{n}-logits": r for n, r in refs.logits.items()}}
+        )
+    except BaseException:
+        graph.cancel()
+        raise
+    storage = Storage(cfg.storage_path)
+    teachers = StudentTeachers(
+        refs.specs,
+        [storage.path(f"{records[s.name]['rel']}/{BEST}") for s in refs.specs],
+        [storage.path(records[f"{s.name}-logits"]["file"]) for s in refs.specs]
+        if refs.logits
+        else None,
+    )
+    return SweepContext(dataclasses.replace(refs.cfg, cpsd=cfg.cpsd), tracker, teachers)
+
+
 def _finish(cfg, results, parsed, tracker, parent, storage, out_dir) -> SweepOutcome:
     """Mark trial runs, write table/plot/best loss, log them on the parent run."""
     out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="cpsd-sweep-"))
@@ -443,7 +539,7 @@ def _finish(cfg, results, parsed, tracker, parent, storage, out_dir) -> SweepOut
             **{key: result.config.get(key) for key in parsed},
             f"best_{sweep.metric}": best,
             "epochs": epochs,
-            "early_stopped": result.error is None and epochs < cfg.train.epochs,
+            "early_stopped": result.error is None and epochs < trial_epochs(cfg),
             "error": None if result.error is None else type(result.error).__name__,
         }
         table.append(row)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import random
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,6 +40,8 @@ import pyarrow.fs as pafs
 import simplejpeg
 import torch
 from PIL import Image
+from timm.data.auto_augment import rand_augment_transform
+from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import v2
@@ -82,12 +85,63 @@ def build_transform(cfg: DataConfig, *, train: bool) -> v2.Compose:
         ops.append(v2.RandomHorizontalFlip())
     if cfg.randaugment:
         ops.append(v2.RandAugment(num_ops=2, magnitude=9))
+    if cfg.augment == "randaug":
+        ops += [v2.ToPILImage(), _TimmRandAugment(size), v2.ToImage()]
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if cfg.cutout > 0:
         # One erased square of fixed relative side, as the ASL/CPSD pipelines' CutoutPIL.
         area = cfg.cutout**2
         ops.append(v2.RandomErasing(p=1.0, scale=(area, area), ratio=(1.0, 1.0), value=0.0))
+    if cfg.augment == "randaug":
+        ops.append(_TimmCutout())
     return v2.Compose(ops)
+
+
+class _PythonRandomFromTorch:
+    """Runs a transform that draws from Python's and NumPy's global RNGs (timm's) with both
+    seeded from torch's RNG, which :func:`seeded` sets per sample; their states are restored
+    after, so nothing else's random stream moves."""
+
+    def __init__(self, transform: Callable):
+        self.transform = transform
+
+    def __call__(self, image):
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            return self.transform(image)
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+class _TimmRandAugment(_PythonRandomFromTorch):
+    """timm's RandAugment on a PIL image: 2 ops at magnitude 9 with std 0.5 (``rand-m9-mstd0.5``,
+    the ASL/CPSD training recipe), translations relative to ``size`` as timm's ImageNet recipe
+    (0.45 of the side), fill with the ImageNet mean."""
+
+    def __init__(self, size: int):
+        hparams = {
+            "translate_const": int(size * 0.45),
+            "img_mean": tuple(round(255 * m) for m in IMAGENET_MEAN),
+        }
+        super().__init__(rand_augment_transform("rand-m9-mstd0.5", hparams))
+
+
+class _TimmCutout(_PythonRandomFromTorch):
+    """One square of half the image side (a quarter of its area) filled with a random colour,
+    as the authors' ``CutoutPIL(cutout_factor=0.5)``, through timm's RandomErasing on the
+    normalised tensor."""
+
+    def __init__(self):
+        super().__init__(
+            RandomErasing(
+                probability=1.0, min_area=0.25, max_area=0.25, min_aspect=1.0, mode="rand",
+                max_count=1, device="cpu",
+            )
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,13 +42,13 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from mlcore.config import SynthConfig
+from mlcore.configlib import result_content
 from mlcore.data.embeddings import DATASET_FILE, ClassEmbeddings
 from mlcore.data.manifest import ManifestInfo, build_table, manifest_path, write_manifest
 
@@ -82,8 +82,11 @@ def class_appearance(c: int) -> tuple[str, str]:
     return SHAPES[shape], _COLOUR_NAMES[(shape + block) % len(_COLOUR_NAMES)]
 
 
-def default_class_names(num_classes: int) -> tuple[str, ...]:
-    return tuple("_".join(reversed(class_appearance(c))) for c in range(num_classes))
+def default_class_names(num_classes: int, offset: int = 0) -> tuple[str, ...]:
+    """``colour_shape`` names of classes ``offset .. offset + num_classes − 1``."""
+    return tuple(
+        "_".join(reversed(class_appearance(c))) for c in range(offset, offset + num_classes)
+    )
 
 
 def attribute_embeddings(num_classes: int, seed: int) -> ClassEmbeddings:
@@ -167,7 +170,7 @@ class _PairLabelModel:
 
 def _label_model(cfg: SynthConfig, rng: np.random.Generator):
     if cfg.labels_from is None:
-        return _TopicLabelModel(cfg, rng), default_class_names(cfg.num_classes)
+        return _TopicLabelModel(cfg, rng), default_class_names(cfg.num_classes, cfg.class_offset)
     stats = np.load(cfg.labels_from)
     if "labels" in stats:
         model = _MatrixLabelModel(np.asarray(stats["labels"]))
@@ -249,8 +252,11 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx, cy, r, rot, fill) -> 
         raise ValueError(shape)
 
 
-def render_image(labels: list[int], size: int, rng: np.random.Generator) -> Image.Image:
-    """Draw the objects of ``labels`` on a cluttered background."""
+def render_image(
+    labels: list[int], size: int, rng: np.random.Generator, offset: int = 0
+) -> Image.Image:
+    """Draw the objects of ``labels`` (appearances ``offset + label``) on a cluttered
+    background."""
     # Background: a random two-colour gradient in muted tones, so colour alone is never free.
     a, b = rng.uniform(40, 140, 3), rng.uniform(40, 140, 3)
     t = np.linspace(0, 1, size)[None, :, None]
@@ -276,7 +282,7 @@ def render_image(labels: list[int], size: int, rng: np.random.Generator) -> Imag
         )
     # Objects in random order, so later ones partly occlude earlier ones.
     for c in rng.permutation(labels):
-        shape, colour = class_appearance(int(c))
+        shape, colour = class_appearance(offset + int(c))
         jitter = rng.uniform(0.8, 1.1, 3)
         fill = tuple(int(min(255, v * j)) for v, j in zip(COLOURS[colour], jitter, strict=True))
         r = size * rng.uniform(0.1, 0.2)
@@ -318,7 +324,9 @@ def generate(cfg: SynthConfig, out_dir: str | os.PathLike) -> Path:
                 row = [int(c) for c in model.sample(rng)]
             image_id = f"{split}_{i:06d}"
             rel = f"images/{split}/{image_id}.png"
-            render_image(row, cfg.image_size, rng).save(out / rel, compress_level=6)
+            render_image(row, cfg.image_size, rng, cfg.class_offset).save(
+                out / rel, compress_level=6
+            )
             ids.append(image_id)
             labels.append(row)
             splits.append(split)
@@ -331,7 +339,7 @@ def generate(cfg: SynthConfig, out_dir: str | os.PathLike) -> Path:
     info = ManifestInfo(
         class_names=class_names,
         name="synth",
-        source={"generator": "mlcore.data.synth", "version": GENERATOR_VERSION, **asdict(cfg)},
+        source={"generator": "mlcore.data.synth", "version": GENERATOR_VERSION, **_content(cfg)},
     )
     write_manifest(out, build_table(ids, labels, splits, paths=paths), info)
     if cfg.compositional:
@@ -339,9 +347,14 @@ def generate(cfg: SynthConfig, out_dir: str | os.PathLike) -> Path:
     return out
 
 
+def _content(cfg: SynthConfig) -> dict:
+    # Fields added later count only when set, so existing datasets keep their bytes and hash.
+    return result_content(cfg)
+
+
 def config_hash(cfg: SynthConfig) -> str:
     """Content hash of a synth config (a ``labels_from`` file counts by its bytes)."""
-    payload = {"version": GENERATOR_VERSION, **asdict(cfg)}
+    payload = {"version": GENERATOR_VERSION, **_content(cfg)}
     if cfg.labels_from is not None:
         payload["labels_from"] = hashlib.sha256(Path(cfg.labels_from).read_bytes()).hexdigest()
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
