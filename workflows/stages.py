@@ -670,35 +670,34 @@ def combination_stage(
     ctx = dataclasses.replace(ctx, cfg=device_for_task(ctx.cfg, name))
     storage = Storage(ctx.storage_uri)
     rel = ctx.stage_rel(name, key)
-    done = storage.done(rel)
-    if done is not None:
-        return done
-    work = WorkDir(storage, rel)
-    scratch = Path(tempfile.mkdtemp(prefix="cpsd-combination-"))
-    try:
-        members = tuple(
-            tuple(
-                (str(storage.download(f"{r['rel']}/{BEST}", scratch / f"{g}-{i}.pt")), tuple(s))
-                for i, (r, s) in enumerate(group)
+
+    def compute() -> dict[str, Any]:
+        work = WorkDir(storage, rel)
+        scratch = Path(tempfile.mkdtemp(prefix="cpsd-combination-"))
+        try:
+            members = tuple(
+                tuple(
+                    (str(storage.download(f"{r['rel']}/{BEST}", scratch / f"{g}-{i}.pt")), tuple(s))
+                    for i, (r, s) in enumerate(group)
+                )
+                for g, group in enumerate(groups)
             )
-            for g, group in enumerate(groups)
-        )
-        reports = evaluate_combination(ctx.cfg, Combination(members, tuple(weights)), work.path)
-        record = {
-            "stage": name,
-            "rel": rel,
-            "key": key,
-            "reports": reports,
-            # What the graph's progress lines read.
-            "metrics": {"val_mAP": reports["val"]["mAP"]},
-            "held_out": {r: reports[r] for r in ("test", "shift") if reports[r] is not None},
-        }
-        work.sync()
-        storage.mark_done(rel, record)
-        return record
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-        work.close()
+            reports = evaluate_combination(ctx.cfg, Combination(members, tuple(weights)), work.path)
+            work.sync()
+            return {
+                "stage": name,
+                "rel": rel,
+                "key": key,
+                "reports": reports,
+                # What the graph's progress lines read.
+                "metrics": {"val_mAP": reports["val"]["mAP"]},
+                "held_out": {r: reports[r] for r in ("test", "shift") if reports[r] is not None},
+            }
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+            work.close()
+
+    return _computed_once(ctx, storage, rel, name, compute)
 
 
 def download_scores(storage: Storage, record: dict[str, Any], scratch: Path) -> Path:
