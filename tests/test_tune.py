@@ -54,7 +54,8 @@ def test_invalid_space_is_a_clear_error_before_ray(override, message, tmp_path, 
 
 
 def test_both_sweep_configs_validate():
-    for name in ("tune_asl", "tune_asl_tiny", "tune_asl_fixed", "tune_db", "tune_db_tiny"):
+    names = ("tune_asl", "tune_asl_tiny", "tune_asl_fixed", "tune_db", "tune_db_tiny")
+    for name in (*names, "tune_cpsd_student", "tune_cpsd_student_tiny"):
         cfg = load_config(config_path(name))
         assert validate_space(cfg)
 
