@@ -50,10 +50,15 @@ class ProgressBoard:
 
 
 def board() -> Any:
-    """A new :class:`ProgressBoard` actor (Ray must be initialised)."""
-    import ray
+    """A new :class:`ProgressBoard` actor on the driver's node (Ray must be initialised).
 
-    return ray.remote(num_cpus=0)(ProgressBoard).remote()
+    Pinned there: with no CPU it would count as idle on an autoscaled worker, which the
+    autoscaler removes, taking the actor with it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(ProgressBoard).options(scheduling_strategy=here).remote()
 
 
 def post_epoch(progress: Any, stage: str, epoch: int, epochs: int) -> None:

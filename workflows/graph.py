@@ -141,12 +141,14 @@ class StageGraph:
         for kind in ENSEMBLES[c.mode]:
             key = partition_key(cfg, kind)
             # Zero CPUs: planning the graph waits on partitions, which take seconds; they must
-            # not queue behind training tasks that hold every CPU for hours.
+            # not queue behind training tasks that hold every CPU for hours. On the driver's
+            # node when it can: a task holding no resource leaves an autoscaled worker "idle",
+            # and the autoscaler may remove that node under it.
             refs.partitions[kind] = self.submit(
                 ctx.stage_rel(f"partition-{kind}", key),
                 f"partition-{kind}",
                 partition_stage,
-                {"num_cpus": 0, **retries},
+                {"num_cpus": 0, "scheduling_strategy": _driver_node(), **retries},
                 ctx,
                 kind,
                 key,
@@ -353,6 +355,13 @@ class StageGraph:
         for ref in outstanding:
             ray.cancel(ref, force=True)
         return len(outstanding)
+
+
+def _driver_node() -> Any:
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
 
 
 def _student_task(

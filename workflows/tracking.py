@@ -158,7 +158,13 @@ class Tracker:
     def client(self) -> MlflowClient:
         return MlflowClient(self.uri)
 
-    def find_run(self, key: str, location: str | None) -> Run | None:
+    def child_of(self, key: str) -> Run | None:
+        """This job's child run tagged ``key``, whatever its status (a sweep's trial run)."""
+        where = f"tags.`{KEY_TAG}` = '{key}' and tags.`{PARENT_TAG}` = '{self.parent_run_id}'"
+        runs = self.client.search_runs([self.experiment_id], filter_string=where, max_results=1)
+        return runs[0] if runs else None
+
+    def find_run(self, key: str, location: str | None = None) -> Run | None:
         """The unfinished run of stage ``key`` at ``location`` (a stage folder's URI), if any.
 
         Only a run of the same stage folder that did not finish is continued: another storage

@@ -544,7 +544,7 @@ def _finish(cfg, results, parsed, tracker, parent, storage, out_dir) -> SweepOut
         }
         table.append(row)
         if tracker is not None and row["trial_id"]:
-            found = tracker.find_run(row["trial_id"])
+            found = tracker.child_of(row["trial_id"])
             if found is not None:
                 run_id = found.info.run_id
                 client = tracker.client
