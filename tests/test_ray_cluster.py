@@ -135,7 +135,7 @@ def test_ray_job_submit_then_job_stop(ray_head, tmp_path, tiny_overrides):
     assert len(lines) <= 40, logs
     assert not [line for line in lines if " pid=" in line or "INFO mlflow" in line], logs
     stages = tmp_path / "storage" / "tiny" / "stages"
-    for stage in ("teacher-cgp-0", "student", "baseline"):
+    for stage in ("teacher-cgp-0", "student"):  # tiny trains no baseline
         (log,) = stages.glob(f"{stage}-*/stage.log")
         assert "epoch 1/" in log.read_text()
     # A head without an autoscaling config only mirrors its nodes: nothing to scale up.
