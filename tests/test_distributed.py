@@ -207,7 +207,9 @@ def test_pipeline_trains_the_student_on_two_workers(local_ray, tiny_overrides, t
     assert world["student"] == "2"
     assert {world[n] for n in world if n.startswith("teacher")} == {"1"}
     assert [r.info.run_name for r in runs].count("student") == 1
-    assert all(r.info.status == "FINISHED" for r in runs)
+    assert all(r.info.status == "FINISHED" for r in runs), [
+        (r.info.run_name, r.info.status) for r in runs
+    ]
 
     again = run_pipeline(cfg, log=lambda _: None)  # same key: every stage reused
     assert again.rows == summary.rows

@@ -458,6 +458,12 @@ def _record_model(
     if "test" in record["held_out"]:
         splits[data.test_split] = "test"
     what = "its own subset of" if role == "teacher" else "all"
+    bundle = workdir / BUNDLE_FILE
+    log_models = ctx.cfg.mlflow.log_models and bundle.is_file()
+    if ctx.cfg.mlflow.log_models and not log_models:
+        # A stage trained on a Ray Train worker group writes no bundle yet (known gap): its
+        # run still gets the description, datasets and final keys.
+        _print(f"{record['rel']}: no {BUNDLE_FILE}, so no MLflow model for this stage")
     logger.model(
         role=role,
         stage=record["stage"],
@@ -467,14 +473,16 @@ def _record_model(
             "trained weights, and val_mAP_ema, their moving average); test_* and shift_mAP "
             "score that epoch on the held-out splits, over num_classes_evaluated classes."
         ),
-        bundle=str(workdir / BUNDLE_FILE),
+        bundle=str(bundle),
         final=_final(record),
         best_epoch=record["best_epoch"],
         dataset_root=str(resolve_dataset(data)),
         splits=splits,
-        log_models=ctx.cfg.mlflow.log_models,
+        log_models=log_models,
         registered_model=(
-            ctx.cfg.mlflow.registered_model if role in ("student", "baseline") else None
+            ctx.cfg.mlflow.registered_model
+            if log_models and role in ("student", "baseline")
+            else None
         ),
         log_final=False,
     )

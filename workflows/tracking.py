@@ -191,7 +191,9 @@ class Tracker:
         continued; its old parent is marked KILLED when that parent's driver is gone.
         """
         client = self.client
-        found = self.find_run(key, location)
+        # A stage run belongs to its stage folder; a run without one (a sweep's trial) to its
+        # parent: a restored sweep continues its trials' runs whatever their status.
+        found = self.find_run(key, location) if location is not None else self.child_of(key)
         if found is None:
             tags = {KEY_TAG: key, **source_tags(name)}
             if location is not None:
