@@ -27,8 +27,11 @@ from pathlib import Path
 from mlcore.stats import Interval, mean_interval, paired_interval
 
 PRETRAINED_BASELINE = "mode=baseline"
-SCRATCH_BASELINE = "mode=baseline,student_init=scratch,enabled=False"
-SCRATCH_CPSD = "mode=cpsd,cls_weight=0.5,student_lr_scale=1.0,student_init=scratch,enabled=False"
+SCRATCH_BASELINE = "mode=baseline,student_init=scratch,enabled=False,control_ensemble=0"
+SCRATCH_CPSD = (
+    "mode=cpsd,cls_weight=0.5,student_lr_scale=1.0,student_init=scratch,enabled=False,"
+    "control_ensemble=0"
+)
 OURS_PRETRAINED_CPSD = "mode=cpsd,cls_weight=0.5,student_lr_scale=1.0"
 LONG_BASELINE = "mode=baseline,epochs=24,control_ensemble=0"
 LONG_STUDENT = "mode=cpsd,cls_weight=5,student_epochs=24"
