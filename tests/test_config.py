@@ -82,7 +82,7 @@ def test_pretrained_study_runs_the_issue_18_design():
     from workflows.study import expand
 
     runs = expand(load_config(config_path("study_cpsd_pretrained")))
-    assert len(runs) == 8 * 5
+    assert len(runs) == 9 * 5
     assert {r.cfg.cpsd.mode for r in runs} == {"baseline", "cpsd"}
     assert {r.cfg.cpsd.cls_weight for r in runs if r.cfg.cpsd.mode == "cpsd"} == {0.5, 5, 50}
     pretrained = [r for r in runs if r.cfg.pretrain.enabled]
