@@ -113,9 +113,9 @@ def measure(what: str, root: Path, stores: Path, classes: int, teachers: int, co
 
     from mlcore.config import DataConfig, TrainConfig
     from mlcore.data.dataset import MultiLabelDataset, build_transform
+    from mlcore.data.loading import build_loaders
     from mlcore.data.manifest import Manifest
     from mlcore.distill import CachedTeachers, load_cached_ensemble
-    from mlcore.experiment import build_loaders
     from mlcore.train import Batch
 
     torch.set_num_threads(1)

@@ -33,8 +33,9 @@ import numpy as np
 import torch
 
 from mlcore import configlib
+from mlcore.data.loading import build_loaders, load_manifest
 from mlcore.data.manifest import ManifestInfo, build_table, write_manifest
-from mlcore.experiment import build_loaders, load_manifest, train_classifier
+from mlcore.experiment import train_classifier
 from mlcore.losses import build_loss
 from mlcore.models import build_model_from_config
 from mlcore.train import LocalPlacement, Supervised, resolve_device, train

@@ -35,8 +35,9 @@ from torch.utils.data import DataLoader
 
 from mlcore import configlib
 from mlcore.data.dataset import MultiLabelDataset, build_transform
+from mlcore.data.loading import resolve_dataset
 from mlcore.data.manifest import Manifest
-from mlcore.experiment import resolve_dataset, train_classifier
+from mlcore.experiment import train_classifier
 from mlcore.metrics import multilabel_report
 from mlcore.models import build_model_from_config
 from mlcore.orderless import decode_loader, sequence_report

@@ -47,10 +47,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
-from torch.utils.data import DataLoader
 
 from mlcore.config import ExperimentConfig
-from mlcore.data.manifest import Manifest, read_info
+from mlcore.data.loading import eval_loader, load_manifest, resolve_dataset
+from mlcore.data.manifest import read_info
 from mlcore.distill import (
     LOGIT_STORE,
     CachedTeachers,
@@ -64,15 +64,7 @@ from mlcore.distill import (
     merge_logits,
     write_logits,
 )
-from mlcore.experiment import (
-    evaluator_of,
-    load_manifest,
-    loader_workers,
-    resolve_dataset,
-    split_dataset,
-    train_classifier,
-    training_fingerprint,
-)
+from mlcore.experiment import evaluator_of, train_classifier, training_fingerprint
 from mlcore.fingerprint import split_digest
 from mlcore.metrics import bucket_map, frequency_buckets, multilabel_report
 from mlcore.models import build_model_from_config, word_query_table
@@ -289,21 +281,6 @@ def load_trained(
     return model.eval()
 
 
-def _eval_loader(
-    cfg: ExperimentConfig,
-    manifest: Manifest,
-    split: str,
-    class_subset: Sequence[int] | None = None,
-) -> DataLoader:
-    dataset = split_dataset(manifest, cfg.data, split, train=False, class_subset=class_subset)
-    return DataLoader(
-        dataset,
-        batch_size=cfg.train.eval_batch_size or 2 * cfg.train.batch_size,
-        collate_fn=dataset.collate_fn,
-        num_workers=loader_workers(cfg.data, None),
-    )
-
-
 def cache_teacher_logits(
     cfg: ExperimentConfig,
     spec: TeacherSpec,
@@ -313,7 +290,7 @@ def cache_teacher_logits(
     """Logits of one teacher on every training image (eval transform) -> a logit store,
     written batch by batch in ``cpsd.logits_dtype``."""
     manifest = load_manifest(cfg.data)
-    loader = _eval_loader(cfg, manifest, cfg.data.train_split)
+    loader = eval_loader(manifest, cfg.data, cfg.train, cfg.data.train_split)
     model = load_trained(cfg, len(spec.subset), checkpoint)
     logits = iter_logits(model, loader, resolve_device(cfg.train.device))
     return write_logits(
@@ -542,7 +519,7 @@ def evaluate_model(
     buckets = frequency_buckets(counts if class_subset is None else counts[list(class_subset)])
     reports = {}
     for role, split in present.items():
-        loader = _eval_loader(cfg, manifest, split, class_subset)
+        loader = eval_loader(manifest, cfg.data, cfg.train, split, class_subset)
         # The family's own validation: sets decoded by the orderless RNN, thresholded
         # scores otherwise; the same numbers as val_* of the training loop.
         evaluated = evaluator_of(cfg.model)(model.to(device), loader, device, False)
@@ -638,7 +615,7 @@ def combined_logits(
     outputs: list[list[list[torch.Tensor]]] = [[[] for _ in g] for g in models]
     # One pass over the split for all members: decoding costs more than these forward passes.
     with torch.inference_mode():
-        for images, *_ in _eval_loader(cfg, manifest, split):
+        for images, *_ in eval_loader(manifest, cfg.data, cfg.train, split):
             images = images.to(device)
             for group, out in zip(models, outputs, strict=True):
                 for model, blocks in zip(group, out, strict=True):

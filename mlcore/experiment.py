@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from mlcore.bundle import (
     BUNDLE_FILE,
@@ -26,18 +26,11 @@ from mlcore.bundle import (
     ValThresholds,
     class_embeddings_of,
 )
-from mlcore.config import DataConfig, ExperimentConfig, LossConfig, TrainConfig
+from mlcore.config import DataConfig, ExperimentConfig, LossConfig
 from mlcore.configlib import ConfigError
-from mlcore.data.dataset import (
-    DeviceDecodedLoader,
-    MultiLabelDataset,
-    SeededSampler,
-    build_transform,
-)
 from mlcore.data.embeddings import DATASET_FILE, dataset_class_embeddings
+from mlcore.data.loading import build_loaders, load_manifest, resolve_dataset
 from mlcore.data.manifest import Manifest, ManifestError, is_uri, read_info
-from mlcore.data.sampler import ClassAwareSampler
-from mlcore.data.synth import ensure_generated
 from mlcore.evaluation import choose_thresholds
 from mlcore.fingerprint import config_content, file_digest, split_digest, stable_hash
 from mlcore.losses import build_asymmetry_controller, build_loss
@@ -56,20 +49,9 @@ from mlcore.train import (
     evaluate_scores,
     forward_images,
     load_checkpoint,
-    resolve_device,
     train,
 )
 from mlcore.zsl import RandomQueryTargets, zero_shot_split
-
-MAX_AUTO_WORKERS = 16
-
-
-def resolve_dataset(cfg: DataConfig) -> str | Path:
-    """The dataset directory (a path or a URI): ``data.root``, or the generated ``data.synth``."""
-    if cfg.root is not None:
-        return cfg.root if is_uri(cfg.root) else Path(cfg.root).expanduser()
-    assert cfg.synth is not None  # DataConfig guarantees exactly one
-    return ensure_generated(cfg.synth, cfg.cache_dir)
 
 
 def training_fingerprint(
@@ -105,147 +87,6 @@ def training_fingerprint(
         None if class_subset is None else [int(c) for c in class_subset],
         list(extra),
     )
-
-
-def load_manifest(cfg: DataConfig, *, with_bytes: bool = True) -> Manifest:
-    """The configured dataset's manifest (a remote one through the local cache if enabled)."""
-    return Manifest.load(resolve_dataset(cfg), with_bytes=with_bytes, cache_dir=_remote_cache(cfg))
-
-
-def _remote_cache(cfg: DataConfig) -> str | None:
-    return cfg.cache_dir if cfg.cache_remote else None
-
-
-def loader_workers(data: DataConfig, cpus: float | None) -> int:
-    """``data.num_workers`` with ``auto`` resolved: one less than ``cpus`` (None: this machine's
-    CPUs), at most :data:`MAX_AUTO_WORKERS`; the training process itself needs one."""
-    if data.num_workers != "auto":
-        return data.num_workers
-    available = cpus if cpus is not None else (os.cpu_count() or 1)
-    return max(0, min(MAX_AUTO_WORKERS, int(available) - 1))
-
-
-def split_dataset(
-    manifest: Manifest,
-    data: DataConfig,
-    split: str,
-    *,
-    train: bool,
-    class_subset: Sequence[int] | None = None,
-    return_index: bool = False,
-    encoded: bool = False,
-    require_label: bool = False,
-) -> MultiLabelDataset:
-    """One split with the configured transform, decoder and image cache."""
-    return MultiLabelDataset(
-        manifest,
-        split,
-        build_transform(data, train=train),
-        class_subset=class_subset,
-        return_index=return_index,
-        decoder=data.decoder,
-        cache_dir=_remote_cache(data),
-        encoded=encoded,
-        require_label=require_label,
-    )
-
-
-def build_loaders(
-    manifest: Manifest,
-    data: DataConfig,
-    train_cfg: TrainConfig,
-    *,
-    class_subset: Sequence[int] | None = None,
-    return_index: bool = False,
-    placement: Placement = LOCAL,
-    require_label: bool = False,
-) -> tuple[DataLoader | DeviceDecodedLoader, DataLoader | DeviceDecodedLoader]:
-    """Training and validation loaders over ``class_subset`` (None: all classes).
-
-    ``require_label`` leaves out images without a label among those classes (zero-shot
-    training and model selection on the seen classes).
-
-    The training loader yields this rank's share of each global batch of
-    ``train_cfg.batch_size``: every rank draws the same global order for the epoch (a seeded
-    permutation, or the class-aware sequence) and takes positions ``rank, rank + world, ...``.
-    So one process, or ``world`` ranks together, see the same samples in the same global
-    batches, with the same augmentation (seeded per sample, see ``SeededSampler``). Every rank
-    validates on the whole validation split. With ``data.decode_on: device`` both loaders
-    yield encoded images that :class:`DeviceDecodedLoader` decodes on the training device.
-
-    Raises:
-        ConfigError: ``train.batch_size`` is not a multiple of the number of ranks.
-    """
-    world, rank = placement.world_size, placement.rank
-    if train_cfg.batch_size % world:
-        raise ConfigError(
-            f"train.batch_size = {train_cfg.batch_size} must be a multiple of the {world} "
-            "data-parallel workers (each takes an equal share of every batch)"
-        )
-    on_device = data.decode_on == "device"
-    train_set = split_dataset(
-        manifest,
-        data,
-        data.train_split,
-        train=True,
-        class_subset=class_subset,
-        return_index=return_index,
-        encoded=on_device,
-        require_label=require_label,
-    )
-    val_set = split_dataset(
-        manifest,
-        data,
-        data.val_split,
-        train=False,
-        class_subset=class_subset,
-        encoded=on_device,
-        require_label=require_label,
-    )
-    if data.class_aware_sampling:
-        # Balanced over the classes this model learns: a teacher's labels are its subset's, so
-        # every draw is an image holding at least one of them (the DB weights use the same
-        # subset frequencies).
-        order: ClassAwareSampler | DistributedSampler = ClassAwareSampler(
-            train_set.label_csr,
-            train_set.num_classes,
-            seed=train_cfg.seed,
-            num_replicas=world,
-            rank=rank,
-        )
-    else:
-        order = DistributedSampler(
-            train_set, num_replicas=world, rank=rank, shuffle=True, seed=train_cfg.seed
-        )
-    sampler = SeededSampler(order, train_cfg.seed, rank=rank, world_size=world)
-    workers = loader_workers(data, placement.cpus)
-    pin = torch.cuda.is_available()
-    batch_size = train_cfg.batch_size // world
-    train_loader = DataLoader(
-        train_set,
-        batch_size=batch_size,
-        sampler=sampler,
-        collate_fn=train_set.collate_fn,
-        num_workers=workers,
-        pin_memory=pin,
-        drop_last=len(sampler) > batch_size,
-        persistent_workers=workers > 0,
-    )
-    val_loader = DataLoader(
-        val_set,
-        batch_size=train_cfg.eval_batch_size or 2 * train_cfg.batch_size,
-        shuffle=False,
-        collate_fn=val_set.collate_fn,
-        num_workers=workers,
-        pin_memory=pin,
-    )
-    if on_device:
-        device = resolve_device(train_cfg.device)
-        return (
-            DeviceDecodedLoader(train_loader, train_set.transform, device, data.decoder),
-            DeviceDecodedLoader(val_loader, val_set.transform, device, data.decoder),
-        )
-    return train_loader, val_loader
 
 
 def build_criterion(loss_cfg: LossConfig, manifest: Manifest, data: DataConfig, class_subset):

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader
 from mlcore.config import UNSEEN_FROM_MANIFEST, ExperimentConfig, ModelConfig, ZSLConfig
 from mlcore.configlib import ConfigError
 from mlcore.data.embeddings import ClassEmbeddings, dataset_class_embeddings
+from mlcore.data.loading import eval_loader, load_manifest, resolve_dataset
 from mlcore.data.manifest import ManifestInfo
 from mlcore.metrics import f1_at_k, mean_average_precision
 from mlcore.models import build_model_from_config, word_query_table
@@ -242,19 +243,10 @@ def evaluate_zero_shot(
     log: Callable[[str], None] = print,
 ) -> dict[str, float]:
     """ZSL and GZSL metrics of a checkpoint trained under the protocol, on ``data.test_split``."""
-    # mlcore.experiment imports this module (its training applies the protocol).
-    from mlcore.experiment import load_manifest, loader_workers, resolve_dataset, split_dataset
-
     manifest = load_manifest(cfg.data)
     split = zero_shot_split(cfg.zsl, manifest.info)
     classes = dataset_class_embeddings(cfg.data, resolve_dataset(cfg.data), manifest.class_names)
-    dataset = split_dataset(manifest, cfg.data, cfg.data.test_split, train=False)
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.train.eval_batch_size or 2 * cfg.train.batch_size,
-        collate_fn=dataset.collate_fn,
-        num_workers=loader_workers(cfg.data, None),
-    )
+    loader = eval_loader(manifest, cfg.data, cfg.train, cfg.data.test_split)
     model = load_word_query_model(cfg.model, checkpoint)
     scores, targets = score_classes(model, classes, loader, resolve_device(cfg.train.device))
     metrics = zero_shot_metrics(

@@ -23,7 +23,7 @@ import pytest
 from mlflow import MlflowClient
 
 from mlcore.cpsd import baseline_fingerprint
-from mlcore.experiment import resolve_dataset
+from mlcore.data.loading import resolve_dataset
 from workflows import tracking
 from workflows.config import MlflowConfig, config_path, load_config
 from workflows.pipeline import main, run_pipeline

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from mlcore.cpsd import ENSEMBLES, compute_partitions, run_local
-from mlcore.experiment import resolve_dataset
+from mlcore.data.loading import resolve_dataset
 from workflows.config import load_config
 
 FAST = ["train.epochs=1", "cpsd.teacher_epochs=1"]

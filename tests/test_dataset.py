@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.transforms import v2
 
 from mlcore.data.dataset import DECODERS, MultiLabelDataset, SeededSampler, build_transform
+from mlcore.data.loading import build_loaders, loader_workers, resolve_dataset
 from mlcore.data.manifest import Manifest
-from mlcore.experiment import build_loaders, loader_workers, resolve_dataset
 from mlcore.train import LocalPlacement
 
 PHOTOS = Path(sklearn.datasets.__file__).parent / "images"

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from mlcore.data.dataset import MultiLabelDataset, build_transform
+from mlcore.data.loading import resolve_dataset
 from mlcore.data.manifest import Manifest
 from mlcore.distill import (
     CachedTeachers,
@@ -17,7 +18,6 @@ from mlcore.distill import (
     merge_logits,
     write_logits,
 )
-from mlcore.experiment import resolve_dataset
 from mlcore.losses.asl import AsymmetricLoss
 from mlcore.models import build_model
 from mlcore.train import Batch
@@ -131,8 +131,8 @@ def test_ensemble_target_row_is_what_the_student_regresses_to(mode, tiny_config,
         student_teachers,
         target_combination,
     )
+    from mlcore.data.loading import load_manifest
     from mlcore.distill import LOGIT_STORE
-    from mlcore.experiment import load_manifest
     from mlcore.models import build_model_from_config
 
     # α ≠ ½ so that swapping the CGP and DGP shares would show.

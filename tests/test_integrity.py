@@ -14,8 +14,9 @@ import torch
 
 from mlcore import configlib
 from mlcore.cpsd import TeacherSpec, baseline_fingerprint, held_out_splits, teacher_fingerprint
+from mlcore.data.loading import build_loaders, resolve_dataset
 from mlcore.data.manifest import Manifest
-from mlcore.experiment import build_loaders, resolve_dataset, train_classifier
+from mlcore.experiment import train_classifier
 from mlcore.train import BEST, LAST, PENDING, SCORES, load_checkpoint
 from workflows.cli import run as cli
 from workflows.config import config_path, load_config

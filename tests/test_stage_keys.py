@@ -12,8 +12,8 @@ from mlcore.cpsd import (
     student_fingerprint,
     teacher_fingerprint,
 )
+from mlcore.data.loading import resolve_dataset
 from mlcore.data.synth import config_hash
-from mlcore.experiment import resolve_dataset
 from workflows.stages import partition_key
 
 # The tiny config's keys as computed by the code of commit cf3beb8 (main before issue 18's

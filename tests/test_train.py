@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from mlcore import configlib
+from mlcore.data.loading import build_loaders, resolve_dataset
 from mlcore.data.manifest import Manifest
-from mlcore.experiment import build_loaders, resolve_dataset, train_classifier
+from mlcore.experiment import train_classifier
 from mlcore.metrics import mean_average_precision
 from mlcore.models import build_model
 from mlcore.train import BEST, LAST, NonFiniteLossError, Supervised, load_checkpoint, train

@@ -21,9 +21,10 @@ from mlcore.config import ZSLConfig
 from mlcore.configlib import ConfigError
 from mlcore.data.dataset import MultiLabelDataset, build_transform
 from mlcore.data.embeddings import DATASET_FILE, load_class_embeddings
+from mlcore.data.loading import build_loaders, resolve_dataset
 from mlcore.data.manifest import Manifest, ManifestInfo
 from mlcore.data.synth import class_appearance, default_class_names
-from mlcore.experiment import build_loaders, resolve_dataset, train_classifier
+from mlcore.experiment import train_classifier
 from mlcore.metrics import f1_at_k, mean_average_precision
 from mlcore.train import Batch
 from mlcore.zsl import (

@@ -49,9 +49,9 @@ from mlcore.cpsd import (
     teacher_fingerprint,
     trains_baseline,
 )
+from mlcore.data.loading import resolve_dataset
 from mlcore.data.manifest import read_info
 from mlcore.distill import ensemble_weights
-from mlcore.experiment import resolve_dataset
 from mlcore.fingerprint import stable_hash
 from mlcore.pretrain import pretrain_fingerprint, with_pretrained
 from workflows.config import Config

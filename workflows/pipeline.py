@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mlcore.cpsd import RunSummary
-from mlcore.experiment import resolve_dataset
+from mlcore.data.loading import resolve_dataset
 from workflows.autoscaling import resolve_placement, start_prewarm
 from workflows.config import USER_ERRORS, Config, config_arg_parser, config_from_args
 from workflows.console import STAGE_LOG, ProgressLine, board, quiet_third_party

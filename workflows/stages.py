@@ -44,9 +44,10 @@ from mlcore.cpsd import (
     train_student,
     train_teacher,
 )
+from mlcore.data.loading import resolve_dataset
 from mlcore.data.manifest import read_info
 from mlcore.distill import LOGIT_STORE
-from mlcore.experiment import resolve_dataset, train_classifier
+from mlcore.experiment import train_classifier
 from mlcore.fingerprint import split_digest, stable_hash
 from mlcore.partition.cooccurrence import cooccurrence_from_manifest
 from mlcore.pretrain import BACKBONE_FILE, export_backbone, pretrain_config

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from mlcore import configlib
-from mlcore.experiment import resolve_dataset
+from mlcore.data.loading import resolve_dataset
 from mlcore.stats import mean_interval, paired_interval
 from workflows.config import USER_ERRORS, Config, config_arg_parser, config_from_args
 from workflows.console import ProgressLine, board, quiet_third_party

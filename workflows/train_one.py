@@ -12,8 +12,9 @@ from mlcore import configlib
 from mlcore.bundle import BUNDLE_FILE
 from mlcore.configlib import ConfigError
 from mlcore.cpsd import evaluate_model
+from mlcore.data.loading import resolve_dataset
 from mlcore.data.manifest import read_info
-from mlcore.experiment import resolve_dataset, train_classifier, training_fingerprint
+from mlcore.experiment import train_classifier, training_fingerprint
 from mlcore.train import TrainResult, check_resumable
 from mlcore.zsl import evaluate_zero_shot, zero_shot_split
 from workflows.config import Config

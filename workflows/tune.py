@@ -44,7 +44,8 @@ from mlflow import MlflowClient
 from mlcore import configlib
 from mlcore.configlib import ConfigError
 from mlcore.cpsd import ENSEMBLES, TeacherSpec, student_config, train_student
-from mlcore.experiment import resolve_dataset, train_classifier
+from mlcore.data.loading import resolve_dataset
+from mlcore.experiment import train_classifier
 from mlcore.train import BEST
 from workflows.autoscaling import resolve_placement, trial_resources
 from workflows.config import (
