@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from mlcore import configlib
 from mlcore.data.dataset import MultiLabelDataset, build_transform
-from mlcore.data.loading import resolve_dataset
+from mlcore.data.loading import open_dataset, resolve_dataset
 from mlcore.data.manifest import Manifest
 from mlcore.experiment import train_classifier
 from mlcore.metrics import multilabel_report
@@ -106,7 +106,7 @@ def run_one(cfg: Config, out: Path, split: str, log) -> dict:
     record = json.loads(done.read_text()) if done.is_file() else None
     if record is None:
         started = time.perf_counter()
-        result = train_classifier(cfg, out, log=log)
+        result = train_classifier(cfg, open_dataset(cfg.data), out, log=log)
         record = {
             "best_epoch": result.best_epoch,
             "best_metrics": result.best_metrics,  # of the epoch kept, on val

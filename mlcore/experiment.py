@@ -29,8 +29,8 @@ from mlcore.bundle import (
 from mlcore.config import DataConfig, ExperimentConfig, LossConfig
 from mlcore.configlib import ConfigError
 from mlcore.data.embeddings import DATASET_FILE, dataset_class_embeddings
-from mlcore.data.loading import build_loaders, load_manifest, resolve_dataset
-from mlcore.data.manifest import Manifest, ManifestError, is_uri, read_info
+from mlcore.data.loading import OpenDataset, build_loaders
+from mlcore.data.manifest import Manifest, ManifestError, is_uri
 from mlcore.evaluation import choose_thresholds
 from mlcore.fingerprint import config_content, file_digest, split_digest, stable_hash
 from mlcore.losses import build_asymmetry_controller, build_loss
@@ -56,11 +56,12 @@ from mlcore.zsl import RandomQueryTargets, zero_shot_split
 
 def training_fingerprint(
     cfg: ExperimentConfig,
+    dataset: OpenDataset,
     *,
     class_subset: Sequence[int] | None = None,
     extra: Sequence[object] = (),
 ) -> str:
-    """Identity of what ``train_classifier(cfg, class_subset=...)`` computes.
+    """Identity of what ``train_classifier(cfg, dataset, class_subset=...)`` computes.
 
     ``extra`` adds what the caller's objective depends on beyond the config sections (the
     student's distillation settings and its teachers' fingerprints). A zero-shot run adds its
@@ -68,10 +69,9 @@ def training_fingerprint(
     dataset's own embedding file add that file's content (``data.class_embeddings`` counts by
     content already).
     """
-    data = cfg.data
-    root = resolve_dataset(data)
+    data, root = cfg.data, dataset.root
     if cfg.zsl.enabled:
-        extra = [*extra, ["zero_shot", list(zero_shot_split(cfg.zsl, read_info(root)).unseen)]]
+        extra = [*extra, ["zero_shot", list(zero_shot_split(cfg.zsl, dataset.info).unseen)]]
     word = cfg.model.head == "ml_decoder" and cfg.model.ml_decoder.queries == "word"
     if word and data.class_embeddings is None and not is_uri(root):
         own = Path(root) / DATASET_FILE
@@ -126,6 +126,7 @@ def sequence_training(
 
 def train_classifier(
     cfg: ExperimentConfig,
+    dataset: OpenDataset,
     out_dir: str | os.PathLike,
     *,
     class_subset: Sequence[int] | None = None,
@@ -157,15 +158,21 @@ def train_classifier(
         on_step: Step metrics callback (adaptive asymmetry).
         placement: This process's rank and CPUs (data-parallel training, loader workers).
         log: Progress lines.
+
+    Raises:
+        ValueError: ``dataset`` was opened from another data section than ``cfg.data``.
     """
+    if dataset.data != cfg.data:
+        raise ValueError("train_classifier: the dataset was opened from another data section")
     train_cfg = cfg.train
-    manifest = load_manifest(cfg.data)
-    fingerprint = training_fingerprint(cfg, class_subset=class_subset, extra=fingerprint_extra)
+    manifest = dataset.manifest
+    fingerprint = training_fingerprint(
+        cfg, dataset, class_subset=class_subset, extra=fingerprint_extra
+    )
     if cfg.zsl.enabled:
         class_subset = seen_classes(cfg, manifest, class_subset)
     train_loader, val_loader = build_loaders(
-        manifest,
-        cfg.data,
+        dataset,
         train_cfg,
         class_subset=class_subset,
         return_index=return_index,
@@ -178,7 +185,7 @@ def train_classifier(
     word_queries = cfg.model.head == "ml_decoder" and decoder.queries == "word"
     if word_queries:
         names = [manifest.class_names[c] for c in classes]
-        embeddings = dataset_class_embeddings(cfg.data, resolve_dataset(cfg.data), names)
+        embeddings = dataset_class_embeddings(cfg.data, dataset.root, names)
     torch.manual_seed(train_cfg.seed)  # identical initial weights for identical configs
     model = build_model_from_config(cfg.model, len(classes), embeddings)
     if init_weights is not None:

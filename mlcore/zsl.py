@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader
 from mlcore.config import UNSEEN_FROM_MANIFEST, ExperimentConfig, ModelConfig, ZSLConfig
 from mlcore.configlib import ConfigError
 from mlcore.data.embeddings import ClassEmbeddings, dataset_class_embeddings
-from mlcore.data.loading import eval_loader, load_manifest, resolve_dataset
+from mlcore.data.loading import OpenDataset, eval_loader
 from mlcore.data.manifest import ManifestInfo
 from mlcore.metrics import f1_at_k, mean_average_precision
 from mlcore.models import build_model_from_config, word_query_table
@@ -238,15 +238,15 @@ def score_classes(
 
 def evaluate_zero_shot(
     cfg: ExperimentConfig,
+    dataset: OpenDataset,
     checkpoint: str | os.PathLike,
     *,
     log: Callable[[str], None] = print,
 ) -> dict[str, float]:
     """ZSL and GZSL metrics of a checkpoint trained under the protocol, on ``data.test_split``."""
-    manifest = load_manifest(cfg.data)
-    split = zero_shot_split(cfg.zsl, manifest.info)
-    classes = dataset_class_embeddings(cfg.data, resolve_dataset(cfg.data), manifest.class_names)
-    loader = eval_loader(manifest, cfg.data, cfg.train, cfg.data.test_split)
+    split = zero_shot_split(cfg.zsl, dataset.info)
+    classes = dataset_class_embeddings(cfg.data, dataset.root, dataset.class_names)
+    loader = eval_loader(dataset, cfg.train, cfg.data.test_split)
     model = load_word_query_model(cfg.model, checkpoint)
     scores, targets = score_classes(model, classes, loader, resolve_device(cfg.train.device))
     metrics = zero_shot_metrics(

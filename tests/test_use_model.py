@@ -692,11 +692,14 @@ def test_final_keys_and_links():
 
 def test_a_teacher_bundle_evaluates_on_its_own_classes(trained, tiny_config, tmp_path, capsys):
     """A model on a label subset keeps its class order; evaluate matches classes by name."""
+    from mlcore.data.loading import open_dataset
     from mlcore.experiment import train_classifier
 
     subset = [3, 1]
     one_epoch = configlib.replace(tiny_config, ["train.epochs=1"])
-    train_classifier(one_epoch, tmp_path / "teacher", class_subset=subset)
+    train_classifier(
+        one_epoch, open_dataset(one_epoch.data), tmp_path / "teacher", class_subset=subset
+    )
     bundle = load_bundle(tmp_path / "teacher" / BUNDLE_FILE)
     names = trained.manifest.class_names
     assert bundle.class_names == (names[3], names[1])

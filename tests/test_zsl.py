@@ -21,7 +21,7 @@ from mlcore.config import ZSLConfig
 from mlcore.configlib import ConfigError
 from mlcore.data.dataset import MultiLabelDataset, build_transform
 from mlcore.data.embeddings import DATASET_FILE, load_class_embeddings
-from mlcore.data.loading import build_loaders, resolve_dataset
+from mlcore.data.loading import build_loaders, open_dataset, resolve_dataset
 from mlcore.data.manifest import Manifest, ManifestInfo
 from mlcore.data.synth import class_appearance, default_class_names
 from mlcore.experiment import train_classifier
@@ -158,12 +158,13 @@ def test_cpsd_train_zsl_tiny_beats_chance(tiny_zsl_run) -> None:
 
 def test_training_never_sees_unseen_classes(tiny_zsl_run) -> None:
     cfg, out, _ = tiny_zsl_run
-    manifest = Manifest.load(resolve_dataset(cfg.data))
+    dataset = open_dataset(cfg.data)
+    manifest = dataset.manifest
     split = zero_shot_split(cfg.zsl, manifest.info)
     model = load_word_query_model(cfg.model, out / "best.pt")
     assert model.head.class_names == [manifest.class_names[c] for c in split.seen]
     train_loader, val_loader = build_loaders(
-        manifest, cfg.data, cfg.train, class_subset=split.seen, require_label=True
+        dataset, cfg.train, class_subset=split.seen, require_label=True
     )
     for loader, name in ((train_loader, "train"), (val_loader, "val")):
         targets = torch.cat([batch[1] for batch in loader])
@@ -174,7 +175,7 @@ def test_training_never_sees_unseen_classes(tiny_zsl_run) -> None:
         assert bool(targets.any(1).all())
         assert len(loader.dataset) == int(everything.any(1).sum()) < len(everything)
     with pytest.raises(ConfigError, match="must not see unseen classes"):
-        train_classifier(cfg, out / "never", class_subset=[split.unseen[0]])
+        train_classifier(cfg, dataset, out / "never", class_subset=[split.unseen[0]])
 
 
 def test_checkpoint_scores_unseen_classes_from_a_new_file(tiny_zsl_run, tmp_path) -> None:
@@ -204,7 +205,7 @@ def test_checkpoint_scores_unseen_classes_from_a_new_file(tiny_zsl_run, tmp_path
     assert logits.shape == targets.shape == (len(dataset), len(unseen))
     rows = targets.any(1)
     zsl_map = mean_average_precision(logits[rows], targets[rows])
-    metrics = evaluate_zero_shot(cfg, out / "best.pt")
+    metrics = evaluate_zero_shot(cfg, open_dataset(cfg.data), out / "best.pt")
     # The same number as the protocol's, which scored all 80 classes at once: a class's logit
     # does not depend on the other classes scored with it.
     assert zsl_map == pytest.approx(metrics["zsl_mAP"], abs=1e-6)
@@ -223,7 +224,7 @@ def test_word_queries_need_embeddings(tmp_path: Path, tiny_overrides) -> None:
         ],
     )
     with pytest.raises(ConfigError, match="word queries need class embeddings"):
-        train_classifier(cfg, tmp_path / "out")
+        train_classifier(cfg, open_dataset(cfg.data), tmp_path / "out")
     with pytest.raises(ConfigError, match=r"needs model\.head: ml_decoder with .*queries: word"):
         load_config(config_path("tiny"), ["zsl.unseen_classes=[cat]"])
     with pytest.raises(ConfigError, match=r"needs a held-out data\.test_split"):
@@ -272,11 +273,14 @@ def test_fingerprint_covers_held_out_classes_and_own_embeddings(tmp_path, tiny_o
     from mlcore.data.embeddings import ClassEmbeddings
     from mlcore.experiment import training_fingerprint
 
+    def key(cfg) -> str:
+        return training_fingerprint(cfg, open_dataset(cfg.data, with_bytes=False))
+
     cfg = load_config(config_path("zsl_tiny"), tiny_overrides)
     other = load_config(
         config_path("zsl_tiny"), [*tiny_overrides, "zsl.unseen_classes=[red_circle]"]
     )
-    assert training_fingerprint(cfg) != training_fingerprint(other)
+    assert key(cfg) != key(other)
     # A copy of the dataset's manifest and embeddings (the fingerprint reads no image).
     source = resolve_dataset(cfg.data)
     for name in ("manifest.parquet", DATASET_FILE):
@@ -284,7 +288,7 @@ def test_fingerprint_covers_held_out_classes_and_own_embeddings(tmp_path, tiny_o
     copy = load_config(
         config_path("zsl_tiny"), [*tiny_overrides, f"data.root={tmp_path}", "data.synth=null"]
     )
-    assert training_fingerprint(copy) == training_fingerprint(cfg)  # same content, same key
+    assert key(copy) == key(cfg)  # same content, same key
     table = load_class_embeddings(tmp_path / DATASET_FILE, Manifest.load(tmp_path).class_names)
     ClassEmbeddings(table.names, table.vectors * 2).save(tmp_path / DATASET_FILE)
-    assert training_fingerprint(copy) != training_fingerprint(cfg)
+    assert key(copy) != key(cfg)

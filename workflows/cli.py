@@ -224,6 +224,7 @@ def cmd_partition(args: argparse.Namespace) -> None:
 
 def cmd_run_local(args: argparse.Namespace) -> None:
     from mlcore.cpsd import run_local
+    from mlcore.data.loading import open_dataset
     from mlcore.experiment import training_fingerprint
     from mlcore.fingerprint import config_content, stable_hash
     from workflows.driver import preflight
@@ -231,9 +232,10 @@ def cmd_run_local(args: argparse.Namespace) -> None:
     cfg = load(args)
     preflight(cfg)
     # Keyed by data and every ML setting: another config never resumes this one's checkpoints.
-    key = stable_hash(training_fingerprint(cfg), config_content(cfg.cpsd))
+    dataset = open_dataset(cfg.data)
+    key = stable_hash(training_fingerprint(cfg, dataset), config_content(cfg.cpsd))
     out = Path(args.out) if args.out else Path(cfg.storage_path) / cfg.name / f"local-{key}"
-    summary = run_local(cfg, out)
+    summary = run_local(cfg, out, dataset=dataset)
     print(summary.markdown())
     print(f"outputs in {out}")
 

@@ -44,7 +44,7 @@ from mlflow import MlflowClient
 from mlcore import configlib
 from mlcore.configlib import ConfigError
 from mlcore.cpsd import ENSEMBLES, TeacherSpec, student_config, train_student
-from mlcore.data.loading import resolve_dataset
+from mlcore.data.loading import open_dataset, resolve_dataset
 from mlcore.experiment import train_classifier
 from mlcore.train import BEST
 from workflows.autoscaling import resolve_placement, trial_resources
@@ -267,18 +267,20 @@ def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
                     )
 
             subset = list(cfg.tune.class_subset) if cfg.tune.class_subset else None
+            dataset = open_dataset(cfg.data)  # the trial's own: a sweep may vary data settings
 
             def train(out: Path, **hooks):
                 if ctx.teachers is not None:
                     return train_student(
                         cfg,
+                        dataset,
                         ctx.teachers.specs,
                         out,
                         teacher_checkpoints=ctx.teachers.checkpoints,
                         teacher_logits=ctx.teachers.logits,
                         **hooks,
                     )
-                return train_classifier(cfg, out, class_subset=subset, **hooks)
+                return train_classifier(cfg, dataset, out, class_subset=subset, **hooks)
 
             if cfg.ray.train_workers > 1:
                 from ray.tune.integration.ray_train import TuneReportCallback

@@ -1,15 +1,19 @@
-"""Opening a dataset for a stage: where it is, its manifest, its splits and their loaders.
+"""Opening a dataset once per stage: where it is, its manifest, its splits and their loaders.
 
-``resolve_dataset`` finds the dataset directory (``data.root``, or the generated ``data.synth``);
-``load_manifest`` reads its rows (a remote manifest through the local cache when
-``data.cache_remote``); ``split_dataset``, ``build_loaders`` and ``eval_loader`` turn a split
-into the torch datasets and loaders training and evaluation read.
+:func:`open_dataset` resolves ``cfg.data`` (``data.root``, or the generated ``data.synth``), reads
+the manifest's metadata and rows (a remote manifest through the local cache when
+``data.cache_remote``) and returns an :class:`OpenDataset`. Everything downstream (training,
+teachers, the student, held-out scoring, fingerprints, zero-shot evaluation) takes that handle
+and never goes back to ``cfg.data`` to find the dataset again. ``split_dataset``,
+``build_loaders`` and ``eval_loader`` turn a split of it into the torch datasets and loaders
+training and evaluation read.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +27,7 @@ from mlcore.data.dataset import (
     SeededSampler,
     build_transform,
 )
-from mlcore.data.manifest import Manifest, is_uri
+from mlcore.data.manifest import Manifest, ManifestInfo, is_uri
 from mlcore.data.sampler import ClassAwareSampler
 from mlcore.data.synth import ensure_generated
 from mlcore.train import LOCAL, Placement, resolve_device
@@ -39,13 +43,60 @@ def resolve_dataset(cfg: DataConfig) -> str | Path:
     return ensure_generated(cfg.synth, cfg.cache_dir)
 
 
-def load_manifest(cfg: DataConfig, *, with_bytes: bool = True) -> Manifest:
-    """The configured dataset's manifest (a remote one through the local cache if enabled)."""
-    return Manifest.load(resolve_dataset(cfg), with_bytes=with_bytes, cache_dir=_remote_cache(cfg))
+def remote_cache(data: DataConfig) -> str | None:
+    """Where remote manifests and images are cached locally (None: read them in place)."""
+    return data.cache_dir if data.cache_remote else None
 
 
-def _remote_cache(cfg: DataConfig) -> str | None:
-    return cfg.cache_dir if cfg.cache_remote else None
+@dataclass(frozen=True)
+class OpenDataset:
+    """A dataset opened for one stage: its location, metadata and rows, read once.
+
+    Built by :func:`open_dataset`. It crosses to another process (a Ray Train worker) by opening
+    the dataset again there, never by shipping its rows.
+
+    Attributes:
+        data: The config section it was opened from: splits, transforms, decoder and caches.
+        root: The dataset directory, a local path or a URI (for ``data.synth``: the generated
+            one).
+        manifest: Its rows and metadata; without the embedded image bytes unless
+            ``with_bytes``.
+        with_bytes: Whether ``manifest`` holds the image bytes, which the loaders need.
+    """
+
+    data: DataConfig
+    root: str | Path
+    manifest: Manifest
+    with_bytes: bool = True
+
+    @property
+    def info(self) -> ManifestInfo:
+        return self.manifest.info
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.manifest.class_names
+
+    @property
+    def num_classes(self) -> int:
+        return self.manifest.num_classes
+
+    def __reduce__(self):
+        return (open_dataset, (self.data, self.with_bytes))
+
+
+def open_dataset(data: DataConfig, with_bytes: bool = True) -> OpenDataset:
+    """Resolve ``data`` (generating ``data.synth`` on first use) and read its manifest.
+
+    ``with_bytes=False`` leaves the embedded image bytes out: enough for fingerprints, label
+    statistics and split names, and much smaller for a dataset that embeds its images.
+
+    Raises:
+        ManifestError: The directory holds no readable manifest.
+    """
+    root = resolve_dataset(data)
+    manifest = Manifest.load(root, with_bytes=with_bytes, cache_dir=remote_cache(data))
+    return OpenDataset(data, root, manifest, with_bytes)
 
 
 def loader_workers(data: DataConfig, cpus: float | None) -> int:
@@ -58,8 +109,7 @@ def loader_workers(data: DataConfig, cpus: float | None) -> int:
 
 
 def split_dataset(
-    manifest: Manifest,
-    data: DataConfig,
+    dataset: OpenDataset,
     split: str,
     *,
     train: bool,
@@ -68,23 +118,29 @@ def split_dataset(
     encoded: bool = False,
     require_label: bool = False,
 ) -> MultiLabelDataset:
-    """One split with the configured transform, decoder and image cache."""
+    """One split with the configured transform, decoder and image cache.
+
+    Raises:
+        ValueError: ``dataset`` was opened without its image bytes.
+    """
+    if not dataset.with_bytes:
+        raise ValueError(f"{dataset.root} was opened without image bytes: it cannot be loaded")
+    data = dataset.data
     return MultiLabelDataset(
-        manifest,
+        dataset.manifest,
         split,
         build_transform(data, train=train),
         class_subset=class_subset,
         return_index=return_index,
         decoder=data.decoder,
-        cache_dir=_remote_cache(data),
+        cache_dir=remote_cache(data),
         encoded=encoded,
         require_label=require_label,
     )
 
 
 def build_loaders(
-    manifest: Manifest,
-    data: DataConfig,
+    dataset: OpenDataset,
     train_cfg: TrainConfig,
     *,
     class_subset: Sequence[int] | None = None,
@@ -108,6 +164,7 @@ def build_loaders(
     Raises:
         ConfigError: ``train.batch_size`` is not a multiple of the number of ranks.
     """
+    data = dataset.data
     world, rank = placement.world_size, placement.rank
     if train_cfg.batch_size % world:
         raise ConfigError(
@@ -116,8 +173,7 @@ def build_loaders(
         )
     on_device = data.decode_on == "device"
     train_set = split_dataset(
-        manifest,
-        data,
+        dataset,
         data.train_split,
         train=True,
         class_subset=class_subset,
@@ -126,8 +182,7 @@ def build_loaders(
         require_label=require_label,
     )
     val_set = split_dataset(
-        manifest,
-        data,
+        dataset,
         data.val_split,
         train=False,
         class_subset=class_subset,
@@ -181,18 +236,17 @@ def build_loaders(
 
 
 def eval_loader(
-    manifest: Manifest,
-    data: DataConfig,
+    dataset: OpenDataset,
     train_cfg: TrainConfig,
     split: str,
     class_subset: Sequence[int] | None = None,
 ) -> DataLoader:
     """One split in file order with the evaluation transform (held-out scoring, cached teacher
     logits, zero-shot evaluation)."""
-    dataset = split_dataset(manifest, data, split, train=False, class_subset=class_subset)
+    split_set = split_dataset(dataset, split, train=False, class_subset=class_subset)
     return DataLoader(
-        dataset,
+        split_set,
         batch_size=train_cfg.eval_batch_size or 2 * train_cfg.batch_size,
-        collate_fn=dataset.collate_fn,
-        num_workers=loader_workers(data, None),
+        collate_fn=split_set.collate_fn,
+        num_workers=loader_workers(dataset.data, None),
     )
