@@ -17,7 +17,6 @@ from mlcore.experiment import train_classifier, training_fingerprint
 from mlcore.train import TrainResult, check_resumable
 from mlcore.zsl import evaluate_zero_shot, zero_shot_split
 from workflows.config import Config
-from workflows.mlflow_model import record_trained_model
 from workflows.tracking import (
     NullRunLogger,
     describe_experiment,
@@ -25,6 +24,7 @@ from workflows.tracking import (
     flat_params,
     git_commit,
     parent_run,
+    record_trained_model,
     runs_page_link,
     share_runs_view,
     source_tags,
