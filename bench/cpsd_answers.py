@@ -61,7 +61,7 @@ def _pairs(a: dict[int, dict], a_key: str, b: dict[int, dict], b_key: str):
 
 def delta(a, a_key, b, b_key) -> Interval:
     x, y = _pairs(a, a_key, b, b_key)
-    return paired_interval(x, y)
+    return paired_interval(x, y) if x else Interval(math.nan, None, None, 0)
 
 
 def mean(rows: dict[int, dict], key: str) -> Interval:
