@@ -63,10 +63,10 @@ from mlcore.distill import (
     merge_logits,
     write_logits,
 )
-from mlcore.experiment import evaluator_of, train_classifier, training_fingerprint
+from mlcore.experiment import train_classifier, training_fingerprint
 from mlcore.fingerprint import split_digest
 from mlcore.metrics import bucket_map, frequency_buckets, multilabel_report
-from mlcore.models import build_model_from_config, word_query_table
+from mlcore.models import build_model_from_config, family_of, word_query_table
 from mlcore.partition.affinity import affinity
 from mlcore.partition.cooccurrence import cooccurrence_from_manifest
 from mlcore.partition.random_partition import random_partition
@@ -525,7 +525,8 @@ def evaluate_model(
         loader = eval_loader(dataset, cfg.train, split, class_subset)
         # The family's own validation: sets decoded by the orderless RNN, thresholded
         # scores otherwise; the same numbers as val_* of the training loop.
-        evaluated = evaluator_of(cfg.model)(model.to(device), loader, device, False)
+        evaluate = family_of(cfg.model.head).evaluate
+        evaluated = evaluate(model.to(device), loader, device, False)
         scores, targets = evaluated.scores, evaluated.targets
         np.savez(out / f"scores-{role}.npz", scores=scores, targets=targets)
         reports[role] = dict(evaluated.metrics)

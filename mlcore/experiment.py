@@ -2,7 +2,8 @@
 
 ``train_classifier`` is the one entry point that trains a model (a baseline, a CPSD teacher on a
 label subset, an orderless RNN, or anything else) from config: dataset, loaders, model, loss,
-adaptive controller, and for ``model.head: rnn`` its forward and evaluator. Every model it
+adaptive controller, and its head's family (``mlcore.models.family``) adds its training
+forward, objective and evaluator. Every model it
 trains leaves a model bundle (``mlcore.bundle``) next to its ``best.pt``. With
 ``zsl.unseen_classes`` set it trains on the seen classes only, whatever the caller asks
 (``mlcore.zsl`` describes the protocol).
@@ -34,24 +35,18 @@ from mlcore.data.manifest import Manifest, ManifestError, is_uri
 from mlcore.evaluation import choose_thresholds
 from mlcore.fingerprint import config_content, file_digest, split_digest, stable_hash
 from mlcore.losses import build_asymmetry_controller, build_loss
-from mlcore.losses.orderless import TeacherForcing
-from mlcore.models import OrderlessRNN, build_model_from_config
-from mlcore.orderless import check_label_counts, evaluate_sequences
+from mlcore.models import build_model_from_config, family_of
 from mlcore.train import (
     LOCAL,
-    Evaluator,
-    Forward,
     MetricsCallback,
     Objective,
     Placement,
     Supervised,
     TrainResult,
-    evaluate_scores,
-    forward_images,
     load_checkpoint,
     train,
 )
-from mlcore.zsl import RandomQueryTargets, zero_shot_split
+from mlcore.zsl import zero_shot_split
 
 
 def training_fingerprint(
@@ -72,7 +67,7 @@ def training_fingerprint(
     data, root = cfg.data, dataset.root
     if cfg.zsl.enabled:
         extra = [*extra, ["zero_shot", list(zero_shot_split(cfg.zsl, dataset.info).unseen)]]
-    word = cfg.model.head == "ml_decoder" and cfg.model.ml_decoder.queries == "word"
+    word = family_of(cfg.model.head).class_embeddings(cfg.model)
     if word and data.class_embeddings is None and not is_uri(root):
         own = Path(root) / DATASET_FILE
         if own.is_file():
@@ -101,27 +96,6 @@ def build_criterion(loss_cfg: LossConfig, manifest: Manifest, data: DataConfig, 
     return build_loss(
         loss_cfg, class_freq=class_freq, train_size=train_size, class_names=class_names
     )
-
-
-def evaluator_of(model_cfg) -> Evaluator:
-    """How a model family is scored on a split (its ``val_*`` and held-out reports)."""
-    return evaluate_sequences if model_cfg.head == "rnn" else evaluate_scores
-
-
-def sequence_training(
-    cfg: ExperimentConfig, manifest: Manifest, model: OrderlessRNN, loss: torch.nn.Module
-) -> tuple[Forward, Evaluator]:
-    """Prepare the orderless RNN (PLA): label counts checked, stage-1 encoder loaded; returns
-    its training forward and its validation (decoded label sets, sequence metrics).
-
-    Raises:
-        ManifestError: An image has more labels than ``model.rnn.max_steps``.
-    """
-    check_label_counts(manifest, [cfg.data.train_split, cfg.data.val_split], model.max_steps)
-    if cfg.model.encoder_checkpoint is not None:
-        model.load_encoder(cfg.model.encoder_checkpoint)
-    forward = TeacherForcing(loss) if cfg.loss.teacher_forcing else forward_images
-    return forward, evaluate_sequences
 
 
 def train_classifier(
@@ -180,10 +154,11 @@ def train_classifier(
         require_label=cfg.zsl.enabled,
     )
     classes = list(class_subset) if class_subset is not None else range(manifest.num_classes)
+    family = family_of(cfg.model.head)
+    if not family.distills and (class_subset is not None or make_objective is not None):
+        raise ValueError(f"a {family.name} head trains on all classes, without CPSD teachers")
     embeddings = None
-    decoder = cfg.model.ml_decoder
-    word_queries = cfg.model.head == "ml_decoder" and decoder.queries == "word"
-    if word_queries:
+    if family.class_embeddings(cfg.model):
         names = [manifest.class_names[c] for c in classes]
         embeddings = dataset_class_embeddings(cfg.data, dataset.root, names)
     torch.manual_seed(train_cfg.seed)  # identical initial weights for identical configs
@@ -197,15 +172,8 @@ def train_classifier(
         batch_size=train_cfg.batch_size,
         lr_warmup_steps=round(train_cfg.pct_start * train_cfg.epochs * len(train_loader)),
     )
-    forward: Forward = forward_images
-    evaluate: Evaluator = evaluate_scores
-    if isinstance(model, OrderlessRNN):
-        if class_subset is not None or make_objective is not None:
-            raise ValueError("the orderless RNN trains on all classes, without CPSD teachers")
-        forward, evaluate = sequence_training(cfg, manifest, model, loss)
     objective = make_objective(loss) if make_objective is not None else Supervised(loss)
-    if word_queries and decoder.random_queries > 0:
-        objective = RandomQueryTargets(objective)
+    forward, objective = family.training(cfg, manifest, model, loss, objective)
     result = train(
         model,
         train_loader,
@@ -220,7 +188,7 @@ def train_classifier(
         fingerprint=fingerprint,
         placement=placement,
         forward=forward,
-        evaluate=evaluate,
+        evaluate=family.evaluate,
         log=log,
     )
     if placement.rank == 0:  # every rank holds the same weights; one writes them

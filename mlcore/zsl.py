@@ -47,11 +47,10 @@ from mlcore.data.loading import OpenDataset, eval_loader
 from mlcore.data.manifest import ManifestInfo
 from mlcore.metrics import f1_at_k, mean_average_precision
 from mlcore.models import build_model_from_config, word_query_table
-from mlcore.train import Batch, Objective, load_checkpoint, resolve_device
+from mlcore.train import load_checkpoint, resolve_device
 
 __all__ = [
     "TOP_K",
-    "RandomQueryTargets",
     "ZeroShotSplit",
     "evaluate_zero_shot",
     "load_word_query_model",
@@ -122,28 +121,6 @@ def zero_shot_split(cfg: ZSLConfig, info: ManifestInfo) -> ZeroShotSplit:
     if not seen:
         raise ConfigError("zsl.unseen_classes holds every class: nothing left to train on")
     return ZeroShotSplit(info.class_names, tuple(seen), tuple(unseen))
-
-
-class RandomQueryTargets:
-    """The objective side of the random-query augmentation: extra logits are positives.
-
-    A word-query head in training mode appends ``R`` logits for random queries (``(B, N + R)``
-    for ``(B, N)`` targets); the paper labels them positive ("random"). This pads the targets
-    with ones and calls the wrapped objective.
-    """
-
-    def __init__(self, inner: Objective):
-        self.inner = inner
-
-    def __call__(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        targets = batch.targets  # (B, N)
-        extra = logits.shape[1] - targets.shape[1]
-        if extra < 0:
-            raise ValueError(f"{logits.shape[1]} logits for {targets.shape[1]} target classes")
-        if extra:
-            ones = targets.new_ones(targets.shape[0], extra)
-            batch = batch._replace(targets=torch.cat([targets, ones], dim=1))  # (B, N + R)
-        return self.inner(logits, batch)
 
 
 def _report(scores: np.ndarray, targets: np.ndarray, prefix: str) -> dict[str, float]:

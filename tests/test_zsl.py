@@ -26,9 +26,9 @@ from mlcore.data.manifest import Manifest, ManifestInfo
 from mlcore.data.synth import class_appearance, default_class_names
 from mlcore.experiment import train_classifier
 from mlcore.metrics import f1_at_k, mean_average_precision
+from mlcore.models.ml_decoder import RandomQueryTargets
 from mlcore.train import Batch
 from mlcore.zsl import (
-    RandomQueryTargets,
     evaluate_zero_shot,
     load_word_query_model,
     score_classes,

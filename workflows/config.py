@@ -19,6 +19,7 @@ from mlcore import configlib
 from mlcore.config import UNSEEN_FROM_MANIFEST, ExperimentConfig
 from mlcore.configlib import ConfigError
 from mlcore.errors import ManifestError, ResumeMismatchError
+from mlcore.models.family import check_family
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -223,6 +224,10 @@ class Config(ExperimentConfig):
     """A finished stage made by another product version or other ``mlcore`` code
     (``workflows.versions``): ``reuse`` it (one line names it; summaries mark its row),
     ``retrain`` it, or stop with an ``error``. ``--retrain-stale`` sets ``retrain``."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_family(self)
 
 
 def _is_uri(path: str) -> bool:
