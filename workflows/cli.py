@@ -65,18 +65,19 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
 def cmd_data_import(args: argparse.Namespace) -> None:
     from mlcore.data import importers
 
-    common = {
-        "drop_empty": args.drop_empty,
-        "skip_missing": args.skip_missing,
-        "verify_decode": args.verify_decode,
-        "overwrite": args.overwrite,
-    }
+    options = importers.ImportOptions(
+        drop_empty=args.drop_empty,
+        skip_missing=args.skip_missing,
+        verify_decode=args.verify_decode,
+        name=args.name,
+        overwrite=args.overwrite,
+    )
     if args.kind == "coco":
         if not args.ann:
             raise UsageError("coco needs at least one --ann ANN.json:SPLIT:IMAGE_DIR")
         entries = [importers.CocoEntry.parse(spec) for spec in args.ann]
         result = importers.import_coco(
-            entries, args.out, class_order=args.class_order, name=args.name or "coco", **common
+            entries, args.out, class_order=args.class_order, options=options
         )
     elif args.kind == "voc":
         result = importers.import_voc(
@@ -84,8 +85,7 @@ def cmd_data_import(args: argparse.Namespace) -> None:
             args.out,
             splits=importers.parse_split_map(args.split or ["train:train", "val:val"]),
             include_difficult=args.include_difficult,
-            name=args.name,
-            **common,
+            options=options,
         )
     elif args.kind == "openimages":
         if not args.labels or not args.class_descriptions:
@@ -99,9 +99,8 @@ def cmd_data_import(args: argparse.Namespace) -> None:
             class_descriptions=args.class_descriptions,
             trainable_classes=args.trainable_classes,
             check_images=args.check_images,
-            name=args.name or "open-images",
+            options=options,
             progress=print,
-            **common,
         )
     elif args.kind == "nuswide1k":
         result = importers.import_nuswide1k(
@@ -110,8 +109,7 @@ def cmd_data_import(args: argparse.Namespace) -> None:
             image_dir=args.image_dir,
             val_fraction=args.val_fraction,
             invalid_labels=args.invalid_labels,
-            name=args.name or "nus-wide-1k",
-            **common,
+            options=options,
         )
     elif args.kind == "nuswide":
         result = importers.import_nuswide(
@@ -120,8 +118,7 @@ def cmd_data_import(args: argparse.Namespace) -> None:
             image_dir=args.image_dir,
             splits=importers.parse_split_map(args.split) if args.split else None,
             invalid_labels=args.invalid_labels,
-            name=args.name or "nus-wide",
-            **common,
+            options=options,
         )
     else:
         result = importers.import_csv(
@@ -134,8 +131,7 @@ def cmd_data_import(args: argparse.Namespace) -> None:
             label_delimiter=args.label_delimiter,
             csv_delimiter=args.csv_delimiter,
             default_split=args.default_split,
-            name=args.name,
-            **common,
+            options=options,
         )
     print(result.summary())
 
