@@ -9,6 +9,10 @@ BIN := $(VENV)/bin
 # `make setup TORCH_SPEC=` skips it (e.g. a CUDA build already in the venv). The default is the
 # pair that works on the project's CPU machines (PyPI's torchvision does not match their torch).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# Test processes (pytest-xdist, whole files per process): the suite is mostly start-ups and
+# waits, so two processes on CI's 2 cores cut its wall time; `make test TEST_WORKERS=0` runs it
+# in one process.
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test test-fast lint bench clean constraints
 
@@ -28,10 +32,10 @@ demo: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 # The lock: every installed version except the project and torch's own stack (TORCH_SPEC).
 constraints: setup

@@ -26,12 +26,10 @@ import torch.distributed as dist
 from mlflow import MlflowClient
 from torch import nn
 
-from mlcore.cpsd import run_local
 from mlcore.experiment import train_classifier
 from mlcore.train import LAST, Supervised, load_checkpoint
 from workflows.config import config_path, load_config
 from workflows.distributed import CrossRankBatchNorm, _cross_rank_batchnorm, fit_group
-from workflows.pipeline import run_pipeline
 from workflows.storage import Storage
 from workflows.tracking import RunLogger, experiment_id
 
@@ -179,37 +177,5 @@ def test_killed_worker_resumes_the_group_from_the_last_epoch(local_ray, tiny_ove
     _assert_same_training(tmp_path / "reference", tmp_path / "group", reference, result)
 
 
-def test_pipeline_trains_the_student_on_two_workers(local_ray, tiny_overrides, tmp_path):
-    cfg = _config(
-        tiny_overrides,
-        tmp_path,
-        "ray.student_train_workers=2",
-        "cpsd.mode=cgpd",  # two teachers are enough to feed the student
-        "cpsd.teacher_epochs=1",
-    )
-    summary = run_pipeline(cfg, log=lambda _: None)
-    reference = run_local(cfg, tmp_path / "reference", log=lambda _: None)
-    assert [r["name"] for r in summary.rows] == [r["name"] for r in reference.rows]
-    for ours, ref in zip(summary.rows, reference.rows, strict=True):
-        if ours["name"] == "student":  # on two workers
-            for metric in ("val_mAP", "test_mAP"):
-                assert ours[metric] == pytest.approx(ref[metric], abs=MAP_TOL)
-        else:  # in one process, as the reference
-            assert ours == pytest.approx(ref, abs=1e-9)
-
-    stages = tmp_path / "storage" / "tiny" / "stages"
-    (student,) = stages.glob("student-*")
-    assert {p.name for p in student.iterdir()} >= {"best.pt", "last.pt", "_SUCCESS.json"}
-    assert not (student / "ray_train").exists()
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("cpsd").experiment_id])
-    world = {r.info.run_name: r.data.tags.get("ray.world_size") for r in runs}
-    assert world["student"] == "2"
-    assert {world[n] for n in world if n.startswith("teacher")} == {"1"}
-    assert [r.info.run_name for r in runs].count("student") == 1
-    assert all(r.info.status == "FINISHED" for r in runs), [
-        (r.info.run_name, r.info.status) for r in runs
-    ]
-
-    again = run_pipeline(cfg, log=lambda _: None)  # same key: every stage reused
-    assert again.rows == summary.rows
+# The pipeline's student on two workers, against the one-process reference, is tested together
+# with object storage in tests/test_object_storage.py: one pipeline run covers both.

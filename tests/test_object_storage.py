@@ -22,6 +22,7 @@ import pyarrow.fs as pafs
 import pytest
 from mlflow import MlflowClient
 
+from mlcore.cpsd import run_local
 from mlcore.data.dataset import MultiLabelDataset
 from mlcore.data.manifest import (
     Manifest,
@@ -37,6 +38,10 @@ from workflows.pipeline import run_pipeline
 ray = pytest.importorskip("ray")
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto")
+
+# A student trained on two Ray Train workers matches the one-process reference within this val
+# and test mAP (the tolerance is derived in tests/test_distributed.py's docstring).
+MAP_TOL = 2e-3
 pytestmark = pytest.mark.slow
 
 BUCKET = "cpsd-test"
@@ -178,6 +183,15 @@ def test_pipeline_with_s3_storage_and_data_then_a_rerun_skips_every_stage(
         ],
     )
     first = run_pipeline(cfg, log=lambda _: None)
+    # Object storage and a worker group change where models train, not what they compute.
+    reference = run_local(cfg, tmp_path / "reference", log=lambda _: None)
+    assert [r["name"] for r in first.rows] == [r["name"] for r in reference.rows]
+    for ours, ref in zip(first.rows, reference.rows, strict=True):
+        if ours["name"] == "student":  # on two workers
+            for metric in ("val_mAP", "test_mAP"):
+                assert ours[metric] == pytest.approx(ref[metric], abs=MAP_TOL)
+        else:  # in one process, as the reference
+            assert ours == pytest.approx(ref, abs=1e-9)
     keys = _objects("runs/tiny/")
     assert "runs/tiny/summary/summary.json" in keys
     stages = {k.split("/")[3] for k in keys if k.startswith("runs/tiny/stages/")} - {""}
@@ -211,6 +225,15 @@ def test_pipeline_with_s3_storage_and_data_then_a_rerun_skips_every_stage(
         key=lambda r: r.info.start_time,
     )
     assert len(parents) == 2
+    first_runs = [
+        r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
+    ]
+    world = {r.info.run_name: r.data.tags.get("ray.world_size") for r in first_runs}
+    assert world["student"] == "2"
+    assert {world[n] for n in world if n.startswith("teacher")} == {"1"}
+    assert all(r.info.status == "FINISHED" for r in runs), [
+        (r.info.run_name, r.info.status) for r in runs
+    ]
     second = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[1].info.run_id]
     stage_runs = [r for r in second if r.data.tags.get("cpsd.role") != "ensemble"]
     assert sorted(r.info.run_name for r in stage_runs) == [

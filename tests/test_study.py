@@ -95,6 +95,8 @@ def test_every_mode_over_two_seeds_shares_stages(tiny_overrides, tmp_path):
     exp = client.get_experiment_by_name("cpsd")
     parents = client.search_runs([exp.experiment_id], "tags.`cpsd.study` = 'study_cpsd_tiny'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    # The GPU default is decided once for every variant, as the pipeline does (none here).
+    assert parents[0].data.params["placement.default_gpus"] == "0"
     variants = client.search_runs(
         [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'"
     )

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import itertools
 import json
 import shutil
@@ -41,6 +42,7 @@ from typing import Any
 from mlcore import configlib
 from mlcore.experiment import resolve_dataset
 from mlcore.stats import mean_interval, paired_interval
+from workflows.autoscaling import resolve_placement
 from workflows.config import Config
 from workflows.console import ProgressLine, board, quiet_third_party
 from workflows.driver import preflight, spill_dir_for
@@ -134,6 +136,13 @@ def expand(cfg: Config) -> list[Run]:
     return runs
 
 
+def _placed(run: Run, placed: Config) -> Run:
+    if run.cfg.ray.teacher_gpus is not None or placed.ray.teacher_gpus is None:
+        return run
+    ray_cfg = dataclasses.replace(run.cfg.ray, teacher_gpus=placed.ray.teacher_gpus)
+    return dataclasses.replace(run, cfg=dataclasses.replace(run.cfg, ray=ray_cfg))
+
+
 @dataclass
 class StudyResult:
     rows: list[dict[str, Any]]
@@ -179,6 +188,11 @@ def run_study(cfg: Config, *, log: Callable[[str], None] = print) -> StudyResult
     try:
         with tracking as (tracker, parent):
             init_ray(cfg)
+            # GPUs the cluster has or can add, decided once, as the pipeline does; a variant
+            # that sets ray.teacher_gpus itself keeps it.
+            placed, placement = resolve_placement(cfg, log)
+            parent.params(placement.params())
+            runs = [_placed(run, placed) for run in runs]
             for run in runs:
                 resolve_dataset(run.cfg.data)  # generate each dataset once, before the fan-out
             progress = board()
