@@ -114,10 +114,3 @@ def report_unsent(storage: Storage, rels: Sequence[str], log: Callable[[str], No
         for rel in unsent:
             log(f"  {storage.uri_of(rel)}/{UNSENT_FILE}")
     return len(unsent)
-
-
-def user_message(err: BaseException) -> str:
-    """A user error's one line; an error raised inside a Ray task carries the task's
-    traceback in its text, so its cause is printed instead."""
-    cause = getattr(err, "cause", None)
-    return str(cause if isinstance(cause, BaseException) else err).strip().splitlines()[0]

@@ -27,13 +27,14 @@ group's last epoch checkpoint (same Ray Train run).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,15 +49,9 @@ from mlcore.data.loading import open_dataset, resolve_dataset
 from mlcore.experiment import train_classifier
 from mlcore.train import BEST
 from workflows.autoscaling import resolve_placement, trial_resources
-from workflows.config import (
-    USER_ERRORS,
-    Config,
-    SweepConfig,
-    config_arg_parser,
-    config_path,
-    load_config,
-)
+from workflows.config import Config, SweepConfig
 from workflows.distributed import TRIAL_RESOURCES, fit_group, task_placement
+from workflows.entry import TUNE, job_main
 from workflows.graph import StageGraph
 from workflows.runtime import device_for_task, init_ray
 from workflows.stages import JobContext
@@ -623,27 +618,19 @@ def plot_sweep(table: list[dict[str, Any]], keys: list[str], metric: str, path: 
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = config_arg_parser("python -m workflows.tune", "Run a Ray Tune loss sweep.")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
-    parser.add_argument("--out", help="where to write best_loss.yaml, results.csv, sweep.png")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(config_path(args.config), args.overrides)
-        validate_space(cfg)  # before Ray starts
-        out = Path(args.out) if args.out else Path(cfg.storage_path) / cfg.name
-        outcome = run_sweep(cfg, resume=args.resume, out_dir=out)
-    except USER_ERRORS as err:
-        print(f"tune: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("tune: interrupted; resume with --resume", file=sys.stderr)
-        return 130
+def command(cfg: Config, args: argparse.Namespace) -> None:
+    """``cpsd tune``: run (or resume) the sweep and print its best settings."""
+    validate_space(cfg)  # before Ray starts
+    out = Path(args.out) if args.out else Path(cfg.storage_path) / cfg.name
+    outcome = run_sweep(cfg, resume=args.resume, out_dir=out)
     print(f"\nbest {cfg.tune.metric}: {outcome.best_metric:.4f} with {outcome.best_params}")
     print(
         f"best loss settings: {outcome.best_loss_file}  (pipeline: loss: !include {BEST_LOSS_FILE})"
     )
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return job_main(TUNE, command, argv)
 
 
 if __name__ == "__main__":
