@@ -9,8 +9,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("mlcore", "workflows")
 MAX_FUNCTION_LINES = 120
@@ -142,11 +140,5 @@ def test_the_length_check_sees_a_long_function(tmp_path):
     ]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 22: being shortened in parallel; over 120 lines today: mlcore.train:train, "
-    "workflows.cli:build_parser, and the importers import_csv, import_nuswide1k and "
-    "import_openimages",
-)
 def test_no_function_is_longer_than_the_limit():
     assert long_functions(ROOT, PACKAGES, MAX_FUNCTION_LINES) == []

@@ -17,6 +17,7 @@ from torch import nn
 from mlcore.bundle import BUNDLE_FILE, load_bundle
 from mlcore.configlib import ConfigError
 from mlcore.cpsd import evaluate_model
+from mlcore.data.loading import open_dataset
 from mlcore.experiment import train_classifier
 from mlcore.export import export_bundle
 from mlcore.models import FAMILIES, ModelFamily, register_family
@@ -81,13 +82,14 @@ def _config(tmp_path, *overrides):
 def test_a_registered_toy_head_trains_evaluates_and_exports(toy_head, tmp_path):
     cfg = _config(tmp_path)
     HOOK_CALLS.clear()
-    result = train_classifier(cfg, tmp_path / "train", log=lambda _: None)
+    dataset = open_dataset(cfg.data)
+    result = train_classifier(cfg, dataset, tmp_path / "train", log=lambda _: None)
     assert HOOK_CALLS == ["toy"]
     assert result.history[0]["val_toy_scale"] == 0.0  # the family's evaluator selected
     bundle = load_bundle(tmp_path / "train" / BUNDLE_FILE)
     assert isinstance(bundle.build_model(), CosineHead)
 
-    reports = evaluate_model(cfg, result.best_checkpoint, tmp_path / "train")
+    reports = evaluate_model(cfg, dataset, result.best_checkpoint, tmp_path / "train")
     assert set(reports["test"]) >= {"mAP", "toy_scale"}
 
     exported = export_bundle(bundle, "torchscript", tmp_path / "toy.pt")
