@@ -15,6 +15,7 @@ from pathlib import Path
 import ray
 import torch
 
+from mlcore.data.loading import open_dataset
 from mlcore.experiment import train_classifier
 from mlcore.train import LAST, load_checkpoint
 from workflows.config import config_path, load_config
@@ -33,7 +34,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-dp-"))
 
     started = time.perf_counter()
-    single = train_classifier(cfg, work / "single", log=lambda _: None)
+    single = train_classifier(cfg, open_dataset(cfg.data), work / "single", log=lambda _: None)
     single_s = time.perf_counter() - started
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -41,7 +42,7 @@ def main() -> None:
     try:
         started = time.perf_counter()
         group = fit_group(
-            lambda out, **hooks: train_classifier(cfg, out, **hooks),
+            lambda out, **hooks: train_classifier(cfg, open_dataset(cfg.data), out, **hooks),
             work / "group",
             workers=args.workers,
             resources={"num_cpus": 1},

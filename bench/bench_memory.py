@@ -113,9 +113,9 @@ def measure(what: str, root: Path, stores: Path, classes: int, teachers: int, co
 
     from mlcore.config import DataConfig, TrainConfig
     from mlcore.data.dataset import MultiLabelDataset, build_transform
+    from mlcore.data.loading import OpenDataset, build_loaders
     from mlcore.data.manifest import Manifest
     from mlcore.distill import CachedTeachers, load_cached_ensemble
-    from mlcore.experiment import build_loaders
     from mlcore.train import Batch
 
     torch.set_num_threads(1)
@@ -128,7 +128,8 @@ def measure(what: str, root: Path, stores: Path, classes: int, teachers: int, co
         items = len(dataset)
     else:
         train_cfg = TrainConfig(batch_size=BATCH, device="cpu")
-        loader, _ = build_loaders(manifest, data, train_cfg, return_index=True)
+        opened = OpenDataset(data, root, manifest)
+        loader, _ = build_loaders(opened, train_cfg, return_index=True)
         ids = manifest.table.column("image_id").take(pa.array(manifest.split_rows("train")))
         names = sorted(p.name for p in stores.iterdir())
         paths = [stores / name for name in names]

@@ -33,8 +33,9 @@ import numpy as np
 import torch
 
 from mlcore import configlib
+from mlcore.data.loading import build_loaders, open_dataset
 from mlcore.data.manifest import ManifestInfo, build_table, write_manifest
-from mlcore.experiment import build_loaders, load_manifest, train_classifier
+from mlcore.experiment import train_classifier
 from mlcore.losses import build_loss
 from mlcore.models import build_model_from_config
 from mlcore.train import LocalPlacement, Supervised, resolve_device, train
@@ -147,12 +148,10 @@ def _sync() -> None:
 
 def loop_rate(cfg: Config, cpus: float | None) -> tuple[float, float | None]:
     """Training images/s of one epoch of the real loop, and its peak GPU memory."""
-    manifest = load_manifest(cfg.data)
-    train_loader, val_loader = build_loaders(
-        manifest, cfg.data, cfg.train, placement=LocalPlacement(cpus)
-    )
+    dataset = open_dataset(cfg.data)
+    train_loader, val_loader = build_loaders(dataset, cfg.train, placement=LocalPlacement(cpus))
     timed = TimedLoader(train_loader)
-    model = build_model_from_config(cfg.model, manifest.num_classes)
+    model = build_model_from_config(cfg.model, dataset.num_classes)
     reset_peak(cfg)
     with tempfile.TemporaryDirectory() as out:
         train(model, timed, val_loader, Supervised(build_loss(cfg.loss)), cfg.train, out,
@@ -211,8 +210,8 @@ def _teacher_task(cfg: Config, subset: list[int]) -> dict:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-        train_classifier(cfg, out, class_subset=subset, placement=LocalPlacement(cpus),
-                         log=lambda _: None)  # fmt: skip
+        train_classifier(cfg, open_dataset(cfg.data), out, class_subset=subset,
+                         placement=LocalPlacement(cpus), log=lambda _: None)  # fmt: skip
     return {"seconds": time.perf_counter() - started, "peak_gpu_mib": peak_gpu_mib(cfg)}
 
 
@@ -250,7 +249,7 @@ def check_group(root: Path, sizes: Sizes) -> dict:
 
     def run(out, **hooks):
         reset_peak(cfg)
-        result = train_classifier(cfg, out, **hooks)
+        result = train_classifier(cfg, open_dataset(cfg.data), out, **hooks)
         rank = hooks["placement"].rank
         (peaks / f"rank{rank}.json").write_text(json.dumps(peak_gpu_mib(cfg)))
         return result

@@ -35,12 +35,11 @@ from torch.utils.data import DataLoader
 
 from mlcore import configlib
 from mlcore.data.dataset import MultiLabelDataset, build_transform
+from mlcore.data.loading import open_dataset, resolve_dataset
 from mlcore.data.manifest import Manifest
-from mlcore.experiment import resolve_dataset, train_classifier
-from mlcore.metrics import multilabel_report
-from mlcore.models import build_model_from_config
-from mlcore.orderless import decode_loader, sequence_report
-from mlcore.train import load_checkpoint, predict, resolve_device
+from mlcore.experiment import train_classifier
+from mlcore.models import build_model_from_config, family_of
+from mlcore.train import load_checkpoint, resolve_device
 from workflows.config import Config, config_path, load_config
 
 BCE = "BCE"
@@ -93,10 +92,7 @@ def evaluate(cfg: Config, checkpoint: Path, split: str) -> dict[str, float]:
     model.load_state_dict(load_checkpoint(checkpoint)["model"])
     device = resolve_device(cfg.train.device)
     model.to(device)
-    if cfg.model.head == "rnn":
-        return sequence_report(*decode_loader(model, loader, device))[1]
-    scores, targets = predict(model, loader, device)
-    return multilabel_report(scores, targets)
+    return family_of(cfg.model.head).evaluate(model, loader, device, False).metrics
 
 
 def run_one(cfg: Config, out: Path, split: str, log) -> dict:
@@ -105,7 +101,7 @@ def run_one(cfg: Config, out: Path, split: str, log) -> dict:
     record = json.loads(done.read_text()) if done.is_file() else None
     if record is None:
         started = time.perf_counter()
-        result = train_classifier(cfg, out, log=log)
+        result = train_classifier(cfg, open_dataset(cfg.data), out, log=log)
         record = {
             "best_epoch": result.best_epoch,
             "best_metrics": result.best_metrics,  # of the epoch kept, on val

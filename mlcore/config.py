@@ -250,9 +250,11 @@ class ModelConfig:
     """Extra ``timm.create_model`` keyword arguments, e.g. ``{output_stride: 8}`` for a finer
     ResNet feature map (more tokens for ML-Decoder at low resolution) or ``{img_size: 64}``
     for a ViT."""
-    head: Literal["gap", "ml_decoder", "rnn"] = "gap"
-    """``gap``: global average pooling + linear; ``ml_decoder``: the ML-Decoder head; ``rnn``:
-    the orderless LSTM decoder with attention (PLA), trained with ``loss.name: orderless``."""
+    head: str = "gap"
+    """A registered model family (``mlcore.models.family``; ``workflows.config.Config`` checks
+    the name): ``gap``: global average pooling + linear; ``ml_decoder``: the ML-Decoder head;
+    ``rnn``: the orderless LSTM decoder with attention (PLA), trained with
+    ``loss.name: orderless``."""
     pretrained: bool = False
     """Load timm's pretrained weights (needs the hub or a local cache)."""
     pretrained_file: str | None = field(default=None, metadata=FILE)
@@ -629,15 +631,8 @@ class ExperimentConfig:
             init != "baseline" or (self.cpsd.train_baseline and self.cpsd.mode != "baseline"),
             "cpsd.student_init: baseline needs cpsd.train_baseline: true and a mode with teachers",
         )
-        _check(
-            (self.model.head == "rnn") == (self.loss.name == "orderless"),
-            "model.head: rnn and loss.name: orderless go together (the decoder emits label "
-            "sequences, the other losses score per-class logits)",
-        )
-        _check(
-            self.model.head != "rnn" or self.cpsd.mode == "baseline",
-            "model.head: rnn needs cpsd.mode: baseline (CPSD teachers distil per-class logits)",
-        )
+        # Whether the head goes with the loss and the CPSD mode is its family's to say
+        # (mlcore.models.family.check_family, called by workflows.config.Config).
         decoder = self.model.ml_decoder
         word = self.model.head == "ml_decoder" and decoder.queries == "word"
         _check(

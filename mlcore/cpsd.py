@@ -47,10 +47,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
-from torch.utils.data import DataLoader
 
 from mlcore.config import ExperimentConfig
-from mlcore.data.manifest import Manifest, read_info
+from mlcore.data.loading import OpenDataset, eval_loader, open_dataset
 from mlcore.distill import (
     LOGIT_STORE,
     CachedTeachers,
@@ -64,18 +63,10 @@ from mlcore.distill import (
     merge_logits,
     write_logits,
 )
-from mlcore.experiment import (
-    evaluator_of,
-    load_manifest,
-    loader_workers,
-    resolve_dataset,
-    split_dataset,
-    train_classifier,
-    training_fingerprint,
-)
+from mlcore.experiment import train_classifier, training_fingerprint
 from mlcore.fingerprint import split_digest
 from mlcore.metrics import bucket_map, frequency_buckets, multilabel_report
-from mlcore.models import build_model_from_config, word_query_table
+from mlcore.models import build_model_from_config, family_of, word_query_table
 from mlcore.partition.affinity import affinity
 from mlcore.partition.cooccurrence import cooccurrence_from_manifest
 from mlcore.partition.random_partition import random_partition
@@ -184,7 +175,7 @@ def make_partition(
 
 
 def compute_partitions(
-    cfg: ExperimentConfig, root: str | os.PathLike, out_dir: str | os.PathLike | None = None
+    cfg: ExperimentConfig, dataset: OpenDataset, out_dir: str | os.PathLike | None = None
 ) -> dict[str, Partition]:
     """The partitions the mode needs, keyed by kind; JSON + heatmap PNG written to out_dir.
 
@@ -194,11 +185,11 @@ def compute_partitions(
     kinds = ENSEMBLES[cfg.cpsd.mode]
     if not kinds:
         return {}
-    names = read_info(root).class_names
+    names = dataset.class_names
     c = cfg.cpsd
     if any(kind != "full" for kind in kinds) and c.k > len(names):
         raise ValueError(f"cpsd.k = {c.k} is larger than the number of classes ({len(names)})")
-    pair_counts, class_counts = cooccurrence_from_manifest(root, cfg.data.train_split)
+    pair_counts, class_counts = cooccurrence_from_manifest(dataset.root, cfg.data.train_split)
     out = Path(out_dir) if out_dir is not None else None
     return {
         kind: make_partition(
@@ -252,12 +243,13 @@ def teacher_config(cfg: ExperimentConfig, spec: TeacherSpec) -> ExperimentConfig
     return dataclasses.replace(cfg, train=train)
 
 
-def teacher_fingerprint(cfg: ExperimentConfig, spec: TeacherSpec) -> str:
-    return training_fingerprint(teacher_config(cfg, spec), class_subset=spec.subset)
+def teacher_fingerprint(cfg: ExperimentConfig, dataset: OpenDataset, spec: TeacherSpec) -> str:
+    return training_fingerprint(teacher_config(cfg, spec), dataset, class_subset=spec.subset)
 
 
 def train_teacher(
     cfg: ExperimentConfig,
+    dataset: OpenDataset,
     spec: TeacherSpec,
     out_dir: str | os.PathLike,
     *,
@@ -269,6 +261,7 @@ def train_teacher(
     """Train one teacher on all training images with targets restricted to its subset."""
     return train_classifier(
         teacher_config(cfg, spec),
+        dataset,
         out_dir,
         class_subset=list(spec.subset),
         on_epoch=on_epoch,
@@ -289,31 +282,16 @@ def load_trained(
     return model.eval()
 
 
-def _eval_loader(
-    cfg: ExperimentConfig,
-    manifest: Manifest,
-    split: str,
-    class_subset: Sequence[int] | None = None,
-) -> DataLoader:
-    dataset = split_dataset(manifest, cfg.data, split, train=False, class_subset=class_subset)
-    return DataLoader(
-        dataset,
-        batch_size=cfg.train.eval_batch_size or 2 * cfg.train.batch_size,
-        collate_fn=dataset.collate_fn,
-        num_workers=loader_workers(cfg.data, None),
-    )
-
-
 def cache_teacher_logits(
     cfg: ExperimentConfig,
+    dataset: OpenDataset,
     spec: TeacherSpec,
     checkpoint: str | os.PathLike,
     out_path: str | os.PathLike,
 ) -> Path:
     """Logits of one teacher on every training image (eval transform) -> a logit store,
     written batch by batch in ``cpsd.logits_dtype``."""
-    manifest = load_manifest(cfg.data)
-    loader = _eval_loader(cfg, manifest, cfg.data.train_split)
+    loader = eval_loader(dataset, cfg.train, cfg.data.train_split)
     model = load_trained(cfg, len(spec.subset), checkpoint)
     logits = iter_logits(model, loader, resolve_device(cfg.train.device))
     return write_logits(
@@ -340,8 +318,8 @@ def student_config(cfg: ExperimentConfig) -> ExperimentConfig:
     return dataclasses.replace(cfg, train=train, model=model)
 
 
-def baseline_fingerprint(cfg: ExperimentConfig) -> str:
-    return training_fingerprint(cfg)
+def baseline_fingerprint(cfg: ExperimentConfig, dataset: OpenDataset) -> str:
+    return training_fingerprint(cfg, dataset)
 
 
 def control_seed(seed: int, index: int) -> int:
@@ -366,10 +344,12 @@ def trains_baseline(cfg: ExperimentConfig) -> bool:
     return not ENSEMBLES[c.mode] or c.train_baseline or c.control_ensemble > 0
 
 
-def student_fingerprint(cfg: ExperimentConfig, specs: Sequence[TeacherSpec]) -> str:
+def student_fingerprint(
+    cfg: ExperimentConfig, dataset: OpenDataset, specs: Sequence[TeacherSpec]
+) -> str:
     """What the student depends on: its config, distillation settings, and every teacher."""
     if not specs:
-        return baseline_fingerprint(cfg)
+        return baseline_fingerprint(cfg, dataset)
     c = cfg.cpsd
     extra = [
         "student",
@@ -380,10 +360,10 @@ def student_fingerprint(cfg: ExperimentConfig, specs: Sequence[TeacherSpec]) -> 
         c.kd_alpha,
         c.kd_reduction,
         c.student_init,
-        [teacher_fingerprint(cfg, s) for s in specs],
-        baseline_fingerprint(cfg) if c.student_init == "baseline" else None,
+        [teacher_fingerprint(cfg, dataset, s) for s in specs],
+        baseline_fingerprint(cfg, dataset) if c.student_init == "baseline" else None,
     ]
-    return training_fingerprint(student_config(cfg), extra=extra)
+    return training_fingerprint(student_config(cfg), dataset, extra=extra)
 
 
 def _ensembles(
@@ -400,6 +380,7 @@ def _ensembles(
 
 def train_student(
     cfg: ExperimentConfig,
+    dataset: OpenDataset,
     specs: Sequence[TeacherSpec],
     out_dir: str | os.PathLike,
     *,
@@ -420,19 +401,20 @@ def train_student(
     """
     if not specs:
         return train_classifier(
-            cfg, out_dir, on_epoch=on_epoch, on_step=on_step, placement=placement, log=log
+            cfg, dataset, out_dir, on_epoch=on_epoch, on_step=on_step, placement=placement, log=log
         )
     c = cfg.cpsd
     if c.student_init == "baseline" and baseline_checkpoint is None:
         raise ValueError("cpsd.student_init: baseline needs the baseline's checkpoint")
-    teachers = student_teachers(cfg, specs, teacher_checkpoints, teacher_logits)
+    teachers = student_teachers(cfg, dataset, specs, teacher_checkpoints, teacher_logits)
     student = student_config(cfg)
     return train_classifier(
         student,
+        dataset,
         out_dir,
         make_objective=student_objective(cfg, teachers),
         init_weights=baseline_checkpoint if c.student_init == "baseline" else None,
-        fingerprint_extra=[student_fingerprint(cfg, specs)],
+        fingerprint_extra=[student_fingerprint(cfg, dataset, specs)],
         return_index=c.teacher_mode == "cached",
         on_epoch=on_epoch,
         on_step=on_step,
@@ -443,13 +425,14 @@ def train_student(
 
 def student_teachers(
     cfg: ExperimentConfig,
+    dataset: OpenDataset,
     specs: Sequence[TeacherSpec],
     teacher_checkpoints: Sequence[str | os.PathLike] = (),
     teacher_logits: Sequence[str | os.PathLike] | None = None,
 ) -> OnlineTeachers | CachedTeachers:
     """The student's source of merged teacher logits per batch (``cpsd.teacher_mode``)."""
     c = cfg.cpsd
-    manifest = load_manifest(cfg.data, with_bytes=False)
+    manifest = dataset.manifest
     num_classes = manifest.num_classes
     if c.teacher_mode == "cached":
         if teacher_logits is None or len(teacher_logits) != len(specs):
@@ -499,23 +482,20 @@ def student_objective(
 # Stage 6: held-out evaluation and the summary
 
 
-def report_splits(cfg: ExperimentConfig) -> dict[str, str]:
-    """Held-out splits results are reported on: ``{"test": name, "shift": name}``."""
-    return {"test": cfg.data.test_split, "shift": cfg.data.shift_split}
-
-
-def held_out_splits(cfg: ExperimentConfig) -> tuple[dict[str, str], str]:
+def held_out_splits(dataset: OpenDataset) -> tuple[dict[str, str], str]:
     """The held-out splits the dataset has (``{"test": name, "shift": name}``, absent ones
     left out) and the digest of their content."""
-    root = resolve_dataset(cfg.data)
-    splits = load_manifest(cfg.data, with_bytes=False).splits()
-    present = {r: s for r, s in report_splits(cfg).items() if s in splits}
-    digest = split_digest(root, list(present.values()), cfg.data.cache_dir) if present else ""
+    data = dataset.data
+    splits = dataset.manifest.splits()
+    wanted = {"test": data.test_split, "shift": data.shift_split}
+    present = {r: s for r, s in wanted.items() if s in splits}
+    digest = split_digest(dataset.root, list(present.values()), data.cache_dir) if present else ""
     return present, digest
 
 
 def evaluate_model(
     cfg: ExperimentConfig,
+    dataset: OpenDataset,
     checkpoint: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
@@ -528,13 +508,13 @@ def evaluate_model(
     splits are unchanged. Returns ``{role: report}`` for ``role`` in ``test``/``shift``.
     """
     out = Path(out_dir)
-    present, digest = held_out_splits(cfg)
+    present, digest = held_out_splits(dataset)
     record_path = out / "eval.json"
     if record_path.is_file():
         record = json.loads(record_path.read_text())
         if record.get("digest") == digest:
             return record["reports"]
-    manifest = load_manifest(cfg.data)
+    manifest = dataset.manifest
     outputs = len(class_subset) if class_subset is not None else manifest.num_classes
     model = load_trained(cfg, outputs, checkpoint)
     device = resolve_device(cfg.train.device)
@@ -542,10 +522,11 @@ def evaluate_model(
     buckets = frequency_buckets(counts if class_subset is None else counts[list(class_subset)])
     reports = {}
     for role, split in present.items():
-        loader = _eval_loader(cfg, manifest, split, class_subset)
+        loader = eval_loader(dataset, cfg.train, split, class_subset)
         # The family's own validation: sets decoded by the orderless RNN, thresholded
         # scores otherwise; the same numbers as val_* of the training loop.
-        evaluated = evaluator_of(cfg.model)(model.to(device), loader, device, False)
+        evaluate = family_of(cfg.model.head).evaluate
+        evaluated = evaluate(model.to(device), loader, device, False)
         scores, targets = evaluated.scores, evaluated.targets
         np.savez(out / f"scores-{role}.npz", scores=scores, targets=targets)
         reports[role] = dict(evaluated.metrics)
@@ -627,18 +608,18 @@ def control_combination(checkpoints: Sequence[str | os.PathLike], num_classes: i
 
 
 def combined_logits(
-    cfg: ExperimentConfig, combination: Combination, split: str
+    cfg: ExperimentConfig, dataset: OpenDataset, combination: Combination, split: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """Logits (N, C) float32 of a combination on ``split`` (eval transform, the one the cached
     teacher logits use) and its multi-hot targets (N, C)."""
-    manifest = load_manifest(cfg.data)
+    manifest = dataset.manifest
     num_classes = manifest.num_classes
     device = resolve_device(cfg.train.device)
     models = [[load_trained(cfg, len(s), ck).to(device) for ck, s in g] for g in combination.groups]
     outputs: list[list[list[torch.Tensor]]] = [[[] for _ in g] for g in models]
     # One pass over the split for all members: decoding costs more than these forward passes.
     with torch.inference_mode():
-        for images, *_ in _eval_loader(cfg, manifest, split):
+        for images, *_ in eval_loader(dataset, cfg.train, split):
             images = images.to(device)
             for group, out in zip(models, outputs, strict=True):
                 for model, blocks in zip(group, out, strict=True):
@@ -655,16 +636,19 @@ def combined_logits(
 
 
 def evaluate_combination(
-    cfg: ExperimentConfig, combination: Combination, out_dir: str | os.PathLike
+    cfg: ExperimentConfig,
+    dataset: OpenDataset,
+    combination: Combination,
+    out_dir: str | os.PathLike,
 ) -> dict[str, dict[str, float] | None]:
     """``{"val"|"test"|"shift": report}`` of a combination (absent splits: None); writes
     ``logits-<role>.npz`` (logits and targets) into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    present, _ = held_out_splits(cfg)
+    present, _ = held_out_splits(dataset)
     reports: dict[str, dict[str, float] | None] = {"val": None, "test": None, "shift": None}
     for role, split in {"val": cfg.data.val_split, **present}.items():
-        logits, targets = combined_logits(cfg, combination, split)
+        logits, targets = combined_logits(cfg, dataset, combination, split)
         np.savez(out / f"logits-{role}.npz", logits=logits, targets=targets)
         scores = torch.sigmoid(torch.from_numpy(logits)).numpy()
         reports[role] = multilabel_report(scores, targets)
@@ -780,44 +764,57 @@ def _trained(name: str, role: str, classes: int, result: TrainResult, held_out) 
 
 
 def run_local(
-    cfg: ExperimentConfig, out_dir: str | os.PathLike, *, log: Callable[[str], None] = print
+    cfg: ExperimentConfig,
+    out_dir: str | os.PathLike,
+    *,
+    dataset: OpenDataset | None = None,
+    log: Callable[[str], None] = print,
 ) -> RunSummary:
-    """The whole algorithm in this process, sequentially: the reference the pipeline matches."""
+    """The whole algorithm in this process, sequentially: the reference the pipeline matches.
+
+    ``dataset`` is ``cfg.data`` already opened by the caller (None: opened here).
+    """
     out = Path(out_dir)
+    dataset = dataset or open_dataset(cfg.data)
     if cfg.pretrain.enabled:
         log(f"pretrain: {cfg.pretrain.synth.num_classes} upstream classes")
-        upstream = train_classifier(pretrain_config(cfg), out / "pretrain", log=log)
+        upstream_cfg = pretrain_config(cfg)
+        upstream_data = open_dataset(upstream_cfg.data)
+        upstream = train_classifier(upstream_cfg, upstream_data, out / "pretrain", log=log)
         backbone = export_backbone(cfg, upstream.best_checkpoint, out / "pretrain" / BACKBONE_FILE)
         cfg = with_pretrained(cfg, backbone)
-    root = resolve_dataset(cfg.data)
-    num_classes = load_manifest(cfg.data, with_bytes=False).num_classes
+    num_classes = dataset.num_classes
     log(f"mode {cfg.cpsd.mode}: label statistics and partitions")
-    partitions = compute_partitions(cfg, root, out / "partitions")
+    partitions = compute_partitions(cfg, dataset, out / "partitions")
     specs = plan_teachers(partitions)
     teachers, checkpoints, logits = [], [], []
     for spec in specs:
         teacher_dir = out / "teachers" / spec.name
-        result = train_teacher(cfg, spec, teacher_dir, log=log)
+        result = train_teacher(cfg, dataset, spec, teacher_dir, log=log)
         held_out = evaluate_model(
-            teacher_config(cfg, spec), result.best_checkpoint, teacher_dir, class_subset=spec.subset
+            teacher_config(cfg, spec),
+            dataset,
+            result.best_checkpoint,
+            teacher_dir,
+            class_subset=spec.subset,
         )
         teachers.append(_trained(spec.name, "teacher", len(spec.subset), result, held_out))
         checkpoints.append(result.best_checkpoint)
         if cfg.cpsd.teacher_mode == "cached":
             path = teacher_dir / LOGIT_STORE
-            logits.append(cache_teacher_logits(cfg, spec, result.best_checkpoint, path))
+            logits.append(cache_teacher_logits(cfg, dataset, spec, result.best_checkpoint, path))
     finals = []
     combinations = []
     if specs:
         target = target_combination(cfg, specs, checkpoints)
         combinations.append(
-            (TARGET, evaluate_combination(cfg, target, out / "combinations" / TARGET))
+            (TARGET, evaluate_combination(cfg, dataset, target, out / "combinations" / TARGET))
         )
     baseline_checkpoint = None
     if trains_baseline(cfg):
         log(f"baseline: training on all {num_classes} classes")
-        baseline = train_classifier(cfg, out / "baseline", log=log)
-        held_out = evaluate_model(cfg, baseline.best_checkpoint, out / "baseline")
+        baseline = train_classifier(cfg, dataset, out / "baseline", log=log)
+        held_out = evaluate_model(cfg, dataset, baseline.best_checkpoint, out / "baseline")
         finals.append(_trained("baseline", "baseline", num_classes, baseline, held_out))
         baseline_checkpoint = baseline.best_checkpoint
         controls = [baseline.best_checkpoint]
@@ -825,18 +822,19 @@ def run_local(
             log(f"control-{i}: a plain model with another seed")
             controls.append(
                 train_classifier(
-                    control_config(cfg, i), out / f"control-{i}", log=log
+                    control_config(cfg, i), dataset, out / f"control-{i}", log=log
                 ).best_checkpoint
             )
         if len(controls) > 1:
             plain = control_combination(controls, num_classes)
             combinations.append(
-                (CONTROL, evaluate_combination(cfg, plain, out / "combinations" / CONTROL))
+                (CONTROL, evaluate_combination(cfg, dataset, plain, out / "combinations" / CONTROL))
             )
     if specs:
         log(f"student: training on all {num_classes} classes")
         student = train_student(
             cfg,
+            dataset,
             specs,
             out / "student",
             teacher_checkpoints=checkpoints,
@@ -844,7 +842,9 @@ def run_local(
             baseline_checkpoint=baseline_checkpoint,
             log=log,
         )
-        held_out = evaluate_model(student_config(cfg), student.best_checkpoint, out / "student")
+        held_out = evaluate_model(
+            student_config(cfg), dataset, student.best_checkpoint, out / "student"
+        )
         finals.insert(0, _trained("student", "student", num_classes, student, held_out))
     summary = build_summary(specs, teachers, finals, num_classes, combinations)
     (out / "summary.json").write_text(summary.to_json())

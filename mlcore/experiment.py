@@ -2,7 +2,8 @@
 
 ``train_classifier`` is the one entry point that trains a model (a baseline, a CPSD teacher on a
 label subset, an orderless RNN, or anything else) from config: dataset, loaders, model, loss,
-adaptive controller, and for ``model.head: rnn`` its forward and evaluator. Every model it
+adaptive controller, and its head's family (``mlcore.models.family``) adds its training
+forward, objective and evaluator. Every model it
 trains leaves a model bundle (``mlcore.bundle``) next to its ``best.pt``. With
 ``zsl.unseen_classes`` set it trains on the seen classes only, whatever the caller asks
 (``mlcore.zsl`` describes the protocol).
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from mlcore.bundle import (
     BUNDLE_FILE,
@@ -26,59 +27,36 @@ from mlcore.bundle import (
     ValThresholds,
     class_embeddings_of,
 )
-from mlcore.config import DataConfig, ExperimentConfig, LossConfig, TrainConfig
+from mlcore.config import DataConfig, ExperimentConfig, LossConfig
 from mlcore.configlib import ConfigError
-from mlcore.data.dataset import (
-    DeviceDecodedLoader,
-    MultiLabelDataset,
-    SeededSampler,
-    build_transform,
-)
 from mlcore.data.embeddings import DATASET_FILE, dataset_class_embeddings
-from mlcore.data.manifest import Manifest, ManifestError, is_uri, read_info
-from mlcore.data.sampler import ClassAwareSampler
-from mlcore.data.synth import ensure_generated
+from mlcore.data.loading import OpenDataset, build_loaders
+from mlcore.data.manifest import Manifest, ManifestError, is_uri
 from mlcore.evaluation import choose_thresholds
 from mlcore.fingerprint import config_content, file_digest, split_digest, stable_hash
 from mlcore.losses import build_asymmetry_controller, build_loss
-from mlcore.losses.orderless import TeacherForcing
-from mlcore.models import OrderlessRNN, build_model_from_config
-from mlcore.orderless import check_label_counts, evaluate_sequences
+from mlcore.models import build_model_from_config, family_of
 from mlcore.train import (
     LOCAL,
-    Evaluator,
-    Forward,
     MetricsCallback,
     Objective,
     Placement,
     Supervised,
     TrainResult,
-    evaluate_scores,
-    forward_images,
     load_checkpoint,
-    resolve_device,
     train,
 )
-from mlcore.zsl import RandomQueryTargets, zero_shot_split
-
-MAX_AUTO_WORKERS = 16
-
-
-def resolve_dataset(cfg: DataConfig) -> str | Path:
-    """The dataset directory (a path or a URI): ``data.root``, or the generated ``data.synth``."""
-    if cfg.root is not None:
-        return cfg.root if is_uri(cfg.root) else Path(cfg.root).expanduser()
-    assert cfg.synth is not None  # DataConfig guarantees exactly one
-    return ensure_generated(cfg.synth, cfg.cache_dir)
+from mlcore.zsl import zero_shot_split
 
 
 def training_fingerprint(
     cfg: ExperimentConfig,
+    dataset: OpenDataset,
     *,
     class_subset: Sequence[int] | None = None,
     extra: Sequence[object] = (),
 ) -> str:
-    """Identity of what ``train_classifier(cfg, class_subset=...)`` computes.
+    """Identity of what ``train_classifier(cfg, dataset, class_subset=...)`` computes.
 
     ``extra`` adds what the caller's objective depends on beyond the config sections (the
     student's distillation settings and its teachers' fingerprints). A zero-shot run adds its
@@ -86,11 +64,10 @@ def training_fingerprint(
     dataset's own embedding file add that file's content (``data.class_embeddings`` counts by
     content already).
     """
-    data = cfg.data
-    root = resolve_dataset(data)
+    data, root = cfg.data, dataset.root
     if cfg.zsl.enabled:
-        extra = [*extra, ["zero_shot", list(zero_shot_split(cfg.zsl, read_info(root)).unseen)]]
-    word = cfg.model.head == "ml_decoder" and cfg.model.ml_decoder.queries == "word"
+        extra = [*extra, ["zero_shot", list(zero_shot_split(cfg.zsl, dataset.info).unseen)]]
+    word = family_of(cfg.model.head).class_embeddings(cfg.model)
     if word and data.class_embeddings is None and not is_uri(root):
         own = Path(root) / DATASET_FILE
         if own.is_file():
@@ -107,147 +84,6 @@ def training_fingerprint(
     )
 
 
-def load_manifest(cfg: DataConfig, *, with_bytes: bool = True) -> Manifest:
-    """The configured dataset's manifest (a remote one through the local cache if enabled)."""
-    return Manifest.load(resolve_dataset(cfg), with_bytes=with_bytes, cache_dir=_remote_cache(cfg))
-
-
-def _remote_cache(cfg: DataConfig) -> str | None:
-    return cfg.cache_dir if cfg.cache_remote else None
-
-
-def loader_workers(data: DataConfig, cpus: float | None) -> int:
-    """``data.num_workers`` with ``auto`` resolved: one less than ``cpus`` (None: this machine's
-    CPUs), at most :data:`MAX_AUTO_WORKERS`; the training process itself needs one."""
-    if data.num_workers != "auto":
-        return data.num_workers
-    available = cpus if cpus is not None else (os.cpu_count() or 1)
-    return max(0, min(MAX_AUTO_WORKERS, int(available) - 1))
-
-
-def split_dataset(
-    manifest: Manifest,
-    data: DataConfig,
-    split: str,
-    *,
-    train: bool,
-    class_subset: Sequence[int] | None = None,
-    return_index: bool = False,
-    encoded: bool = False,
-    require_label: bool = False,
-) -> MultiLabelDataset:
-    """One split with the configured transform, decoder and image cache."""
-    return MultiLabelDataset(
-        manifest,
-        split,
-        build_transform(data, train=train),
-        class_subset=class_subset,
-        return_index=return_index,
-        decoder=data.decoder,
-        cache_dir=_remote_cache(data),
-        encoded=encoded,
-        require_label=require_label,
-    )
-
-
-def build_loaders(
-    manifest: Manifest,
-    data: DataConfig,
-    train_cfg: TrainConfig,
-    *,
-    class_subset: Sequence[int] | None = None,
-    return_index: bool = False,
-    placement: Placement = LOCAL,
-    require_label: bool = False,
-) -> tuple[DataLoader | DeviceDecodedLoader, DataLoader | DeviceDecodedLoader]:
-    """Training and validation loaders over ``class_subset`` (None: all classes).
-
-    ``require_label`` leaves out images without a label among those classes (zero-shot
-    training and model selection on the seen classes).
-
-    The training loader yields this rank's share of each global batch of
-    ``train_cfg.batch_size``: every rank draws the same global order for the epoch (a seeded
-    permutation, or the class-aware sequence) and takes positions ``rank, rank + world, ...``.
-    So one process, or ``world`` ranks together, see the same samples in the same global
-    batches, with the same augmentation (seeded per sample, see ``SeededSampler``). Every rank
-    validates on the whole validation split. With ``data.decode_on: device`` both loaders
-    yield encoded images that :class:`DeviceDecodedLoader` decodes on the training device.
-
-    Raises:
-        ConfigError: ``train.batch_size`` is not a multiple of the number of ranks.
-    """
-    world, rank = placement.world_size, placement.rank
-    if train_cfg.batch_size % world:
-        raise ConfigError(
-            f"train.batch_size = {train_cfg.batch_size} must be a multiple of the {world} "
-            "data-parallel workers (each takes an equal share of every batch)"
-        )
-    on_device = data.decode_on == "device"
-    train_set = split_dataset(
-        manifest,
-        data,
-        data.train_split,
-        train=True,
-        class_subset=class_subset,
-        return_index=return_index,
-        encoded=on_device,
-        require_label=require_label,
-    )
-    val_set = split_dataset(
-        manifest,
-        data,
-        data.val_split,
-        train=False,
-        class_subset=class_subset,
-        encoded=on_device,
-        require_label=require_label,
-    )
-    if data.class_aware_sampling:
-        # Balanced over the classes this model learns: a teacher's labels are its subset's, so
-        # every draw is an image holding at least one of them (the DB weights use the same
-        # subset frequencies).
-        order: ClassAwareSampler | DistributedSampler = ClassAwareSampler(
-            train_set.label_csr,
-            train_set.num_classes,
-            seed=train_cfg.seed,
-            num_replicas=world,
-            rank=rank,
-        )
-    else:
-        order = DistributedSampler(
-            train_set, num_replicas=world, rank=rank, shuffle=True, seed=train_cfg.seed
-        )
-    sampler = SeededSampler(order, train_cfg.seed, rank=rank, world_size=world)
-    workers = loader_workers(data, placement.cpus)
-    pin = torch.cuda.is_available()
-    batch_size = train_cfg.batch_size // world
-    train_loader = DataLoader(
-        train_set,
-        batch_size=batch_size,
-        sampler=sampler,
-        collate_fn=train_set.collate_fn,
-        num_workers=workers,
-        pin_memory=pin,
-        drop_last=len(sampler) > batch_size,
-        persistent_workers=workers > 0,
-    )
-    val_loader = DataLoader(
-        val_set,
-        batch_size=train_cfg.eval_batch_size or 2 * train_cfg.batch_size,
-        shuffle=False,
-        collate_fn=val_set.collate_fn,
-        num_workers=workers,
-        pin_memory=pin,
-    )
-    if on_device:
-        device = resolve_device(train_cfg.device)
-        return (
-            DeviceDecodedLoader(train_loader, train_set.transform, device, data.decoder),
-            DeviceDecodedLoader(val_loader, val_set.transform, device, data.decoder),
-        )
-    return train_loader, val_loader
-
-
 def build_criterion(loss_cfg: LossConfig, manifest: Manifest, data: DataConfig, class_subset):
     """Loss module (DB and orderless get the training frequencies of the classes they see)."""
     class_freq = train_size = class_names = None
@@ -262,29 +98,9 @@ def build_criterion(loss_cfg: LossConfig, manifest: Manifest, data: DataConfig, 
     )
 
 
-def evaluator_of(model_cfg) -> Evaluator:
-    """How a model family is scored on a split (its ``val_*`` and held-out reports)."""
-    return evaluate_sequences if model_cfg.head == "rnn" else evaluate_scores
-
-
-def sequence_training(
-    cfg: ExperimentConfig, manifest: Manifest, model: OrderlessRNN, loss: torch.nn.Module
-) -> tuple[Forward, Evaluator]:
-    """Prepare the orderless RNN (PLA): label counts checked, stage-1 encoder loaded; returns
-    its training forward and its validation (decoded label sets, sequence metrics).
-
-    Raises:
-        ManifestError: An image has more labels than ``model.rnn.max_steps``.
-    """
-    check_label_counts(manifest, [cfg.data.train_split, cfg.data.val_split], model.max_steps)
-    if cfg.model.encoder_checkpoint is not None:
-        model.load_encoder(cfg.model.encoder_checkpoint)
-    forward = TeacherForcing(loss) if cfg.loss.teacher_forcing else forward_images
-    return forward, evaluate_sequences
-
-
 def train_classifier(
     cfg: ExperimentConfig,
+    dataset: OpenDataset,
     out_dir: str | os.PathLike,
     *,
     class_subset: Sequence[int] | None = None,
@@ -316,15 +132,21 @@ def train_classifier(
         on_step: Step metrics callback (adaptive asymmetry).
         placement: This process's rank and CPUs (data-parallel training, loader workers).
         log: Progress lines.
+
+    Raises:
+        ValueError: ``dataset`` was opened from another data section than ``cfg.data``.
     """
+    if dataset.data != cfg.data:
+        raise ValueError("train_classifier: the dataset was opened from another data section")
     train_cfg = cfg.train
-    manifest = load_manifest(cfg.data)
-    fingerprint = training_fingerprint(cfg, class_subset=class_subset, extra=fingerprint_extra)
+    manifest = dataset.manifest
+    fingerprint = training_fingerprint(
+        cfg, dataset, class_subset=class_subset, extra=fingerprint_extra
+    )
     if cfg.zsl.enabled:
         class_subset = seen_classes(cfg, manifest, class_subset)
     train_loader, val_loader = build_loaders(
-        manifest,
-        cfg.data,
+        dataset,
         train_cfg,
         class_subset=class_subset,
         return_index=return_index,
@@ -332,12 +154,13 @@ def train_classifier(
         require_label=cfg.zsl.enabled,
     )
     classes = list(class_subset) if class_subset is not None else range(manifest.num_classes)
+    family = family_of(cfg.model.head)
+    if not family.distills and (class_subset is not None or make_objective is not None):
+        raise ValueError(f"a {family.name} head trains on all classes, without CPSD teachers")
     embeddings = None
-    decoder = cfg.model.ml_decoder
-    word_queries = cfg.model.head == "ml_decoder" and decoder.queries == "word"
-    if word_queries:
+    if family.class_embeddings(cfg.model):
         names = [manifest.class_names[c] for c in classes]
-        embeddings = dataset_class_embeddings(cfg.data, resolve_dataset(cfg.data), names)
+        embeddings = dataset_class_embeddings(cfg.data, dataset.root, names)
     torch.manual_seed(train_cfg.seed)  # identical initial weights for identical configs
     model = build_model_from_config(cfg.model, len(classes), embeddings)
     if init_weights is not None:
@@ -349,15 +172,8 @@ def train_classifier(
         batch_size=train_cfg.batch_size,
         lr_warmup_steps=round(train_cfg.pct_start * train_cfg.epochs * len(train_loader)),
     )
-    forward: Forward = forward_images
-    evaluate: Evaluator = evaluate_scores
-    if isinstance(model, OrderlessRNN):
-        if class_subset is not None or make_objective is not None:
-            raise ValueError("the orderless RNN trains on all classes, without CPSD teachers")
-        forward, evaluate = sequence_training(cfg, manifest, model, loss)
     objective = make_objective(loss) if make_objective is not None else Supervised(loss)
-    if word_queries and decoder.random_queries > 0:
-        objective = RandomQueryTargets(objective)
+    forward, objective = family.training(cfg, manifest, model, loss, objective)
     result = train(
         model,
         train_loader,
@@ -372,7 +188,7 @@ def train_classifier(
         fingerprint=fingerprint,
         placement=placement,
         forward=forward,
-        evaluate=evaluate,
+        evaluate=family.evaluate,
         log=log,
     )
     if placement.rank == 0:  # every rank holds the same weights; one writes them

@@ -10,12 +10,13 @@ sizes other than the one traced with (so a batch size baked into the graph is ca
 maximum absolute difference of the logits must be within ``atol`` (default 1e-4), otherwise
 :class:`ParityError`.
 
-Heads: what gets traced is :data:`HEAD_ADAPTERS`\\ [head] applied to the bundle's model, a module
-from images to per-class logits. ``gap``, ``ml_decoder`` (fixed or word queries) and ``rnn``
-already are such modules in eval mode: the orderless RNN's decoder always runs ``max_steps + 1``
-greedy steps, so tracing unrolls it into one static graph whose argmax feedback is part of the
-graph, and its per-class scores (``mlcore.models.orderless_rnn``) are the output. A head whose
-forward is data-dependent in Python registers an adapter here; a head without one is refused
+Heads: what gets traced is the ``export`` adapter of the bundle's model family
+(``mlcore.models.family``) applied to its model, a module from images to per-class logits.
+``gap``, ``ml_decoder`` (fixed or word queries) and ``rnn`` already are such modules in eval mode:
+the orderless RNN's decoder always runs ``max_steps + 1`` greedy steps, so tracing unrolls it
+into one static graph whose argmax feedback is part of the graph, and its per-class scores
+(``mlcore.models.orderless_rnn``) are the output. A head whose forward is data-dependent in
+Python registers an adapter with its family; a family without one (``export=None``) is refused
 with a clear error rather than producing a wrong graph.
 """
 
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 
 from mlcore.bundle import ModelBundle
+from mlcore.models import FAMILIES, family_of
 
 TRACE_BATCH = 2
 PARITY_BATCHES = (1, 3)
@@ -48,29 +50,19 @@ class ParityError(ExportError):
     """The exported model's outputs differ from eager PyTorch by more than the tolerance."""
 
 
-def _as_is(model: nn.Module) -> nn.Module:
-    return model
-
-
-HEAD_ADAPTERS: dict[str, Callable[[nn.Module], nn.Module]] = {
-    "gap": _as_is,
-    "ml_decoder": _as_is,
-    "rnn": _as_is,
-}
-"""Head name -> module from images (B, 3, S, S) to logits (B, C) that tracing can follow."""
-
-
 def exportable_module(bundle: ModelBundle) -> nn.Module:
     """The bundle's model wrapped for export, in eval mode.
 
     Raises:
-        ExportError: No adapter for the model's head.
+        ExportError: The model's family has no export adapter.
     """
-    adapter = HEAD_ADAPTERS.get(bundle.model.head)
+    adapter = family_of(bundle.model.head).export
     if adapter is None:
+        exportable = sorted(name for name, f in FAMILIES.items() if f.export is not None)
         raise ExportError(
             f"export of head {bundle.model.head!r} is not supported yet "
-            f"(supported: {', '.join(sorted(HEAD_ADAPTERS))}); see mlcore.export.HEAD_ADAPTERS"
+            f"(supported: {', '.join(exportable)}); see ModelFamily.export in "
+            "mlcore.models.family"
         )
     return adapter(bundle.build_model()).eval()
 

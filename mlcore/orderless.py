@@ -48,7 +48,6 @@ from torch.utils.data import DataLoader
 
 from mlcore.data.manifest import Manifest, ManifestError
 from mlcore.metrics import mean_average_precision, multilabel_report
-from mlcore.models.orderless_rnn import sequence_scores
 from mlcore.train import Evaluation, unpack
 
 __all__ = [
@@ -60,6 +59,21 @@ __all__ = [
     "predicted_sequences",
     "sequence_report",
 ]
+
+
+def sequence_scores(probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Per-class scores of decoded sequences: the highest probability before the first <end>.
+
+    Args:
+        probs: (B, T, C + 1) step probabilities, ``<end>`` last.
+        tokens: (B, T) the decoded tokens (argmax of each step).
+
+    Returns:
+        (B, C) scores in [0, 1]; 0 for every class when the sequence ends at step 0.
+    """
+    end = probs.shape[-1] - 1
+    before_end = (tokens == end).cumsum(dim=1) == 0  # (B, T): steps before the first <end>
+    return (probs[..., :end] * before_end.unsqueeze(-1)).amax(dim=1)
 
 
 def _assign(cost: np.ndarray) -> np.ndarray:

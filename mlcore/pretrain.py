@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from mlcore.config import CPSDConfig, ExperimentConfig, LossConfig, PretrainConfig, ZSLConfig
+from mlcore.data.loading import open_dataset
 from mlcore.experiment import training_fingerprint
 from mlcore.models import build_model_from_config
 from mlcore.train import load_checkpoint
@@ -60,7 +61,9 @@ def pretrain_config(cfg: ExperimentConfig) -> ExperimentConfig:
 
 
 def pretrain_fingerprint(cfg: ExperimentConfig) -> str:
-    return training_fingerprint(pretrain_config(cfg))
+    """The upstream run's training fingerprint; opens the upstream dataset (its own data)."""
+    upstream = pretrain_config(cfg)
+    return training_fingerprint(upstream, open_dataset(upstream.data, with_bytes=False))
 
 
 def export_backbone(

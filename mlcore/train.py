@@ -1,9 +1,9 @@
 """The training loop: one plain function, read top to bottom.
 
 ``train`` takes a built model, loaders and an objective, and runs Adam (no weight decay on
-biases and norms) with a OneCycle schedule, an optional EMA of the weights (validation keeps the
-better of EMA and plain weights each epoch, as the ASL/CPSD code does), optional stochastic
-weight averaging (``mlcore.swa``, scored the same way), bf16 autocast and channels_last on GPU,
+biases and norms) with a OneCycle schedule, averaged weights (``mlcore.averaging``: an EMA, as
+the ASL/CPSD code keeps, and stochastic weight averaging; validation keeps the best of the plain
+and averaged weights each epoch), bf16 autocast and channels_last on GPU,
 optional gradient clipping, and an optional adaptive-asymmetry controller. Model families whose
 training forward or validation differ from "logits (B, C), sigmoid scores" (the orderless RNN)
 bring a ``Forward`` and an ``Evaluator``. It reports through callbacks, so ``workflows`` can
@@ -45,14 +45,13 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 import torch
 from timm.optim import param_groups_weight_decay
-from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
 
+from mlcore.averaging import WeightAverages
 from mlcore.config import TrainConfig
 from mlcore.errors import ResumeMismatchError
 from mlcore.metrics import multilabel_report
-from mlcore.swa import WeightAveraging
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -322,6 +321,140 @@ def evaluate_scores(
     return Evaluation(scores, targets, multilabel_report(scores, targets))
 
 
+def _place(model: nn.Module, cfg: TrainConfig) -> tuple[torch.device, bool, bool]:
+    """Seed, move ``model`` to the training device; returns the device and whether bf16
+    autocast and channels_last apply (GPU only)."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    on_gpu = device.type == "cuda"
+    channels_last = cfg.channels_last and on_gpu
+    seed_everything(cfg.seed)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return device, cfg.amp and on_gpu, channels_last
+
+
+def _schedule(
+    model: nn.Module, cfg: TrainConfig, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """Adam without weight decay on biases and norms, under a OneCycle schedule of the run."""
+    optimizer = torch.optim.Adam(param_groups_weight_decay(model, cfg.weight_decay), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=cfg.lr,
+        total_steps=cfg.epochs * steps_per_epoch,
+        pct_start=cfg.pct_start,
+    )
+    return optimizer, scheduler
+
+
+def _epoch_batches(loader: DataLoader, seed: int, epoch: int):
+    """An iterator over the epoch's batches, with every RNG seeded from (seed, epoch)."""
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    # Starting the loader's iterator may draw a worker seed from the global RNG, and with
+    # persistent workers only the first epoch of a process does: seeding after it keeps
+    # a resumed run's randomness (dropout, random label orders) that of an unbroken one.
+    batches = iter(loader)
+    seed_everything(_epoch_seed(seed, epoch))
+    return batches
+
+
+def _check_finite(loss: torch.Tensor, epoch: int, step: int, out: Path) -> None:
+    if not torch.isfinite(loss):
+        last = out / LAST if (out / LAST).is_file() else "none (first epoch)"
+        raise NonFiniteLossError(
+            f"loss is {loss.item()} at epoch {epoch + 1} step {step + 1}; last good "
+            f"checkpoint: {last}"
+        )
+
+
+def _optimizer_step(
+    loss: torch.Tensor,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    grad_clip: float | None,
+) -> None:
+    """Backward (through the DDP wrapper when there is one), clip, step, schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+
+
+def _select(
+    candidates: dict[str, nn.Module],
+    evaluate: Evaluator,
+    val_loader: DataLoader,
+    device: torch.device,
+    amp: bool,
+    select: str,
+) -> tuple[str, Evaluation, dict[str, float]]:
+    """Score every candidate; the best by ``select``, its evaluation, and its ``val_*`` metrics
+    with each candidate's selection metric (``val_{select}_{name}``)."""
+    evaluations = {name: evaluate(m, val_loader, device, amp) for name, m in candidates.items()}
+    metrics = {f"val_{select}_{name}": e.metrics[select] for name, e in evaluations.items()}
+    # max keeps the first of equals, so averaged weights must beat the plain ones strictly.
+    selected = max(evaluations, key=lambda name: evaluations[name].metrics[select])
+    chosen = evaluations[selected]
+    metrics.update({f"val_{k}": v for k, v in chosen.metrics.items()})
+    return selected, chosen, metrics
+
+
+def _resume(
+    out: Path,
+    fingerprint: str | None,
+    device: torch.device,
+    parts: dict[str, Any],
+    averages: WeightAverages,
+) -> tuple[int, list[dict[str, float]], dict[str, Any]]:
+    """Load ``last.pt`` into ``parts`` (name -> object with ``load_state_dict``, None for an
+    absent one) and ``averages``; returns (next epoch, history, best)."""
+    check_resumable(out, fingerprint)
+    state = load_checkpoint(out / LAST, map_location=device)
+    for name, part in parts.items():
+        if part is not None and state.get(name) is not None:
+            part.load_state_dict(state[name])
+    averages.load_state_dict(state)
+    return state["epoch"] + 1, state["history"], state["best"]
+
+
+def _stage_best(out: Path, epoch: int, metrics: dict, weights: nn.Module, chosen: Evaluation):
+    """A new best, staged as ``best.pt.next`` and ``val_scores.npz.next`` (:func:`settle_best`)."""
+    _save_scores_atomic(out / (SCORES + PENDING), chosen.scores, chosen.targets)
+    state = {"model": weights.state_dict(), "epoch": epoch, "metrics": metrics}
+    save_atomic(state, out / (BEST + PENDING))
+
+
+def _last_state(
+    epoch: int,
+    fingerprint: str | None,
+    parts: dict[str, Any],
+    averages: WeightAverages,
+    history: list[dict[str, float]],
+    best: dict[str, Any],
+) -> dict[str, Any]:
+    """``last.pt``: everything a resumed run needs (keys in the order checkpoints always had)."""
+    state = {name: part.state_dict() if part is not None else None for name, part in parts.items()}
+    return {
+        "epoch": epoch,
+        "fingerprint": fingerprint,
+        "model": state["model"],
+        **averages.state_dict(),
+        "optimizer": state["optimizer"],
+        "scheduler": state["scheduler"],
+        "observer": state["observer"],
+        "history": history,
+        "best": best,
+    }
+
+
 def train(
     model: nn.Module,
     train_loader: DataLoader,
@@ -351,31 +484,17 @@ def train(
         objective: Loss of (forward's output, batch).
         cfg: Loop settings.
         out_dir: Where ``last.pt`` and ``best.pt`` go.
-        observer: Updated with (logits, targets) after each step; its returned numbers are
-            reported every ``observe_every`` steps through ``on_step``.
-        observe_every: Step-metric interval.
-        on_epoch: Called with (epoch, metrics) after every epoch (epochs count from 1, as in
-            every message and record); metrics hold ``train_loss``,
-            ``val_mAP``, ``val_CP`` ... ``val_OF1`` and whatever else ``evaluate`` reports (of
-            the selected weights), the selection metric of each candidate (``val_mAP_plain``,
-            ``val_mAP_ema``, ``val_mAP_swa`` for ``select_metric: mAP``), ``lr`` and
-            ``epoch_time_s``.
-        on_step: Called with (global_step, metrics) every ``observe_every`` steps.
-        forward: Runs the model (DDP-wrapped on a worker group) on a training batch (default:
-            ``model(images)``).
-        evaluate: Scores the plain, EMA and SWA weights on ``val_loader`` each epoch; its
-            ``cfg.select_metric`` selects the kept weights, and all its metrics are reported
-            as ``val_*``.
+        observer: Updated with (logits, targets) after each step; what it returns goes to
+            ``on_step`` every ``observe_every`` steps, as (global_step, metrics).
+        on_epoch: Called with (epoch counted from 1, metrics) after every epoch: ``train_loss``,
+            ``lr``, ``epoch_time_s``, the selected weights' ``val_*`` (all that ``evaluate``
+            reports) and each candidate's selection metric (``val_mAP_plain``, ``_ema``, ``_swa``).
+        forward: Runs the model (DDP-wrapped on a worker group) on a training batch.
+        evaluate: Scores the plain and averaged weights on ``val_loader`` each epoch.
         fingerprint: Identity of this run's config and data; stored in ``last.pt`` and
-            required to match on resume.
-        resume: Continue from ``out_dir/last.pt`` when it exists (and its fingerprint
-            matches).
+            required to match when resuming from it (``resume``).
         placement: Data-parallel hooks; ``train_loader`` must then yield this rank's share of
             every global batch. Each rank keeps its own ``out_dir`` (rank 0's is the result).
-        log: Progress lines.
-
-    Returns:
-        The best epoch, its metrics, the per-epoch history and the selected weights' scores.
 
     Raises:
         NonFiniteLossError: The loss became NaN or inf (the last good checkpoint is kept).
@@ -383,65 +502,23 @@ def train(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    device = resolve_device(cfg.device)
-    on_gpu = device.type == "cuda"
-    amp = cfg.amp and on_gpu
-    channels_last = cfg.channels_last and on_gpu
-
-    # -- build ---------------------------------------------------------------------------------
-    seed_everything(cfg.seed)
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    # Forward/backward go through ``net``; EMA, validation and checkpoints use ``model``.
-    net = placement.wrap(model)
-    optimizer = torch.optim.Adam(param_groups_weight_decay(model, cfg.weight_decay), lr=cfg.lr)
+    device, amp, channels_last = _place(model, cfg)
+    net = placement.wrap(model)  # forward/backward; averages, validation and checkpoints: model
     steps_per_epoch = len(train_loader)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer,
-        max_lr=cfg.lr,
-        total_steps=cfg.epochs * steps_per_epoch,
-        pct_start=cfg.pct_start,
-    )
-    ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None
-    swa = (
-        WeightAveraging(model, start_epoch=cfg.swa.start_epoch, every_steps=cfg.swa.every_steps)
-        if cfg.swa.enabled
-        else None
-    )
+    optimizer, scheduler = _schedule(model, cfg, steps_per_epoch)
+    averages = WeightAverages.from_config(model, cfg)
+    parts = dict(model=model, optimizer=optimizer, scheduler=scheduler, observer=observer)
     select = cfg.select_metric
-
     start_epoch, history = 0, []
     best: dict[str, Any] = {"epoch": -1, "metrics": {f"val_{select}": -math.inf}}
     settle_best(out)
     if resume and (out / LAST).is_file():
-        check_resumable(out, fingerprint)
-        state = load_checkpoint(out / LAST, map_location=device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        if swa is not None and state.get("swa") is not None:
-            swa.load_state_dict(state["swa"])
-        if observer is not None and state.get("observer") is not None:
-            observer.load_state_dict(state["observer"])
-        start_epoch, history, best = state["epoch"] + 1, state["history"], state["best"]
-        log(f"resumed from {out / LAST} after epoch {state['epoch'] + 1}/{cfg.epochs}")
+        start_epoch, history, best = _resume(out, fingerprint, device, parts, averages)
+        log(f"resumed from {out / LAST} after epoch {start_epoch}/{cfg.epochs}")
 
     global_step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, cfg.epochs):
-        # -- one epoch ---------------------------------------------------------------------------
-        sampler = getattr(train_loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        # Starting the loader's iterator may draw a worker seed from the global RNG, and with
-        # persistent workers only the first epoch of a process does: seeding after it keeps
-        # a resumed run's randomness (dropout, random label orders) that of an unbroken one.
-        batches = iter(train_loader)
-        seed_everything(_epoch_seed(cfg.seed, epoch))
+        batches = _epoch_batches(train_loader, cfg.seed, epoch)
         model.train()
         started = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
@@ -452,23 +529,10 @@ def train(
             # Losses run in float32 even under autocast: log(1 - p) near p = 1 needs it.
             logits = logits.float()
             loss = objective(logits, batch)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"loss is {loss.item()} at epoch {epoch + 1} step {step + 1}; last good "
-                    "checkpoint: "
-                    f"{out / LAST if (out / LAST).is_file() else 'none (first epoch)'}"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            _check_finite(loss, epoch, step, out)
+            _optimizer_step(loss, model, optimizer, scheduler, cfg.grad_clip)
             global_step += 1
-            if ema is not None:
-                ema.update(model, step=global_step)
-            if swa is not None:
-                swa.update(model, epoch, global_step)
+            averages.update(model, epoch, global_step)
             loss_sum += loss.detach()
             if observer is not None:
                 # The whole global batch, so every rank's controller takes the same step.
@@ -478,51 +542,20 @@ def train(
                 if on_step is not None and global_step % observe_every == 0:
                     on_step(global_step, {"train_loss_step": loss.item(), **stats})
 
-        # -- validate: plain, EMA and SWA weights, keep the best ----------------------------------
+        # -- validate the plain and averaged weights, keep the best ------------------------------
         train_loss = (placement.sum(loss_sum) / steps_per_epoch).item()
-        candidates = {"plain": model}
-        if ema is not None:
-            candidates["ema"] = ema.module
-        if swa is not None and (averaged := swa.refreshed(train_loader, device)) is not None:
-            candidates["swa"] = averaged
-        evaluations = {name: evaluate(m, val_loader, device, amp) for name, m in candidates.items()}
-        metrics = {f"val_{select}_{name}": e.metrics[select] for name, e in evaluations.items()}
-        # max keeps the first of equals, so averaged weights must beat the plain ones strictly.
-        selected = max(evaluations, key=lambda name: evaluations[name].metrics[select])
-        chosen = evaluations[selected]
-        report, selected_scores, targets = chosen.metrics, chosen.scores, chosen.targets
-        metrics.update({f"val_{k}": v for k, v in report.items()})
-        metrics.update(
-            train_loss=train_loss,
-            lr=scheduler.get_last_lr()[0],
-            epoch_time_s=time.perf_counter() - started,
-        )
+        candidates = {"plain": model, **averages.candidates(train_loader, device)}
+        selected, chosen, metrics = _select(candidates, evaluate, val_loader, device, amp, select)
+        elapsed = time.perf_counter() - started
+        metrics.update(train_loss=train_loss, lr=scheduler.get_last_lr()[0], epoch_time_s=elapsed)
         history.append({"epoch": epoch + 1, **metrics})  # records count epochs from 1
 
-        # -- checkpoint --------------------------------------------------------------------------
-        weights = candidates[selected].state_dict()
+        # -- checkpoint ----------------------------------------------------------------------------
         improved = metrics[f"val_{select}"] > best["metrics"][f"val_{select}"]
         if improved:
             best = {"epoch": epoch, "metrics": metrics, "weights": selected}
-            _save_scores_atomic(out / (SCORES + PENDING), selected_scores, targets)
-            save_atomic(
-                {"model": weights, "epoch": epoch, "metrics": metrics}, out / (BEST + PENDING)
-            )
-        save_atomic(
-            {
-                "epoch": epoch,
-                "fingerprint": fingerprint,
-                "model": model.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None,
-                "swa": swa.state_dict() if swa is not None else None,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "observer": observer.state_dict() if observer is not None else None,
-                "history": history,
-                "best": best,
-            },
-            out / LAST,
-        )
+            _stage_best(out, epoch, metrics, candidates[selected], chosen)
+        save_atomic(_last_state(epoch, fingerprint, parts, averages, history, best), out / LAST)
         if improved:
             settle_best(out)
         log(
@@ -533,11 +566,4 @@ def train(
             on_epoch(epoch + 1, metrics)
 
     scores, targets = _saved_scores(out)
-    return TrainResult(
-        out_dir=out,
-        best_epoch=best["epoch"] + 1,
-        best_metrics=best["metrics"],
-        history=history,
-        val_scores=scores,
-        val_targets=targets,
-    )
+    return TrainResult(out, best["epoch"] + 1, best["metrics"], history, scores, targets)

@@ -43,14 +43,14 @@ from torch.utils.data import DataLoader
 from mlcore.config import UNSEEN_FROM_MANIFEST, ExperimentConfig, ModelConfig, ZSLConfig
 from mlcore.configlib import ConfigError
 from mlcore.data.embeddings import ClassEmbeddings, dataset_class_embeddings
+from mlcore.data.loading import OpenDataset, eval_loader
 from mlcore.data.manifest import ManifestInfo
 from mlcore.metrics import f1_at_k, mean_average_precision
 from mlcore.models import build_model_from_config, word_query_table
-from mlcore.train import Batch, Objective, load_checkpoint, resolve_device
+from mlcore.train import load_checkpoint, resolve_device
 
 __all__ = [
     "TOP_K",
-    "RandomQueryTargets",
     "ZeroShotSplit",
     "evaluate_zero_shot",
     "load_word_query_model",
@@ -121,28 +121,6 @@ def zero_shot_split(cfg: ZSLConfig, info: ManifestInfo) -> ZeroShotSplit:
     if not seen:
         raise ConfigError("zsl.unseen_classes holds every class: nothing left to train on")
     return ZeroShotSplit(info.class_names, tuple(seen), tuple(unseen))
-
-
-class RandomQueryTargets:
-    """The objective side of the random-query augmentation: extra logits are positives.
-
-    A word-query head in training mode appends ``R`` logits for random queries (``(B, N + R)``
-    for ``(B, N)`` targets); the paper labels them positive ("random"). This pads the targets
-    with ones and calls the wrapped objective.
-    """
-
-    def __init__(self, inner: Objective):
-        self.inner = inner
-
-    def __call__(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        targets = batch.targets  # (B, N)
-        extra = logits.shape[1] - targets.shape[1]
-        if extra < 0:
-            raise ValueError(f"{logits.shape[1]} logits for {targets.shape[1]} target classes")
-        if extra:
-            ones = targets.new_ones(targets.shape[0], extra)
-            batch = batch._replace(targets=torch.cat([targets, ones], dim=1))  # (B, N + R)
-        return self.inner(logits, batch)
 
 
 def _report(scores: np.ndarray, targets: np.ndarray, prefix: str) -> dict[str, float]:
@@ -237,24 +215,15 @@ def score_classes(
 
 def evaluate_zero_shot(
     cfg: ExperimentConfig,
+    dataset: OpenDataset,
     checkpoint: str | os.PathLike,
     *,
     log: Callable[[str], None] = print,
 ) -> dict[str, float]:
     """ZSL and GZSL metrics of a checkpoint trained under the protocol, on ``data.test_split``."""
-    # mlcore.experiment imports this module (its training applies the protocol).
-    from mlcore.experiment import load_manifest, loader_workers, resolve_dataset, split_dataset
-
-    manifest = load_manifest(cfg.data)
-    split = zero_shot_split(cfg.zsl, manifest.info)
-    classes = dataset_class_embeddings(cfg.data, resolve_dataset(cfg.data), manifest.class_names)
-    dataset = split_dataset(manifest, cfg.data, cfg.data.test_split, train=False)
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.train.eval_batch_size or 2 * cfg.train.batch_size,
-        collate_fn=dataset.collate_fn,
-        num_workers=loader_workers(cfg.data, None),
-    )
+    split = zero_shot_split(cfg.zsl, dataset.info)
+    classes = dataset_class_embeddings(cfg.data, dataset.root, dataset.class_names)
+    loader = eval_loader(dataset, cfg.train, cfg.data.test_split)
     model = load_word_query_model(cfg.model, checkpoint)
     scores, targets = score_classes(model, classes, loader, resolve_device(cfg.train.device))
     metrics = zero_shot_metrics(

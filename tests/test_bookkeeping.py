@@ -23,7 +23,7 @@ import pytest
 from mlflow import MlflowClient
 
 from mlcore.cpsd import baseline_fingerprint
-from mlcore.experiment import resolve_dataset
+from mlcore.data.loading import open_dataset, resolve_dataset
 from workflows import tracking
 from workflows.config import MlflowConfig, config_path, load_config
 from workflows.pipeline import main, run_pipeline
@@ -228,7 +228,7 @@ def _stage_with_fault(cfg, tracker, fault: str | None):
         tracking.log_dataset_input = injected
         try:
             ctx = JobContext(cfg, cfg.storage_path, tracker, cfg.name)
-            return baseline_stage(ctx, baseline_fingerprint(cfg))
+            return baseline_stage(ctx, baseline_fingerprint(cfg, open_dataset(cfg.data)))
         finally:
             tracking.log_dataset_input = real
 

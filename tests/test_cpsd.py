@@ -5,7 +5,7 @@ import json
 import pytest
 
 from mlcore.cpsd import ENSEMBLES, compute_partitions, run_local
-from mlcore.experiment import resolve_dataset
+from mlcore.data.loading import open_dataset
 from workflows.config import load_config
 
 FAST = ["train.epochs=1", "cpsd.teacher_epochs=1"]
@@ -59,12 +59,12 @@ def test_online_mode_and_baseline_comparison(tiny_overrides, tmp_path):
 
 def test_partitions_are_deterministic_and_k_is_checked(tiny_overrides, tmp_path):
     exp = _exp(tiny_overrides, tmp_path)
-    root = resolve_dataset(exp.data)
-    a = compute_partitions(exp, root)
-    b = compute_partitions(exp, root)
+    dataset = open_dataset(exp.data, with_bytes=False)
+    a = compute_partitions(exp, dataset)
+    b = compute_partitions(exp, dataset)
     assert a == b and set(a) == {"cgp", "dgp"}
     too_many = _exp(tiny_overrides, tmp_path, "cpsd.k=11")
     with pytest.raises(
         ValueError, match=r"cpsd.k = 11 is larger than the number of classes \(10\)"
     ):
-        compute_partitions(too_many, root)
+        compute_partitions(too_many, dataset)

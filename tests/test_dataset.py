@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.transforms import v2
 
 from mlcore.data.dataset import DECODERS, MultiLabelDataset, SeededSampler, build_transform
+from mlcore.data.loading import build_loaders, loader_workers, open_dataset, resolve_dataset
 from mlcore.data.manifest import Manifest
-from mlcore.experiment import build_loaders, loader_workers, resolve_dataset
 from mlcore.train import LocalPlacement
 
 PHOTOS = Path(sklearn.datasets.__file__).parent / "images"
@@ -149,11 +150,11 @@ def test_decoders_read_png_and_grayscale():
 def test_device_decoding_gives_the_loader_path_batches(tiny_config):
     """``decode_on: device`` on this CPU runs the same batched code path a GPU runs (nvjpeg is
     then used for JPEGs); on a CPU device it must reproduce the loader path exactly."""
-    manifest = Manifest.load(resolve_dataset(tiny_config.data))
     data = dataclasses.replace(tiny_config.data, randaugment=True)
-    on_device = dataclasses.replace(data, decode_on="device")
-    loaders = build_loaders(manifest, data, tiny_config.train, return_index=True)
-    device_loaders = build_loaders(manifest, on_device, tiny_config.train, return_index=True)
+    dataset = open_dataset(data)
+    on_device = dataclasses.replace(dataset, data=dataclasses.replace(data, decode_on="device"))
+    loaders = build_loaders(dataset, tiny_config.train, return_index=True)
+    device_loaders = build_loaders(on_device, tiny_config.train, return_index=True)
     for loader, device_loader in zip(loaders, device_loaders, strict=True):
         assert len(device_loader) == len(loader)
         for batch, device_batch in zip(loader, device_loader, strict=True):
@@ -167,6 +168,20 @@ def test_num_workers_auto_follows_the_cpus_held(tiny_config):
     assert loader_workers(auto, 4.0) == 3
     assert loader_workers(auto, 64.0) == 16
     assert loader_workers(dataclasses.replace(auto, num_workers=2), 64.0) == 2
-    manifest = Manifest.load(resolve_dataset(tiny_config.data))
-    train, val = build_loaders(manifest, auto, tiny_config.train, placement=LocalPlacement(3.0))
+    dataset = open_dataset(auto)
+    train, val = build_loaders(dataset, tiny_config.train, placement=LocalPlacement(3.0))
     assert train.num_workers == val.num_workers == 2
+
+
+def test_an_open_dataset_travels_as_its_config_and_reopens(tiny_config):
+    """A Ray Train worker gets the handle by pickle: it opens the dataset there, no rows sent."""
+    dataset = open_dataset(tiny_config.data)
+    blob = pickle.dumps(dataset)
+    assert len(blob) < 10_000, len(blob)  # the config, not the 448 rows
+    again = pickle.loads(blob)
+    assert again.root == dataset.root and again.data == dataset.data
+    assert again.manifest.table.equals(dataset.manifest.table)
+    labels_only = open_dataset(tiny_config.data, with_bytes=False)
+    assert labels_only.class_names == dataset.class_names
+    with pytest.raises(ValueError, match="without image bytes"):
+        build_loaders(labels_only, tiny_config.train)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from mlcore.data.dataset import MultiLabelDataset, build_transform
+from mlcore.data.loading import resolve_dataset
 from mlcore.data.manifest import Manifest
 from mlcore.distill import (
     CachedTeachers,
@@ -17,7 +18,6 @@ from mlcore.distill import (
     merge_logits,
     write_logits,
 )
-from mlcore.experiment import resolve_dataset
 from mlcore.losses.asl import AsymmetricLoss
 from mlcore.models import build_model
 from mlcore.train import Batch
@@ -131,13 +131,14 @@ def test_ensemble_target_row_is_what_the_student_regresses_to(mode, tiny_config,
         student_teachers,
         target_combination,
     )
+    from mlcore.data.loading import open_dataset
     from mlcore.distill import LOGIT_STORE
-    from mlcore.experiment import load_manifest
     from mlcore.models import build_model_from_config
 
     # α ≠ ½ so that swapping the CGP and DGP shares would show.
     cfg = configlib.replace(tiny_config, [f"cpsd.mode={mode}", "cpsd.kd_alpha=0.3"])
-    specs = plan_teachers(compute_partitions(cfg, resolve_dataset(cfg.data)))
+    dataset = open_dataset(cfg.data)
+    specs = plan_teachers(compute_partitions(cfg, dataset))
     checkpoints, stores = [], []
     for i, spec in enumerate(specs):
         torch.manual_seed(i)  # untrained teachers with distinct weights are enough here
@@ -146,16 +147,16 @@ def test_ensemble_target_row_is_what_the_student_regresses_to(mode, tiny_config,
         torch.save({"model": model.state_dict()}, checkpoint)
         checkpoints.append(checkpoint)
         stores.append(
-            cache_teacher_logits(cfg, spec, checkpoint, tmp_path / spec.name / LOGIT_STORE)
+            cache_teacher_logits(cfg, dataset, spec, checkpoint, tmp_path / spec.name / LOGIT_STORE)
         )
 
-    manifest = load_manifest(cfg.data, with_bytes=False)
+    manifest = dataset.manifest
     rows = manifest.split_rows(cfg.data.train_split)
     targets = torch.from_numpy(manifest.multi_hot(rows)).float()
     cls_loss = AsymmetricLoss()
-    objective = student_objective(cfg, student_teachers(cfg, specs, teacher_logits=stores))(
-        cls_loss
-    )
+    objective = student_objective(
+        cfg, student_teachers(cfg, dataset, specs, teacher_logits=stores)
+    )(cls_loss)
     student = torch.randn(len(rows), manifest.num_classes, requires_grad=True)
     batch = Batch(torch.empty(0), targets, torch.arange(len(rows)))
     objective(student, batch).backward()
@@ -164,7 +165,7 @@ def test_ensemble_target_row_is_what_the_student_regresses_to(mode, tiny_config,
     target = student.detach() - (student.grad - alone.grad)
 
     logits, row_targets = combined_logits(
-        cfg, target_combination(cfg, specs, checkpoints), cfg.data.train_split
+        cfg, dataset, target_combination(cfg, specs, checkpoints), cfg.data.train_split
     )
     np.testing.assert_array_equal(row_targets, targets.numpy())
     np.testing.assert_allclose(logits, target.numpy(), rtol=1e-5, atol=1e-5)

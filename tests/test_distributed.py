@@ -26,6 +26,7 @@ import torch.distributed as dist
 from mlflow import MlflowClient
 from torch import nn
 
+from mlcore.data.loading import open_dataset
 from mlcore.experiment import train_classifier
 from mlcore.train import LAST, Supervised, load_checkpoint
 from workflows.config import config_path, load_config
@@ -107,11 +108,13 @@ def test_cross_rank_batchnorm_equals_batchnorm_on_one_rank():
 
 def test_two_gloo_workers_match_one_process(local_ray, tiny_overrides, tmp_path):
     cfg = _config(tiny_overrides, tmp_path)
-    reference = train_classifier(cfg, tmp_path / "reference", log=lambda _: None)
+    reference = train_classifier(
+        cfg, open_dataset(cfg.data), tmp_path / "reference", log=lambda _: None
+    )
     logger = _mlflow_run(tmp_path)
 
     def run(out, **hooks):
-        return train_classifier(cfg, out, **hooks)
+        return train_classifier(cfg, open_dataset(cfg.data), out, **hooks)
 
     result = fit_group(
         run,
@@ -133,7 +136,9 @@ def test_two_gloo_workers_match_one_process(local_ray, tiny_overrides, tmp_path)
 
 def test_killed_worker_resumes_the_group_from_the_last_epoch(local_ray, tiny_overrides, tmp_path):
     cfg = _config(tiny_overrides, tmp_path)
-    reference = train_classifier(cfg, tmp_path / "reference", log=lambda _: None)
+    reference = train_classifier(
+        cfg, open_dataset(cfg.data), tmp_path / "reference", log=lambda _: None
+    )
     marker = tmp_path / "killed.json"
     steps_per_epoch = 10  # 320 images, global batch 32
 
@@ -155,7 +160,12 @@ def test_killed_worker_resumes_the_group_from_the_last_epoch(local_ray, tiny_ove
             return call
 
         return train_classifier(
-            cfg, out, make_objective=kill_rank1_in_epoch_1, placement=placement, **hooks
+            cfg,
+            open_dataset(cfg.data),
+            out,
+            make_objective=kill_rank1_in_epoch_1,
+            placement=placement,
+            **hooks,
         )
 
     logger = _mlflow_run(tmp_path)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mlcore.data.importers import import_nuswide1k
+from mlcore.data.importers import ImportOptions, import_nuswide1k
 from mlcore.data.manifest import Manifest, ManifestError
 from tests.test_importers import png, rows_by_id
 
@@ -130,7 +130,9 @@ def test_missing_files_and_images(nus1k: Path, tmp_path: Path) -> None:
     (nus1k / "Flickr/sky/0003_3.jpg").unlink()
     with pytest.raises(ManifestError, match=r"1 of 4 image files are missing"):
         import_nuswide1k(nus1k, tmp_path / "out")
-    import_nuswide1k(nus1k, tmp_path / "out", skip_missing=True, drop_empty=True)
+    import_nuswide1k(
+        nus1k, tmp_path / "out", options=ImportOptions(skip_missing=True, drop_empty=True)
+    )
     assert set(rows_by_id(tmp_path / "out")) == {"actor/0001_1", "actor/0002_2", "water/0005_5"}
     (nus1k / "Groundtruth/AllLabels/Labels_animal.txt").unlink()
     with pytest.raises(ManifestError, match=r"label file not found: .*Labels_animal\.txt"):

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mlcore.data.check import check_dataset
-from mlcore.data.importers import OpenImagesEntry, import_openimages
+from mlcore.data.importers import ImportOptions, OpenImagesEntry, import_openimages
 from mlcore.data.manifest import Manifest, ManifestError, manifest_path
 from tests.test_importers import png
 
@@ -111,7 +111,7 @@ def test_all_described_classes_without_trainable_list(oi: Path, tmp_path: Path) 
     (oi / "oidv6-class-descriptions.csv").write_text(
         "".join(f'{m},"{n}"\n' for m, n in DESCRIPTIONS)
     )
-    run(oi, tmp_path / "out", trainable_classes=None, drop_empty=True)
+    run(oi, tmp_path / "out", trainable_classes=None, options=ImportOptions(drop_empty=True))
     m = Manifest.load(tmp_path / "out")
     assert m.info.source["class_ids"] == [mid for mid, _ in DESCRIPTIONS]
     labels = {r["image_id"]: r["labels"] for r in m.table.to_pylist()}
@@ -126,7 +126,7 @@ def test_labels_only_and_missing_images(oi: Path, tmp_path: Path) -> None:
         run(oi, tmp_path / "out")
     assert not (tmp_path / "out" / "manifest.parquet").exists()
     assert list((tmp_path / "out").iterdir()) == []  # no temporary file left behind
-    run(oi, tmp_path / "out", skip_missing=True)
+    run(oi, tmp_path / "out", options=ImportOptions(skip_missing=True))
     assert Manifest.load(tmp_path / "out").info.source["skipped"]["missing_images"] == 1
     run(oi, tmp_path / "labels", check_images=False)
     assert len(Manifest.load(tmp_path / "labels").table) == 4

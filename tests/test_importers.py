@@ -11,6 +11,7 @@ from PIL import Image
 from mlcore.data.importers import (
     VOC_CLASSES,
     CocoEntry,
+    ImportOptions,
     import_coco,
     import_csv,
     import_nuswide,
@@ -98,7 +99,9 @@ def test_coco_rows_labels_splits_and_id_order(coco2014: list[CocoEntry], tmp_pat
 
 
 def test_coco_name_order_and_drop_empty(coco2014: list[CocoEntry], tmp_path: Path) -> None:
-    import_coco(coco2014, tmp_path / "out", class_order="name", drop_empty=True)
+    import_coco(
+        coco2014, tmp_path / "out", class_order="name", options=ImportOptions(drop_empty=True)
+    )
     m = Manifest.load(tmp_path / "out")
     assert m.class_names == ("apple", "car", "person")
     rows = rows_by_id(tmp_path / "out")
@@ -120,7 +123,7 @@ def test_coco_missing_images_error_and_skip(coco2014: list[CocoEntry], tmp_path:
     (tmp_path / "coco/val2014/COCO_val2014_000000000073.jpg").unlink()
     with pytest.raises(ManifestError, match=r"1 of 4 image files are missing.*000073\.jpg"):
         import_coco(coco2014, tmp_path / "out")
-    import_coco(coco2014, tmp_path / "out", skip_missing=True)
+    import_coco(coco2014, tmp_path / "out", options=ImportOptions(skip_missing=True))
     m = Manifest.load(tmp_path / "out")
     assert "73" not in rows_by_id(tmp_path / "out")
     assert m.info.source["skipped"]["missing_images"] == 1
@@ -153,7 +156,7 @@ def test_coco_refuses_to_overwrite_and_parses_cli_entry(
     import_coco(coco2014, tmp_path / "out")
     with pytest.raises(ManifestError, match="already exists"):
         import_coco(coco2014, tmp_path / "out")
-    import_coco(coco2014[:1], tmp_path / "out", overwrite=True)
+    import_coco(coco2014[:1], tmp_path / "out", options=ImportOptions(overwrite=True))
     assert len(Manifest.load(tmp_path / "out").table) == 2
     assert CocoEntry.parse("a.json:train:/data/x") == CocoEntry(
         Path("a.json"), "train", Path("/data/x")
@@ -222,7 +225,9 @@ def test_voc_include_difficult_and_drop_empty(voc: Path, tmp_path: Path) -> None
     ]
     assert rows["000012"]["labels"] == [VOC_CLASSES.index("tvmonitor")]
     assert {r["split"] for r in rows.values()} == {"train"}
-    import_voc(voc, tmp_path / "b", splits={"trainval": "train"}, drop_empty=True)
+    import_voc(
+        voc, tmp_path / "b", splits={"trainval": "train"}, options=ImportOptions(drop_empty=True)
+    )
     assert set(rows_by_id(tmp_path / "b")) == {"000005", "000007", "000009"}
     assert Manifest.load(tmp_path / "b").info.source["skipped"]["empty"] == 1
 
@@ -294,7 +299,12 @@ def test_nuswide_rows_labels_and_backslash_paths(nuswide: Path, tmp_path: Path) 
 
 
 def test_nuswide_split_choice_and_drop_empty(nuswide: Path, tmp_path: Path) -> None:
-    import_nuswide(nuswide, tmp_path / "out", splits={"train": "trainval"}, drop_empty=True)
+    import_nuswide(
+        nuswide,
+        tmp_path / "out",
+        splits={"train": "trainval"},
+        options=ImportOptions(drop_empty=True),
+    )
     rows = rows_by_id(tmp_path / "out")
     assert set(rows) == {"actor/0001_2124494179", "sky/0002_11"}
     assert {r["split"] for r in rows.values()} == {"trainval"}
@@ -322,7 +332,7 @@ def test_nuswide_missing_files(nuswide: Path, tmp_path: Path) -> None:
     (nuswide / "Flickr/sky/0002_11.jpg").unlink()
     with pytest.raises(ManifestError, match=r"1 of 5 image files are missing .*sky/0002_11\.jpg"):
         import_nuswide(nuswide, tmp_path / "out")
-    import_nuswide(nuswide, tmp_path / "out", skip_missing=True)
+    import_nuswide(nuswide, tmp_path / "out", options=ImportOptions(skip_missing=True))
     assert Manifest.load(tmp_path / "out").info.source["skipped"]["missing_images"] == 1
     (nuswide / "Groundtruth/TrainTestLabels/Labels_sky_Train.txt").unlink()
     with pytest.raises(ManifestError, match=r"label file not found: .*Labels_sky_Train\.txt"):
@@ -415,11 +425,13 @@ def test_csv_missing_and_corrupt_images(csv_dir: Path, tmp_path: Path) -> None:
     (csv_dir / "img/b.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
     (csv_dir / "n.csv").write_text("image,labels\nimg/a.png,cat\nimg/b.png,dog\n")
     with pytest.raises(ManifestError, match=r"1 of 2 image files cannot be decoded .*img/b\.png"):
-        import_csv(csv_dir / "n.csv", tmp_path / "out", verify_decode=True)
-    import_csv(csv_dir / "m.csv", tmp_path / "out", skip_missing=True)
+        import_csv(csv_dir / "n.csv", tmp_path / "out", options=ImportOptions(verify_decode=True))
+    import_csv(csv_dir / "m.csv", tmp_path / "out", options=ImportOptions(skip_missing=True))
     assert set(rows_by_id(tmp_path / "out")) == {"img/a", "img/b", "img/c"}
     import_csv(
-        csv_dir / "m.csv", tmp_path / "out", skip_missing=True, verify_decode=True, overwrite=True
+        csv_dir / "m.csv",
+        tmp_path / "out",
+        options=ImportOptions(skip_missing=True, verify_decode=True, overwrite=True),
     )
     skipped = Manifest.load(tmp_path / "out").info.source["skipped"]
     assert skipped["missing_images"] == 1 and skipped["corrupt_images"] == 1

@@ -14,8 +14,8 @@ import torch
 
 from mlcore import configlib
 from mlcore.cpsd import TeacherSpec, baseline_fingerprint, held_out_splits, teacher_fingerprint
-from mlcore.data.manifest import Manifest
-from mlcore.experiment import build_loaders, resolve_dataset, train_classifier
+from mlcore.data.loading import OpenDataset, build_loaders, open_dataset, resolve_dataset
+from mlcore.experiment import train_classifier
 from mlcore.train import BEST, LAST, PENDING, SCORES, load_checkpoint
 from workflows.cli import run as cli
 from workflows.config import config_path, load_config
@@ -67,6 +67,18 @@ def test_train_never_resumes_another_configs_checkpoint(tiny_overrides, tmp_path
 # 2. Stage keys depend on content only
 
 
+def _opened(cfg) -> OpenDataset:
+    return open_dataset(cfg.data, with_bytes=False)
+
+
+def _baseline_key(cfg) -> str:
+    return baseline_fingerprint(cfg, _opened(cfg))
+
+
+def _teacher_key(cfg, spec: TeacherSpec) -> str:
+    return teacher_fingerprint(cfg, _opened(cfg), spec)
+
+
 def test_stage_keys_follow_content_not_location_or_logging(tiny_overrides, tmp_path):
     cfg = _config(tiny_overrides, tmp_path)
     root = resolve_dataset(cfg.data)
@@ -74,22 +86,18 @@ def test_stage_keys_follow_content_not_location_or_logging(tiny_overrides, tmp_p
     shutil.copytree(root, copy)
     at_copy = configlib.replace(cfg, [f"data.root={copy}", "data.synth=null"])
     spec = TeacherSpec("cgp", 0, (0, 3, 5))
-    assert teacher_fingerprint(at_copy, spec) == teacher_fingerprint(cfg, spec)
-    assert baseline_fingerprint(at_copy) == baseline_fingerprint(cfg)
+    assert _teacher_key(at_copy, spec) == _teacher_key(cfg, spec)
+    assert _baseline_key(at_copy) == _baseline_key(cfg)
 
     for harmless in ("loss.adaptive.log_every=3", "data.num_workers=1", "train.device=cpu"):
-        assert baseline_fingerprint(configlib.replace(cfg, [harmless])) == baseline_fingerprint(
-            cfg
-        ), harmless
-    assert baseline_fingerprint(configlib.replace(cfg, ["train.lr=1e-3"])) != (
-        baseline_fingerprint(cfg)
-    )
+        assert _baseline_key(configlib.replace(cfg, [harmless])) == _baseline_key(cfg), harmless
+    assert _baseline_key(configlib.replace(cfg, ["train.lr=1e-3"])) != (_baseline_key(cfg))
 
     # A context-shift split added to the same data: training keys unchanged, held-out changed.
     shifted = configlib.replace(cfg, ["data.synth.num_test_shift=40"])
-    assert baseline_fingerprint(shifted) == baseline_fingerprint(cfg)
-    assert teacher_fingerprint(shifted, spec) == teacher_fingerprint(cfg, spec)
-    assert held_out_splits(shifted)[1] != held_out_splits(cfg)[1]
+    assert _baseline_key(shifted) == _baseline_key(cfg)
+    assert _teacher_key(shifted, spec) == _teacher_key(cfg, spec)
+    assert held_out_splits(_opened(shifted))[1] != held_out_splits(_opened(cfg))[1]
 
 
 def test_pretrained_file_is_keyed_by_its_bytes(tiny_overrides, tmp_path):
@@ -99,10 +107,10 @@ def test_pretrained_file_is_keyed_by_its_bytes(tiny_overrides, tmp_path):
     torch.manual_seed(0)
     torch.save(timm.create_model("test_resnet", num_classes=0).state_dict(), weights)
     cfg = _config(tiny_overrides, tmp_path, f"model.pretrained_file={weights}")
-    before = baseline_fingerprint(cfg)
+    before = _baseline_key(cfg)
     torch.manual_seed(1)
     torch.save(timm.create_model("test_resnet", num_classes=0).state_dict(), weights)
-    assert baseline_fingerprint(cfg) != before  # same path, new weights: a new key
+    assert _baseline_key(cfg) != before  # same path, new weights: a new key
 
 
 def test_fields_leave_keys_only_by_their_own_mark():
@@ -149,7 +157,7 @@ def _weights(path):
 
 def test_resume_with_a_worker_is_bit_identical_to_no_worker(tiny_overrides, tmp_path):
     cfg = _config(tiny_overrides, tmp_path, "data.randaugment=true", "data.cutout=0.25")
-    plain = train_classifier(cfg, tmp_path / "plain", log=lambda _: None)
+    plain = train_classifier(cfg, open_dataset(cfg.data), tmp_path / "plain", log=lambda _: None)
     one_worker = configlib.replace(cfg, ["data.num_workers=1"])
 
     def stop(epoch, metrics):
@@ -157,8 +165,16 @@ def test_resume_with_a_worker_is_bit_identical_to_no_worker(tiny_overrides, tmp_
             raise _Stop
 
     with pytest.raises(_Stop):
-        train_classifier(one_worker, tmp_path / "cut", on_epoch=stop, log=lambda _: None)
-    resumed = train_classifier(one_worker, tmp_path / "cut", log=lambda _: None)
+        train_classifier(
+            one_worker,
+            open_dataset(one_worker.data),
+            tmp_path / "cut",
+            on_epoch=stop,
+            log=lambda _: None,
+        )
+    resumed = train_classifier(
+        one_worker, open_dataset(one_worker.data), tmp_path / "cut", log=lambda _: None
+    )
     a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "cut")
     assert a.keys() == b.keys()
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
@@ -174,7 +190,7 @@ def test_a_crash_between_checkpoint_writes_never_leaves_a_stray_best(tiny_config
     from mlcore.train import settle_best
 
     cfg = configlib.replace(tiny_config, ["train.epochs=1"])
-    train_classifier(cfg, tmp_path, log=lambda _: None)
+    train_classifier(cfg, open_dataset(cfg.data), tmp_path, log=lambda _: None)
     recorded = load_checkpoint(tmp_path / LAST)["best"]["epoch"]
     good = load_checkpoint(tmp_path / BEST)
     assert good["epoch"] == recorded
@@ -237,9 +253,8 @@ def test_distillation_and_classification_share_one_reduction(loss_name):
 
 def test_class_aware_sampling_of_a_teacher_draws_only_its_classes(tiny_overrides, tmp_path):
     cfg = _config(tiny_overrides, tmp_path, "data.class_aware_sampling=true")
-    manifest = Manifest.load(resolve_dataset(cfg.data))
     subset = [0, 1, 2]
-    train_loader, _ = build_loaders(manifest, cfg.data, cfg.train, class_subset=subset)
+    train_loader, _ = build_loaders(open_dataset(cfg.data), cfg.train, class_subset=subset)
     drawn = 0
     for _, targets in train_loader:
         drawn += len(targets)

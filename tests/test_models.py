@@ -22,7 +22,7 @@ def test_heads_on_cnn_and_vit(backbone, head):
 def test_unknown_backbone_and_head():
     with pytest.raises(ValueError, match="unknown timm backbone 'resnet_xyz'"):
         build_model("resnet_xyz", 3)
-    with pytest.raises(ValueError, match="unknown head 'mlp'"):
+    with pytest.raises(ValueError, match="'mlp' is not one of the registered heads"):
         build_model("test_resnet", 3, "mlp")
     with pytest.raises(ValueError, match="num_classes"):
         build_model("test_resnet", 0)

@@ -24,6 +24,7 @@ from mlflow import MlflowClient
 
 from mlcore.cpsd import run_local
 from mlcore.data.dataset import MultiLabelDataset
+from mlcore.data.loading import resolve_dataset
 from mlcore.data.manifest import (
     Manifest,
     ManifestInfo,
@@ -31,7 +32,6 @@ from mlcore.data.manifest import (
     read_info,
     write_manifest,
 )
-from mlcore.experiment import resolve_dataset
 from workflows.config import config_path, load_config
 from workflows.pipeline import run_pipeline
 

@@ -5,11 +5,11 @@ import pytest
 import torch
 from torch import nn
 
+from mlcore.averaging import StochasticAverage
 from mlcore.config import ModelConfig, RNNConfig
 from mlcore.losses.orderless import OrderlessLoss, TeacherForcing
 from mlcore.models import OrderlessRNN, build_model, build_model_from_config
 from mlcore.models.orderless_rnn import sequence_scores
-from mlcore.swa import WeightAveraging
 from mlcore.train import Batch
 
 NUM_CLASSES = 5
@@ -104,7 +104,7 @@ def test_encoder_checkpoint_errors(tmp_path):
 def test_swa_averages_due_snapshots_and_refreshes_batch_norm():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
-    swa = WeightAveraging(model, start_epoch=1, every_steps=2)
+    swa = StochasticAverage(model, start_epoch=1, every_steps=2)
     snapshots = []
     for epoch, step in [(0, 2), (1, 3), (1, 4), (2, 5), (2, 6)]:
         with torch.no_grad():
@@ -120,7 +120,7 @@ def test_swa_averages_due_snapshots_and_refreshes_batch_norm():
     with torch.no_grad():
         outputs = torch.cat([refreshed[0](x) for x, _ in data])
     torch.testing.assert_close(refreshed[1].running_mean, outputs.mean(0), atol=1e-5, rtol=1e-5)
-    assert WeightAveraging(model).refreshed(data, torch.device("cpu")) is None  # nothing yet
+    assert StochasticAverage(model).refreshed(data, torch.device("cpu")) is None  # nothing yet
 
 
 @pytest.mark.parametrize("backbone", ["test_vit", "test_convnext"])

@@ -10,6 +10,7 @@ from mlflow import MlflowClient
 
 from mlcore import configlib
 from mlcore.configlib import ConfigError
+from mlcore.data.loading import open_dataset
 from mlcore.experiment import train_classifier
 from mlcore.train import LAST, load_checkpoint
 from workflows.cli import run
@@ -79,23 +80,25 @@ def test_cpsd_train_pla_tiny_writes_the_sequence_metrics(tmp_path, tiny_override
 )
 def test_every_order_trains(pla_config, tmp_path, overrides):
     cfg = configlib.replace(pla_config, ["train.epochs=1", "train.swa.enabled=false", *overrides])
-    result = train_classifier(cfg, tmp_path / "run", log=lambda _: None)
+    result = train_classifier(cfg, open_dataset(cfg.data), tmp_path / "run", log=lambda _: None)
     assert set(result.best_metrics) >= SEQUENCE_METRICS
     assert result.val_scores.shape == (128, 10)
 
 
 def test_two_stages_share_the_encoder_checkpoint(tiny_config, pla_config, tmp_path):
     bce = configlib.replace(tiny_config, ["loss.name=bce", "train.epochs=1"])
-    stage1 = train_classifier(bce, tmp_path / "stage1", log=lambda _: None)
+    stage1 = train_classifier(bce, open_dataset(bce.data), tmp_path / "stage1", log=lambda _: None)
     cfg = configlib.replace(
         pla_config,
         ["train.epochs=1", f"model.encoder_checkpoint={stage1.best_checkpoint}"],
     )
-    result = train_classifier(cfg, tmp_path / "stage2", log=lambda _: None)
+    result = train_classifier(cfg, open_dataset(cfg.data), tmp_path / "stage2", log=lambda _: None)
     assert result.best_epoch == 1
     missing = configlib.replace(cfg, [f"model.encoder_checkpoint={tmp_path / 'none.pt'}"])
     with pytest.raises(FileNotFoundError, match=r"none\.pt"):
-        train_classifier(missing, tmp_path / "stage2b", log=lambda _: None)
+        train_classifier(
+            missing, open_dataset(missing.data), tmp_path / "stage2b", log=lambda _: None
+        )
 
 
 def test_resume_with_swa_gives_identical_weights(pla_config, tmp_path):
@@ -108,10 +111,12 @@ def test_resume_with_swa_gives_identical_weights(pla_config, tmp_path):
         if epoch == 2:
             raise Stop
 
-    full = train_classifier(cfg, tmp_path / "full", log=lambda _: None)
+    full = train_classifier(cfg, open_dataset(cfg.data), tmp_path / "full", log=lambda _: None)
     with pytest.raises(Stop):
-        train_classifier(cfg, tmp_path / "cut", on_epoch=stop, log=lambda _: None)
-    resumed = train_classifier(cfg, tmp_path / "cut", log=lambda _: None)
+        train_classifier(
+            cfg, open_dataset(cfg.data), tmp_path / "cut", on_epoch=stop, log=lambda _: None
+        )
+    resumed = train_classifier(cfg, open_dataset(cfg.data), tmp_path / "cut", log=lambda _: None)
     a, b = load_checkpoint(tmp_path / "full" / LAST), load_checkpoint(tmp_path / "cut" / LAST)
     for key in ("model", "swa"):
         for name in a[key]:

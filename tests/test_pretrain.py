@@ -3,8 +3,8 @@
 import torch
 
 from mlcore import configlib
+from mlcore.data.loading import resolve_dataset
 from mlcore.data.manifest import read_info
-from mlcore.experiment import resolve_dataset
 from mlcore.models import build_model_from_config
 from mlcore.pretrain import export_backbone, pretrain_config, pretrain_fingerprint, with_pretrained
 

@@ -12,8 +12,8 @@ from mlcore.cpsd import (
     student_fingerprint,
     teacher_fingerprint,
 )
+from mlcore.data.loading import open_dataset
 from mlcore.data.synth import config_hash
-from mlcore.experiment import resolve_dataset
 from workflows.stages import partition_key
 
 # The tiny config's keys as computed by the code of commit cf3beb8 (main before issue 18's
@@ -33,13 +33,14 @@ MAIN_KEYS = {
 
 
 def _keys(cfg) -> dict[str, str]:
-    specs = plan_teachers(compute_partitions(cfg, resolve_dataset(cfg.data)))
+    dataset = open_dataset(cfg.data, with_bytes=False)
+    specs = plan_teachers(compute_partitions(cfg, dataset))
     return {
-        "baseline": baseline_fingerprint(cfg),
-        "partition-cgp": partition_key(cfg, "cgp"),
-        "partition-dgp": partition_key(cfg, "dgp"),
-        **{s.name: teacher_fingerprint(cfg, s) for s in specs},
-        "student": student_fingerprint(cfg, specs),
+        "baseline": baseline_fingerprint(cfg, dataset),
+        "partition-cgp": partition_key(cfg, dataset, "cgp"),
+        "partition-dgp": partition_key(cfg, dataset, "dgp"),
+        **{s.name: teacher_fingerprint(cfg, dataset, s) for s in specs},
+        "student": student_fingerprint(cfg, dataset, specs),
     }
 
 
@@ -60,7 +61,7 @@ def test_new_settings_at_their_defaults_keep_mains_keys(tiny_config):
 
 def test_set_away_from_default_the_new_settings_count(tiny_config):
     randaug = configlib.replace(tiny_config, ["data.augment=randaug"])
-    assert baseline_fingerprint(randaug) != MAIN_KEYS["baseline"]
+    assert baseline_fingerprint(randaug, open_dataset(randaug.data)) != MAIN_KEYS["baseline"]
     synth = tiny_config.data.synth
     assert config_hash(dataclasses.replace(synth, class_offset=0)) == config_hash(synth)
     assert config_hash(dataclasses.replace(synth, class_offset=10)) != config_hash(synth)
@@ -69,8 +70,9 @@ def test_set_away_from_default_the_new_settings_count(tiny_config):
 def test_control_models_are_keyed_by_their_own_seeds(tiny_config):
     seeds = {control_seed(s, i) for s in (0, 1, 2) for i in range(3)}
     assert len(seeds) == 9 and not seeds & {0, 1, 2}  # never another seed's baseline
-    keys = [baseline_fingerprint(control_config(tiny_config, i)) for i in range(2)]
+    dataset = open_dataset(tiny_config.data)
+    keys = [baseline_fingerprint(control_config(tiny_config, i), dataset) for i in range(2)]
     assert len(set(keys)) == 2 and MAIN_KEYS["baseline"] not in keys
     # Keyed like a plain model: a student setting does not change them (shared by variants).
     other = configlib.replace(tiny_config, ["cpsd.cls_weight=50", "cpsd.mode=cgpd"])
-    assert [baseline_fingerprint(control_config(other, i)) for i in range(2)] == keys
+    assert [baseline_fingerprint(control_config(other, i), dataset) for i in range(2)] == keys

@@ -116,6 +116,7 @@ def test_one_pretrain_stage_serves_every_seed_and_control_models_every_variant(
     import json
 
     from mlcore.cpsd import baseline_fingerprint
+    from mlcore.data.loading import open_dataset
     from mlcore.pretrain import with_pretrained
 
     cfg = load_config(
@@ -150,8 +151,9 @@ def test_one_pretrain_stage_serves_every_seed_and_control_models_every_variant(
     # Each seed's baseline started from the upstream backbone: its key follows the file.
     for run in expand(cfg):
         pretrained = with_pretrained(run.cfg, pretrain / "backbone.pt")
-        assert (stages / f"baseline-{baseline_fingerprint(pretrained)}").is_dir()
-        assert not (stages / f"baseline-{baseline_fingerprint(run.cfg)}").exists()
+        dataset = open_dataset(run.cfg.data, with_bytes=False)
+        assert (stages / f"baseline-{baseline_fingerprint(pretrained, dataset)}").is_dir()
+        assert not (stages / f"baseline-{baseline_fingerprint(run.cfg, dataset)}").exists()
     record = json.loads((pretrain / "_SUCCESS.json").read_text())
     assert record["role"] == "pretrain" and record["classes"] == 10
     assert all(0 < r["ensemble_baseline_test_mAP"] <= 1 for r in result.rows)

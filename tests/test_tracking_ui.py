@@ -12,7 +12,7 @@ from mlcore.bundle import ModelBundle, Preprocessing
 from mlcore.config import ModelConfig
 from mlcore.cpsd import RunSummary, summary_row
 from mlcore.models import build_model_from_config
-from workflows.mlflow_model import open_bundle, record_trained_model
+from workflows.mlflow_model import open_bundle
 from workflows.report import final_keys, log_ensembles
 from workflows.tracking import (
     METRIC_SCALE,
@@ -21,6 +21,7 @@ from workflows.tracking import (
     Tracker,
     experiment_id,
     final_metrics,
+    record_trained_model,
 )
 
 REGISTERED = "cpsd-ui-test"

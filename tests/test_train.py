@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mlcore import configlib
-from mlcore.data.manifest import Manifest
-from mlcore.experiment import build_loaders, resolve_dataset, train_classifier
+from mlcore.data.loading import build_loaders, open_dataset
+from mlcore.experiment import train_classifier
 from mlcore.metrics import mean_average_precision
 from mlcore.models import build_model
 from mlcore.train import BEST, LAST, NonFiniteLossError, Supervised, load_checkpoint, train
@@ -20,7 +20,7 @@ class _Stop(Exception):
 
 def test_tiny_model_beats_random_scores(tiny_config, tmp_path):
     exp = configlib.replace(tiny_config, ["train.epochs=4"])
-    result = train_classifier(exp, tmp_path / "run")
+    result = train_classifier(exp, open_dataset(exp.data), tmp_path / "run")
     targets = result.val_targets
     rng = np.random.default_rng(0)
     random_map = np.mean(
@@ -36,17 +36,23 @@ def test_tiny_model_beats_random_scores(tiny_config, tmp_path):
 
 def test_resume_gives_identical_weights(tiny_config, tmp_path):
     exp = tiny_config
-    full = train_classifier(exp, tmp_path / "full", log=lambda _: None)
+    full = train_classifier(exp, open_dataset(exp.data), tmp_path / "full", log=lambda _: None)
 
     def stop_after_first_epoch(epoch, metrics):
         if epoch == 1:  # epochs count from 1 in callbacks and records
             raise _Stop
 
     with pytest.raises(_Stop):
-        train_classifier(exp, tmp_path / "cut", on_epoch=stop_after_first_epoch, log=lambda _: None)
+        train_classifier(
+            exp,
+            open_dataset(exp.data),
+            tmp_path / "cut",
+            on_epoch=stop_after_first_epoch,
+            log=lambda _: None,
+        )
     assert load_checkpoint(tmp_path / "cut" / LAST)["epoch"] == 0
     lines = []
-    resumed = train_classifier(exp, tmp_path / "cut", log=lines.append)
+    resumed = train_classifier(exp, open_dataset(exp.data), tmp_path / "cut", log=lines.append)
     assert any("resumed" in line for line in lines)
     a = load_checkpoint(tmp_path / "full" / LAST)
     b = load_checkpoint(tmp_path / "cut" / LAST)
@@ -59,9 +65,9 @@ def test_resume_gives_identical_weights(tiny_config, tmp_path):
 
 def test_non_finite_loss_names_epoch_and_step(tiny_config, tmp_path):
     exp = tiny_config
-    manifest = Manifest.load(resolve_dataset(exp.data))
-    train_loader, val_loader = build_loaders(manifest, exp.data, exp.train)
-    model = build_model(exp.model.backbone, manifest.num_classes)
+    dataset = open_dataset(exp.data)
+    train_loader, val_loader = build_loaders(dataset, exp.train)
+    model = build_model(exp.model.backbone, dataset.num_classes)
     calls = {"n": 0}
 
     def exploding(logits, batch):
@@ -78,7 +84,9 @@ def test_non_finite_loss_names_epoch_and_step(tiny_config, tmp_path):
 
 def test_supervised_objective_and_checkpoint_is_weights_only(tiny_config, tmp_path):
     exp = configlib.replace(tiny_config, ["train.epochs=1"])
-    result = train_classifier(exp, tmp_path, class_subset=[3, 1], log=lambda _: None)
+    result = train_classifier(
+        exp, open_dataset(exp.data), tmp_path, class_subset=[3, 1], log=lambda _: None
+    )
     state = torch.load(tmp_path / LAST, weights_only=True)
     assert state["epoch"] == 0
     assert result.val_scores.shape[1] == 2

@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from mlcore.data.loading import open_dataset
 from mlcore.experiment import train_classifier
 from workflows.config import config_path, load_config
 
@@ -35,7 +36,7 @@ def test_loss_and_head_train_without_nan(overrides, tiny_overrides, tmp_path):
     cfg = load_config(config_path("tiny"), [*tiny_overrides, "train.epochs=1", *overrides])
     steps = []
     result = train_classifier(
-        cfg, tmp_path, on_step=lambda step, stats: steps.append(stats),
+        cfg, open_dataset(cfg.data), tmp_path, on_step=lambda step, stats: steps.append(stats),
         log=lambda _: None,
     )  # fmt: skip
     metrics = result.history[-1]

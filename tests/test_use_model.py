@@ -48,9 +48,9 @@ from mlcore.evaluation import (
     read_thresholds,
     write_thresholds,
 )
-from mlcore.export import HEAD_ADAPTERS, ExportError, export_bundle
+from mlcore.export import ExportError, export_bundle
 from mlcore.metrics import multilabel_report
-from mlcore.models import build_model_from_config
+from mlcore.models import FAMILIES, build_model_from_config
 from mlcore.train import predict
 from workflows.cli import run
 from workflows.mlflow_model import (
@@ -490,7 +490,7 @@ def test_ml_decoder_and_orderless_rnn_export(head, fmt, tmp_path):
 
 
 def test_export_refuses_heads_without_an_adapter(trained, tmp_path, monkeypatch):
-    monkeypatch.delitem(HEAD_ADAPTERS, "gap")
+    monkeypatch.setitem(FAMILIES, "gap", dataclasses.replace(FAMILIES["gap"], export=None))
     with pytest.raises(ExportError, match="export of head 'gap' is not supported yet"):
         export_bundle(trained.bundle, "onnx", tmp_path / "m.onnx")
 
@@ -692,11 +692,14 @@ def test_final_keys_and_links():
 
 def test_a_teacher_bundle_evaluates_on_its_own_classes(trained, tiny_config, tmp_path, capsys):
     """A model on a label subset keeps its class order; evaluate matches classes by name."""
+    from mlcore.data.loading import open_dataset
     from mlcore.experiment import train_classifier
 
     subset = [3, 1]
     one_epoch = configlib.replace(tiny_config, ["train.epochs=1"])
-    train_classifier(one_epoch, tmp_path / "teacher", class_subset=subset)
+    train_classifier(
+        one_epoch, open_dataset(one_epoch.data), tmp_path / "teacher", class_subset=subset
+    )
     bundle = load_bundle(tmp_path / "teacher" / BUNDLE_FILE)
     names = trained.manifest.class_names
     assert bundle.class_names == (names[3], names[1])

@@ -1,8 +1,10 @@
 """``cpsd``: the command line.
 
 Every command that trains reads one YAML config (``--config``) with ``--set dotted.key=value``
-overrides. Expected failures (bad config, bad data) print one clear line and exit 2; nothing
-prints a traceback for user error.
+overrides, parsed once (``workflows.entry``): the command gets the loaded config. Expected
+failures (bad config, bad data) print one clear line and exit 2; nothing prints a traceback for
+user error. ``pipeline``, ``study`` and ``tune`` are also ``python -m workflows.<name>``, with
+the same arguments.
 
 This module imports neither torch nor MLflow at import time: the commands that use a trained
 model check ``--model`` first (``workflows.model_ref``), so a mistyped one fails in a fraction
@@ -13,47 +15,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from workflows.config import add_retrain_stale
+from workflows.config import Config
+from workflows.entry import (
+    PIPELINE,
+    STUDY,
+    TUNE,
+    Command,
+    UsageError,
+    add_config_args,
+    add_job_args,
+    run_command,
+    with_config,
+)
 from workflows.model_ref import TrackingStore, check_model_ref
-
-
-class UsageError(Exception):
-    """A user error to report without a traceback."""
-
-
-def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
-    p.add_argument(
-        "--config",
-        default=default,
-        help="YAML config file, or the name of a bundled one (e.g. tiny)"
-        + (f" (default: {default})" if default else ""),
-    )
-    p.add_argument(
-        "--verbose",
-        action="store_const",
-        const="verbose=true",
-        help="show every worker's output and third-party INFO logs (= --set verbose=true)",
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.epochs=3 (repeatable)",
-    )
-
-
-def load(args: argparse.Namespace):
-    from workflows.config import config_from_args
-
-    return config_from_args(args)
-
 
 # ---------------------------------------------------------------------------------------------
 # data
@@ -85,18 +65,19 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
 def cmd_data_import(args: argparse.Namespace) -> None:
     from mlcore.data import importers
 
-    common = {
-        "drop_empty": args.drop_empty,
-        "skip_missing": args.skip_missing,
-        "verify_decode": args.verify_decode,
-        "overwrite": args.overwrite,
-    }
+    options = importers.ImportOptions(
+        drop_empty=args.drop_empty,
+        skip_missing=args.skip_missing,
+        verify_decode=args.verify_decode,
+        name=args.name,
+        overwrite=args.overwrite,
+    )
     if args.kind == "coco":
         if not args.ann:
             raise UsageError("coco needs at least one --ann ANN.json:SPLIT:IMAGE_DIR")
         entries = [importers.CocoEntry.parse(spec) for spec in args.ann]
         result = importers.import_coco(
-            entries, args.out, class_order=args.class_order, name=args.name or "coco", **common
+            entries, args.out, class_order=args.class_order, options=options
         )
     elif args.kind == "voc":
         result = importers.import_voc(
@@ -104,8 +85,7 @@ def cmd_data_import(args: argparse.Namespace) -> None:
             args.out,
             splits=importers.parse_split_map(args.split or ["train:train", "val:val"]),
             include_difficult=args.include_difficult,
-            name=args.name,
-            **common,
+            options=options,
         )
     elif args.kind == "openimages":
         if not args.labels or not args.class_descriptions:
@@ -119,9 +99,8 @@ def cmd_data_import(args: argparse.Namespace) -> None:
             class_descriptions=args.class_descriptions,
             trainable_classes=args.trainable_classes,
             check_images=args.check_images,
-            name=args.name or "open-images",
+            options=options,
             progress=print,
-            **common,
         )
     elif args.kind == "nuswide1k":
         result = importers.import_nuswide1k(
@@ -130,8 +109,7 @@ def cmd_data_import(args: argparse.Namespace) -> None:
             image_dir=args.image_dir,
             val_fraction=args.val_fraction,
             invalid_labels=args.invalid_labels,
-            name=args.name or "nus-wide-1k",
-            **common,
+            options=options,
         )
     elif args.kind == "nuswide":
         result = importers.import_nuswide(
@@ -140,8 +118,7 @@ def cmd_data_import(args: argparse.Namespace) -> None:
             image_dir=args.image_dir,
             splits=importers.parse_split_map(args.split) if args.split else None,
             invalid_labels=args.invalid_labels,
-            name=args.name or "nus-wide",
-            **common,
+            options=options,
         )
     else:
         result = importers.import_csv(
@@ -154,8 +131,7 @@ def cmd_data_import(args: argparse.Namespace) -> None:
             label_delimiter=args.label_delimiter,
             csv_delimiter=args.csv_delimiter,
             default_split=args.default_split,
-            name=args.name,
-            **common,
+            options=options,
         )
     print(result.summary())
 
@@ -181,11 +157,10 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 # training
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def cmd_train(cfg: Config, args: argparse.Namespace) -> None:
     from workflows.driver import preflight
     from workflows.train_one import train_one
 
-    cfg = load(args)
     preflight(cfg, uses_stages=False)
     result = train_one(cfg, out_dir=args.out)
     metric = cfg.train.select_metric
@@ -222,60 +197,47 @@ def cmd_partition(args: argparse.Namespace) -> None:
     print(f"Ncut {partition.report['ncut']:.6f}; wrote {out} and {png}")
 
 
-def cmd_run_local(args: argparse.Namespace) -> None:
+def cmd_run_local(cfg: Config, args: argparse.Namespace) -> None:
     from mlcore.cpsd import run_local
+    from mlcore.data.loading import open_dataset
     from mlcore.experiment import training_fingerprint
     from mlcore.fingerprint import config_content, stable_hash
     from workflows.driver import preflight
 
-    cfg = load(args)
     preflight(cfg)
     # Keyed by data and every ML setting: another config never resumes this one's checkpoints.
-    key = stable_hash(training_fingerprint(cfg), config_content(cfg.cpsd))
+    dataset = open_dataset(cfg.data)
+    key = stable_hash(training_fingerprint(cfg, dataset), config_content(cfg.cpsd))
     out = Path(args.out) if args.out else Path(cfg.storage_path) / cfg.name / f"local-{key}"
-    summary = run_local(cfg, out)
+    summary = run_local(cfg, out, dataset=dataset)
     print(summary.markdown())
     print(f"outputs in {out}")
 
 
-def _forward(args: argparse.Namespace, extra: list[str]) -> list[str]:
-    argv = ["--config", args.config, *extra]
-    for override in args.overrides:
-        argv += ["--set", override]
-    if getattr(args, "retrain_stale", None):
-        argv.append("--retrain-stale")
-    if getattr(args, "verbose", None):
-        argv.append("--verbose")
-    return argv
+# The Ray jobs are imported when they run: ``cpsd --help`` does not load Ray.
 
 
-def cmd_pipeline(args: argparse.Namespace) -> int:
-    from workflows.pipeline import main as pipeline_main
+def cmd_pipeline(cfg: Config, args: argparse.Namespace) -> None:
+    from workflows import pipeline
 
-    return pipeline_main(_forward(args, []))
-
-
-def cmd_tune(args: argparse.Namespace) -> int:
-    from workflows.tune import main as tune_main
-
-    return tune_main(
-        _forward(
-            args, (["--resume"] if args.resume else []) + (["--out", args.out] if args.out else [])
-        )
-    )
+    pipeline.command(cfg, args)
 
 
-def cmd_study(args: argparse.Namespace) -> int:
-    from workflows.study import main as study_main
+def cmd_tune(cfg: Config, args: argparse.Namespace) -> None:
+    from workflows import tune
 
-    return study_main(_forward(args, []))
+    tune.command(cfg, args)
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from workflows.pipeline import main as pipeline_main
+def cmd_study(cfg: Config, args: argparse.Namespace) -> None:
+    from workflows import study
 
+    study.command(cfg, args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int | None:
     print("cpsd demo: generated benchmark data -> CPSD pipeline on a local Ray instance")
-    return pipeline_main(_forward(args, []))
+    return with_config(cmd_pipeline)(args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,6 +265,18 @@ def _load_model(args: argparse.Namespace):
         return Classifier(load_bundle(path), args.device)
 
 
+def _checks_model(command: Command) -> Command:
+    """Check ``--model`` before torch and MLflow are imported: a wrong one fails at once."""
+
+    @functools.wraps(command)
+    def checked(args: argparse.Namespace) -> int | None:
+        check_model_ref(args.model, TrackingStore.of(args.tracking_uri))
+        return command(args)
+
+    return checked
+
+
+@_checks_model
 def cmd_predict(args: argparse.Namespace) -> int:
     from workflows.model_commands import (
         OUTPUT_SUFFIXES,
@@ -343,6 +317,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if summary.skipped else 0
 
 
+@_checks_model
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from workflows.model_commands import format_report, run_evaluate
 
@@ -377,6 +352,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+@_checks_model
 def cmd_export(args: argparse.Namespace) -> int:
     from mlcore.export import export_bundle
 
@@ -391,6 +367,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+@_checks_model
 def cmd_serve(args: argparse.Namespace) -> int:
     """``mlflow models serve`` for any ``--model`` form, started so that it works from any shell."""
     from workflows.mlflow_model import servable_model, serve_process
@@ -449,14 +426,7 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cpsd",
-        description="Multi-label image classification with CPSD, ASL, DB loss and ML-Decoder.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    # data -------------------------------------------------------------------------------------
+def _add_data_commands(sub) -> None:
     data = sub.add_parser("data", help="generate, import and check datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
 
@@ -494,6 +464,15 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=cmd_data_synth)
 
+    _add_import_command(data_sub)
+
+    check = data_sub.add_parser("check", help="validate a dataset directory")
+    check.add_argument("dir")
+    check.add_argument("--verify-images", choices=["exists", "decode", "none"], default="exists")
+    check.set_defaults(func=cmd_data_check)
+
+
+def _add_import_command(data_sub) -> None:
     imp = data_sub.add_parser(
         "import", help="import COCO, VOC, NUS-WIDE (81 or 1k tags), Open Images or CSV labels"
     )
@@ -549,18 +528,14 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--overwrite", action="store_true", help="replace an existing manifest")
     imp.set_defaults(func=cmd_data_import)
 
-    check = data_sub.add_parser("check", help="validate a dataset directory")
-    check.add_argument("dir")
-    check.add_argument("--verify-images", choices=["exists", "decode", "none"], default="exists")
-    check.set_defaults(func=cmd_data_check)
 
-    # train ------------------------------------------------------------------------------------
+def _add_training_commands(sub) -> None:
     train = sub.add_parser("train", help="train one model (the baseline) from a config")
-    _add_config_args(train, default="tiny")
+    add_config_args(train, "tiny")
     train.add_argument(
         "--out", help="output directory (default: STORAGE/NAME/train-<config fingerprint>)"
     )
-    train.set_defaults(func=cmd_train)
+    train.set_defaults(func=with_config(cmd_train))
 
     part = sub.add_parser("partition", help="CGP/DGP/random label partition of a dataset")
     part.add_argument("--data", required=True, help="dataset directory")
@@ -575,33 +550,24 @@ def build_parser() -> argparse.ArgumentParser:
     local = sub.add_parser(
         "run-local", help="the whole CPSD algorithm in one process, no Ray (the reference run)"
     )
-    _add_config_args(local, default="tiny")
+    add_config_args(local, "tiny")
     local.add_argument(
         "--out", help="output directory (default: STORAGE/NAME/local-<config fingerprint>)"
     )
-    local.set_defaults(func=cmd_run_local)
+    local.set_defaults(func=with_config(cmd_run_local))
 
-    pipe = sub.add_parser(
-        "pipeline", help="the CPSD pipeline on Ray (= python -m workflows.pipeline)"
-    )
-    _add_config_args(pipe, default="tiny")
-    add_retrain_stale(pipe)
-    pipe.set_defaults(func=cmd_pipeline)
+    jobs = [
+        (PIPELINE, cmd_pipeline, "the CPSD pipeline on Ray (= python -m workflows.pipeline)"),
+        (TUNE, cmd_tune, "a Ray Tune loss sweep (= python -m workflows.tune)"),
+        (STUDY, cmd_study, "an ablation grid over seeds on Ray (= python -m workflows.study)"),
+    ]
+    for job, command, help_text in jobs:
+        parser = sub.add_parser(job.name, help=help_text)
+        add_job_args(parser, job)
+        parser.set_defaults(func=with_config(command))
 
-    tune = sub.add_parser("tune", help="a Ray Tune loss sweep (= python -m workflows.tune)")
-    _add_config_args(tune, default="tune_asl_tiny")
-    tune.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
-    tune.add_argument("--out", help="where best_loss.yaml, results.csv and sweep.png go")
-    tune.set_defaults(func=cmd_tune)
 
-    study = sub.add_parser(
-        "study", help="an ablation grid over seeds on Ray (= python -m workflows.study)"
-    )
-    _add_config_args(study, default="study_cpsd_tiny")
-    add_retrain_stale(study)
-    study.set_defaults(func=cmd_study)
-
-    # using a trained model -------------------------------------------------------------------
+def _add_labelling_commands(sub) -> None:
     pred = sub.add_parser("predict", help="label images with a trained model")
     _add_model_args(pred)
     pred.add_argument(
@@ -653,6 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_args(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
+
+def _add_deployment_commands(sub) -> None:
     export = sub.add_parser("export", help="ONNX or TorchScript, with a parity check")
     _add_model_args(export)
     export.add_argument("--format", choices=["onnx", "torchscript"], required=True)
@@ -676,36 +644,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=cmd_serve)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cpsd",
+        description="Multi-label image classification with CPSD, ASL, DB loss and ML-Decoder.",
+    )
+    parser.set_defaults(label="cpsd", interrupted=None)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_data_commands(sub)
+    _add_training_commands(sub)
+    _add_labelling_commands(sub)
+    _add_deployment_commands(sub)
     demo = sub.add_parser(
         "demo", help="generate the benchmark data and run the full CPSD pipeline (default job)"
     )
-    _add_config_args(demo, default="demo")
-    add_retrain_stale(demo)
+    add_job_args(demo, PIPELINE, default_config="demo")
     demo.set_defaults(func=cmd_demo)
-
     return parser
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    func: Callable[[argparse.Namespace], int | None] = args.func
-    if getattr(args, "model", None) is not None:
-        try:  # before torch and MLflow are imported: a wrong --model fails at once
-            check_model_ref(args.model, TrackingStore.of(args.tracking_uri))
-        except FileNotFoundError as err:
-            print(f"cpsd: error: {err}", file=sys.stderr)
-            return 2
-    from workflows.config import USER_ERRORS
-
-    try:
-        return func(args) or 0
-    except (*USER_ERRORS, UsageError) as err:
-        print(f"cpsd: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("cpsd: interrupted", file=sys.stderr)
-        return 130
+    return run_command(build_parser().parse_args(argv))
 
 
 def main() -> None:

@@ -7,7 +7,6 @@ different working directory.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from mlcore import configlib
 from mlcore.config import UNSEEN_FROM_MANIFEST, ExperimentConfig
 from mlcore.configlib import ConfigError
 from mlcore.errors import ManifestError, ResumeMismatchError
+from mlcore.models.family import check_family
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -224,6 +224,10 @@ class Config(ExperimentConfig):
     (``workflows.versions``): ``reuse`` it (one line names it; summaries mark its row),
     ``retrain`` it, or stop with an ``error``. ``--retrain-stale`` sets ``retrain``."""
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_family(self)
+
 
 def _is_uri(path: str) -> bool:
     return "://" in path
@@ -275,39 +279,6 @@ def config_path(name: str | None) -> Path | None:
     raise ConfigError(f"config {name!r} not found (bundled configs: {available})")
 
 
-def config_arg_parser(
-    prog: str, description: str, *, stages: bool = False
-) -> argparse.ArgumentParser:
-    """The ``--config FILE --set key=value ...`` arguments every ``python -m workflows.X`` takes
-    (``stages``: also ``--retrain-stale``, for the jobs that reuse finished stages)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", required=True, help="YAML config (or a bundled name)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument(
-        "--verbose", action="store_const", const="verbose=true", help="= --set verbose=true"
-    )
-    if stages:
-        add_retrain_stale(parser)
-    return parser
-
-
-def add_retrain_stale(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--retrain-stale",
-        action="store_const",
-        const="stale=retrain",
-        dest="retrain_stale",
-        help="retrain finished stages made by other code (= --set stale=retrain)",
-    )
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    """The config named by parsed ``--config``/``--set`` (and ``--retrain-stale``) arguments."""
-    flags = [getattr(args, "retrain_stale", None), getattr(args, "verbose", None)]
-    overrides = [*args.overrides, *filter(None, flags)]
-    return load_config(config_path(args.config), overrides)
-
-
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:
     """Load, override, check and resolve a config; errors are :class:`ConfigError`."""
     return resolve_paths(configlib.load(Config, path, overrides))
@@ -323,9 +294,6 @@ __all__ = [
     "StudyConfig",
     "SweepConfig",
     "TrackingUnavailable",
-    "add_retrain_stale",
-    "config_arg_parser",
-    "config_from_args",
     "config_path",
     "load_config",
     "resolve_paths",

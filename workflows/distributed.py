@@ -10,7 +10,7 @@ task would have held (``ray.teacher_cpus`` / ``teacher_gpus``, ``student_*``; a 
 * DDP over the process group Ray Train set up (nccl on GPUs, gloo on CPUs), with the ranks'
   gradients *summed* (see ``mlcore.train.Placement``) and BatchNorm statistics taken over the
   global batch (torch's ``SyncBatchNorm`` on GPUs, :class:`CrossRankBatchNorm` on CPUs);
-* each rank draws its share of the same global sample order (``mlcore.experiment``);
+* each rank draws its share of the same global sample order (``mlcore.data.loading.build_loaders``);
 * every rank runs the whole loop (EMA, validation, model selection give identical results on
   every rank, in parallel), but only rank 0's files count: they are the epoch checkpoint
   reported to Ray Train, and only rank 0 logs to the stage's MLflow run (tag

@@ -63,10 +63,10 @@ def check_model_builds(cfg: Config, num_classes: int) -> None:
     """
     import torch
 
-    from mlcore.models import build_model_from_config
+    from mlcore.models import build_model_from_config, family_of
 
     model_cfg = cfg.model
-    if model_cfg.head == "ml_decoder" and model_cfg.ml_decoder.queries == "word":
+    if family_of(model_cfg.head).class_embeddings(model_cfg):
         model_cfg = dataclasses.replace(model_cfg, head="gap")
     try:
         model = build_model_from_config(model_cfg, num_classes).eval()
@@ -114,10 +114,3 @@ def report_unsent(storage: Storage, rels: Sequence[str], log: Callable[[str], No
         for rel in unsent:
             log(f"  {storage.uri_of(rel)}/{UNSENT_FILE}")
     return len(unsent)
-
-
-def user_message(err: BaseException) -> str:
-    """A user error's one line; an error raised inside a Ray task carries the task's
-    traceback in its text, so its cause is printed instead."""
-    cause = getattr(err, "cause", None)
-    return str(cause if isinstance(cause, BaseException) else err).strip().splitlines()[0]

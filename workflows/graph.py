@@ -49,9 +49,8 @@ from mlcore.cpsd import (
     teacher_fingerprint,
     trains_baseline,
 )
-from mlcore.data.manifest import read_info
+from mlcore.data.loading import OpenDataset, open_dataset
 from mlcore.distill import ensemble_weights
-from mlcore.experiment import resolve_dataset
 from mlcore.fingerprint import stable_hash
 from mlcore.pretrain import pretrain_fingerprint, with_pretrained
 from workflows.config import Config
@@ -77,10 +76,12 @@ from workflows.stages import (
 class ConfigRefs:
     """The refs of one config's stages (``final``: the student, or the baseline in mode
     ``baseline``; ``combinations``: ``ensemble-target`` and ``ensemble-baseline``). ``cfg`` is
-    the config as run: with ``pretrain`` enabled, its ``model.pretrained_file`` is filled."""
+    the config as run: with ``pretrain`` enabled, its ``model.pretrained_file`` is filled;
+    ``dataset``: its data, opened once (without image bytes) for the stage keys."""
 
     cfg: Config
     ctx: JobContext
+    dataset: OpenDataset
     specs: list[TeacherSpec] = field(default_factory=list)
     partitions: dict[str, Any] = field(default_factory=dict)
     teachers: dict[str, Any] = field(default_factory=dict)
@@ -137,9 +138,10 @@ class StageGraph:
             cfg = with_pretrained(cfg, self.wait({"pretrain": ref})["pretrain"]["backbone"])
             ctx = dataclasses.replace(ctx, cfg=cfg)
         c = cfg.cpsd
-        refs = ConfigRefs(cfg, ctx)
+        dataset = open_dataset(cfg.data, with_bytes=False)
+        refs = ConfigRefs(cfg, ctx, dataset)
         for kind in ENSEMBLES[c.mode]:
-            key = partition_key(cfg, kind)
+            key = partition_key(cfg, dataset, kind)
             # Zero CPUs: planning the graph waits on partitions, which take seconds; they must
             # not queue behind training tasks that hold every CPU for hours. On the driver's
             # node when it can: a task holding no resource leaves an autoscaled worker "idle",
@@ -154,7 +156,7 @@ class StageGraph:
                 key,
             )
         if trains_baseline(cfg):
-            key = baseline_fingerprint(cfg)
+            key = baseline_fingerprint(cfg, dataset)
             refs.baseline = self.submit(
                 ctx.stage_rel("baseline", key),
                 "baseline",
@@ -165,7 +167,7 @@ class StageGraph:
             )
             keys = [key]
             for i in range(c.control_ensemble):
-                keys.append(baseline_fingerprint(control_config(cfg, i)))
+                keys.append(baseline_fingerprint(control_config(cfg, i), dataset))
                 refs.controls.append(
                     self.submit(
                         ctx.stage_rel(f"control-{i}", keys[-1]),
@@ -178,10 +180,10 @@ class StageGraph:
                     )
                 )
             if refs.controls:
-                everything = list(range(read_info(resolve_dataset(cfg.data)).num_classes))
+                everything = list(range(dataset.num_classes))
                 members = [refs.baseline, *refs.controls]
                 refs.combinations[CONTROL] = self._combination(
-                    ctx,
+                    refs,
                     CONTROL,
                     [[(k, everything)] for k in keys],
                     [[ref] for ref in members],
@@ -199,7 +201,7 @@ class StageGraph:
         if not ENSEMBLES[c.mode]:
             return refs
         self.teachers(refs)
-        key = student_fingerprint(cfg, refs.specs)
+        key = student_fingerprint(cfg, refs.dataset, refs.specs)
         retries = {"max_retries": cfg.ray.max_retries}
         n = len(refs.specs)
         teacher_refs = [refs.teachers[s.name] for s in refs.specs]
@@ -235,7 +237,7 @@ class StageGraph:
         # A teacher's logits are one pass of one model: the resources of one copy.
         logits_task = {**model_resources(cfg, "teacher"), **retries}
         for spec in refs.specs:
-            key = teacher_fingerprint(cfg, spec)
+            key = teacher_fingerprint(cfg, refs.dataset, spec)
             rel = ctx.stage_rel(spec.name, key)
             refs.teachers[spec.name] = self.submit(
                 rel, spec.name, teacher_stage, teacher_task, ctx, spec, key
@@ -253,9 +255,12 @@ class StageGraph:
         kinds = dict.fromkeys(s.kind for s in refs.specs)  # ENSEMBLES slot order
         groups = [[s for s in refs.specs if s.kind == kind] for kind in kinds]
         refs.combinations[TARGET] = self._combination(
-            ctx,
+            refs,
             TARGET,
-            [[(teacher_fingerprint(cfg, s), list(s.subset)) for s in g] for g in groups],
+            [
+                [(teacher_fingerprint(cfg, refs.dataset, s), list(s.subset)) for s in g]
+                for g in groups
+            ],
             [[refs.teachers[s.name] for s in g] for g in groups],
             list(ensemble_weights(len(groups), c.kd_alpha)),
         )
@@ -263,7 +268,7 @@ class StageGraph:
 
     def _combination(
         self,
-        ctx: JobContext,
+        config: ConfigRefs,
         name: str,
         members: list[list[tuple[str, list[int]]]],
         refs: list[list[Any]],
@@ -271,10 +276,12 @@ class StageGraph:
     ) -> Any:
         """Submit a combination of trained models' logits: ``members[g]`` are the (stage key,
         class subset) of group g, ``refs[g]`` their refs, ``weights[g]`` its share."""
+        ctx = config.ctx
         cfg = ctx.cfg
         # Keyed by its members, its shares and the data it is scored on (val is in every
         # member's key; the held-out splits are not).
-        key = stable_hash("combination", name, members, weights, held_out_splits(cfg)[1])
+        held_out = held_out_splits(config.dataset)[1]
+        key = stable_hash("combination", name, members, weights, held_out)
         layout = [[subset for _, subset in group] for group in members]
         return self.submit(
             ctx.stage_rel(name, key),

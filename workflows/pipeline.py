@@ -14,6 +14,7 @@ last epoch. MLflow gets a parent run per job and a child per stage (``cpsd.role`
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import shutil
 import sys
@@ -22,11 +23,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mlcore.cpsd import RunSummary
-from mlcore.experiment import resolve_dataset
+from mlcore.data.loading import resolve_dataset
 from workflows.autoscaling import resolve_placement, start_prewarm
-from workflows.config import USER_ERRORS, Config, config_arg_parser, config_from_args
+from workflows.config import Config
 from workflows.console import STAGE_LOG, ProgressLine, board, quiet_third_party
-from workflows.driver import preflight, report_unsent, spill_dir_for, user_message
+from workflows.driver import preflight, report_unsent, spill_dir_for
+from workflows.entry import PIPELINE, job_main
 from workflows.graph import StageGraph
 from workflows.report import (
     collect,
@@ -155,22 +157,15 @@ def run_pipeline(cfg: Config, *, log: Callable[[str], None] = print) -> RunSumma
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = config_arg_parser(
-        "python -m workflows.pipeline", "Run the CPSD pipeline on Ray.", stages=True
-    ).parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        summary = run_pipeline(cfg)
-    except USER_ERRORS as err:
-        print(f"pipeline: error: {user_message(err)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("pipeline: interrupted; checkpoints kept, MLflow runs marked KILLED", file=sys.stderr)
-        return 130
+def command(cfg: Config, args: argparse.Namespace) -> None:
+    """``cpsd pipeline``: run the pipeline and print its summary."""
+    summary = run_pipeline(cfg)
     print("\n" + summary.markdown())
     print(f"\nartifacts: {Path(cfg.storage_path) / cfg.name}")
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return job_main(PIPELINE, command, argv)
 
 
 if __name__ == "__main__":

@@ -44,9 +44,9 @@ from mlcore.cpsd import (
     train_student,
     train_teacher,
 )
-from mlcore.data.manifest import read_info
+from mlcore.data.loading import OpenDataset, open_dataset
 from mlcore.distill import LOGIT_STORE
-from mlcore.experiment import resolve_dataset, train_classifier
+from mlcore.experiment import train_classifier
 from mlcore.fingerprint import split_digest, stable_hash
 from mlcore.partition.cooccurrence import cooccurrence_from_manifest
 from mlcore.pretrain import BACKBONE_FILE, export_backbone, pretrain_config
@@ -88,9 +88,9 @@ class JobContext:
         return f"{self.namespace}/stages/{stage}-{key}"
 
 
-def partition_key(cfg: Config, kind: str) -> str:
+def partition_key(cfg: Config, dataset: OpenDataset, kind: str) -> str:
     c, data = cfg.cpsd, cfg.data
-    train = split_digest(resolve_dataset(data), [data.train_split], data.cache_dir)
+    train = split_digest(dataset.root, [data.train_split], data.cache_dir)
     k = 1 if kind == "full" else c.k
     return stable_hash("partition", kind, train, k, c.tau, c.partition_seed)
 
@@ -158,13 +158,15 @@ def partition_stage(ctx: JobContext, kind: str, key: str) -> dict[str, Any]:
     def compute() -> dict[str, Any]:
         work = WorkDir(storage, rel)
         try:
-            root = resolve_dataset(cfg.data)
-            names = read_info(root).class_names
+            dataset = open_dataset(cfg.data, with_bytes=False)
+            names = dataset.class_names
             if kind != "full" and cfg.cpsd.k > len(names):
                 raise ValueError(
                     f"cpsd.k = {cfg.cpsd.k} is larger than the number of classes ({len(names)})"
                 )
-            pair_counts, class_counts = cooccurrence_from_manifest(root, cfg.data.train_split)
+            pair_counts, class_counts = cooccurrence_from_manifest(
+                dataset.root, cfg.data.train_split
+            )
             partition = make_partition(
                 kind,
                 pair_counts,
@@ -198,6 +200,7 @@ def _held_out(
     storage: Storage,
     rel: str,
     model_cfg: Config,
+    dataset: OpenDataset,
     class_subset: Sequence[int] | None,
     *,
     workdir: Path | None = None,
@@ -209,14 +212,19 @@ def _held_out(
     evaluated again only when that data changed since (a test split was added), without
     retraining: its checkpoint is fetched, the new scores are written back.
     """
-    _, digest = held_out_splits(model_cfg)
+    _, digest = held_out_splits(dataset)
     if workdir is not None:
-        return evaluate_model(model_cfg, workdir / BEST, workdir, class_subset=class_subset), digest
+        reports = evaluate_model(
+            model_cfg, dataset, workdir / BEST, workdir, class_subset=class_subset
+        )
+        return reports, digest
     if done is not None and done.get("held_out_digest") == digest:
         return done["held_out"], digest
     work = WorkDir(storage, rel, files=[BEST])
     try:
-        reports = evaluate_model(model_cfg, work.path / BEST, work.path, class_subset=class_subset)
+        reports = evaluate_model(
+            model_cfg, dataset, work.path / BEST, work.path, class_subset=class_subset
+        )
         work.sync()
         return reports, digest
     finally:
@@ -259,13 +267,16 @@ def _train_stage(
     key: str,
     params: dict[str, Any],
     model_cfg: Config,
+    dataset: OpenDataset,
     run: TrainingRun,
     *,
     role: str,
-    classes: int,
     class_subset: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Skip when done, else train (resuming), log, evaluate on held-out splits, mark done.
+
+    ``dataset`` is the stage's data, opened once by the stage for all of this; the model
+    outputs ``class_subset`` (None: all the dataset's classes).
 
     ``run(workdir, **hooks)`` trains into ``workdir`` and returns the TrainResult, in this task
     or on a Ray Train worker group (``workflows.distributed.train_stage``). One process at a
@@ -275,17 +286,17 @@ def _train_stage(
     storage = Storage(ctx.storage_uri)
     rel = ctx.stage_rel(stage, key)
     done = _finished(ctx, storage, rel, locked=False)
-    _, digest = held_out_splits(model_cfg)
+    _, digest = held_out_splits(dataset)
     unsent = f"{rel}/{UNSENT_FILE}"
     if done is None or done.get("held_out_digest") != digest or storage.exists(unsent):
         with storage.lock(rel, on_wait=_waiting(stage)):
             done = _finished(ctx, storage, rel, locked=True)
             if done is None:
                 return _train_locked(
-                    ctx, storage, rel, stage, key, params, model_cfg, run, role, classes,
+                    ctx, storage, rel, stage, key, params, model_cfg, dataset, run, role,
                     class_subset,
                 )  # fmt: skip
-            held_out, digest = _held_out(storage, rel, model_cfg, class_subset, done=done)
+            held_out, digest = _held_out(storage, rel, model_cfg, dataset, class_subset, done=done)
             if digest != done.get("held_out_digest"):
                 done = {**done, "held_out": held_out, "held_out_digest": digest}
                 storage.mark_done(rel, {k: v for k, v in done.items() if k != "stale"})
@@ -344,12 +355,13 @@ def _train_locked(
     key: str,
     params: dict[str, Any],
     model_cfg: Config,
+    dataset: OpenDataset,
     run: TrainingRun,
     role: str,
-    classes: int,
     class_subset: Sequence[int] | None,
 ) -> dict[str, Any]:
     """Train the stage (this process holds its lock) and mark it done."""
+    classes = dataset.num_classes if class_subset is None else len(class_subset)
     work = WorkDir(storage, rel)
     try:
         placement = _placement()
@@ -400,7 +412,9 @@ def _train_locked(
                     )
             finally:
                 post_end(ctx.progress, label)
-            held_out, digest = _held_out(storage, rel, model_cfg, class_subset, workdir=work.path)
+            held_out, digest = _held_out(
+                storage, rel, model_cfg, dataset, class_subset, workdir=work.path
+            )
             record = {
                 "stage": stage,
                 "role": role,
@@ -419,7 +433,7 @@ def _train_locked(
             }
             # The final keys first: whatever happens to the model's logging, the run has them.
             logger.metrics(_final(record), step=record["best_epoch"])
-            _record_model(ctx, logger, record, model_cfg, work.path, role)
+            _record_model(ctx, logger, record, model_cfg, dataset, work.path, role)
             if ctx.cfg.mlflow.log_checkpoints:
                 logger.artifact(result.best_checkpoint, "checkpoints")
             logger.artifact(work.path / STAGE_LOG, "logs")  # the epoch lines, beside the run
@@ -445,6 +459,7 @@ def _record_model(
     logger: Any,
     record: dict[str, Any],
     cfg: Config,
+    dataset: OpenDataset,
     workdir: Path,
     role: str,
 ) -> None:
@@ -476,7 +491,7 @@ def _record_model(
         bundle=str(bundle),
         final=_final(record),
         best_epoch=record["best_epoch"],
-        dataset_root=str(resolve_dataset(data)),
+        dataset_root=str(dataset.root),
         splits=splits,
         log_models=log_models,
         registered_model=(
@@ -502,7 +517,8 @@ def _on_assigned_device(ctx: JobContext, what: str, role: Role) -> JobContext:
 def teacher_stage(ctx: JobContext, spec: TeacherSpec, key: str) -> dict[str, Any]:
     ctx = _on_assigned_device(ctx, spec.name, "teacher")
     cfg = teacher_config(ctx.cfg, spec)
-    names = read_info(resolve_dataset(cfg.data)).class_names
+    dataset = open_dataset(cfg.data)
+    names = dataset.class_names
     params = {
         **_common_params(cfg),
         "teacher.kind": spec.kind,
@@ -517,9 +533,9 @@ def teacher_stage(ctx: JobContext, spec: TeacherSpec, key: str) -> dict[str, Any
         key,
         params,
         cfg,
-        lambda path, **hooks: train_teacher(ctx.cfg, spec, path, **hooks),
+        dataset,
+        lambda path, **hooks: train_teacher(ctx.cfg, dataset, spec, path, **hooks),
         role="teacher",
-        classes=len(spec.subset),
         class_subset=spec.subset,
     )
     return {**record, "subset": list(spec.subset), "kind": spec.kind}
@@ -536,7 +552,8 @@ def logits_stage(ctx: JobContext, spec: TeacherSpec, teacher: dict[str, Any]) ->
         scratch = Path(tempfile.mkdtemp(prefix="cpsd-logits-"))
         try:
             checkpoint = storage.download(f"{teacher['rel']}/{BEST}", scratch / BEST)
-            cache_teacher_logits(ctx.cfg, spec, checkpoint, work.path / LOGIT_STORE)
+            dataset = open_dataset(ctx.cfg.data)
+            cache_teacher_logits(ctx.cfg, dataset, spec, checkpoint, work.path / LOGIT_STORE)
             work.sync()
             return {"rel": rel, "file": f"{rel}/{LOGIT_STORE}"}
         finally:
@@ -548,15 +565,16 @@ def logits_stage(ctx: JobContext, spec: TeacherSpec, teacher: dict[str, Any]) ->
 
 def baseline_stage(ctx: JobContext, key: str) -> dict[str, Any]:
     ctx = _on_assigned_device(ctx, "baseline", "baseline")
+    dataset = open_dataset(ctx.cfg.data)
     return _train_stage(
         ctx,
         "baseline",
         key,
         _common_params(ctx.cfg),
         ctx.cfg,
-        lambda path, **hooks: train_classifier(ctx.cfg, path, **hooks),
+        dataset,
+        lambda path, **hooks: train_classifier(ctx.cfg, dataset, path, **hooks),
         role="baseline",
-        classes=read_info(resolve_dataset(ctx.cfg.data)).num_classes,
     )
 
 
@@ -573,6 +591,7 @@ def student_stage(
     storage = Storage(ctx.storage_uri)
     cfg = ctx.cfg
     c = cfg.cpsd
+    dataset = open_dataset(cfg.data)
 
     def run(path: Path, **hooks) -> TrainResult:
         # Inputs go to a scratch folder of this attempt, never into the synced stage folder
@@ -597,6 +616,7 @@ def student_stage(
                 init = fetch([f"{baseline['rel']}/{BEST}"])[0]
             return train_student(
                 cfg,
+                dataset,
                 specs,
                 path,
                 teacher_checkpoints=checkpoints,
@@ -616,9 +636,8 @@ def student_stage(
         "cls_weight": c.cls_weight,
         "kd_alpha": c.kd_alpha,
     }
-    classes = read_info(resolve_dataset(cfg.data)).num_classes
     return _train_stage(
-        ctx, "student", key, params, student_config(cfg), run, role="student", classes=classes
+        ctx, "student", key, params, student_config(cfg), dataset, run, role="student"
     )
 
 
@@ -627,15 +646,16 @@ def control_stage(ctx: JobContext, index: int, key: str) -> dict[str, Any]:
     stage = f"control-{index}"
     ctx = _on_assigned_device(ctx, stage, "baseline")
     cfg = control_config(ctx.cfg, index)
+    dataset = open_dataset(cfg.data)
     return _train_stage(
         ctx,
         stage,
         key,
         _common_params(cfg),
         cfg,
-        lambda path, **hooks: train_classifier(cfg, path, **hooks),
+        dataset,
+        lambda path, **hooks: train_classifier(cfg, dataset, path, **hooks),
         role="control",
-        classes=read_info(resolve_dataset(cfg.data)).num_classes,
     )
 
 
@@ -644,15 +664,16 @@ def pretrain_stage(ctx: JobContext, key: str) -> dict[str, Any]:
     the file every downstream model starts from."""
     ctx = _on_assigned_device(ctx, "pretrain", "baseline")
     cfg = pretrain_config(ctx.cfg)
+    dataset = open_dataset(cfg.data)
     record = _train_stage(
         ctx,
         "pretrain",
         key,
         _common_params(cfg),
         cfg,
-        lambda path, **hooks: train_classifier(cfg, path, **hooks),
+        dataset,
+        lambda path, **hooks: train_classifier(cfg, dataset, path, **hooks),
         role="pretrain",
-        classes=ctx.cfg.pretrain.synth.num_classes,
     )
     storage = Storage(ctx.storage_uri)
     backbone = f"{record['rel']}/{BACKBONE_FILE}"
@@ -690,7 +711,9 @@ def combination_stage(
                 )
                 for g, group in enumerate(groups)
             )
-            reports = evaluate_combination(ctx.cfg, Combination(members, tuple(weights)), work.path)
+            combination = Combination(members, tuple(weights))
+            dataset = open_dataset(ctx.cfg.data)
+            reports = evaluate_combination(ctx.cfg, dataset, combination, work.path)
             work.sync()
             return {
                 "stage": name,

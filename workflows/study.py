@@ -25,6 +25,7 @@ Everything is chosen on ``val`` inside each run and reported on the held-out ``t
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import dataclasses
@@ -39,12 +40,13 @@ from pathlib import Path
 from typing import Any
 
 from mlcore import configlib
-from mlcore.experiment import resolve_dataset
+from mlcore.data.loading import resolve_dataset
 from mlcore.stats import mean_interval, paired_interval
 from workflows.autoscaling import resolve_placement
-from workflows.config import USER_ERRORS, Config, config_arg_parser, config_from_args
+from workflows.config import Config
 from workflows.console import ProgressLine, board, quiet_third_party
-from workflows.driver import preflight, spill_dir_for, user_message
+from workflows.driver import preflight, spill_dir_for
+from workflows.entry import STUDY, job_main
 from workflows.graph import ConfigRefs, StageGraph
 from workflows.report import collect, final_keys, mlflow_link, summarise, write_summary
 from workflows.runtime import init_ray
@@ -564,26 +566,19 @@ def plot_study(rows, summary, paired, cfg: Config, out: Path) -> list[Path]:
     return written
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = config_arg_parser(
-        "python -m workflows.study", "Run an ablation study on Ray.", stages=True
-    ).parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        if not (cfg.study.grid or cfg.study.variants) and len(cfg.study.seeds) < 2:
-            raise configlib.ConfigError(
-                "study: set study.grid or study.variants, or at least two study.seeds"
-            )
-        result = run_study(cfg)
-    except USER_ERRORS as err:
-        print(f"study: error: {user_message(err)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("study: interrupted; checkpoints kept, MLflow runs marked KILLED", file=sys.stderr)
-        return 130
+def command(cfg: Config, args: argparse.Namespace) -> None:
+    """``cpsd study``: run the study and print its table."""
+    if not (cfg.study.grid or cfg.study.variants) and len(cfg.study.seeds) < 2:
+        raise configlib.ConfigError(
+            "study: set study.grid or study.variants, or at least two study.seeds"
+        )
+    result = run_study(cfg)
     print("\n" + result.markdown)
     print(f"\ntables and plots: {result.out_dir}")
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return job_main(STUDY, command, argv)
 
 
 if __name__ == "__main__":

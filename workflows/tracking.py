@@ -398,8 +398,6 @@ class RunLogger:
         elif kind == "artifact":
             self.client.log_artifact(self.run_id, payload["path"], payload["artifact_path"])
         elif kind == "model":
-            from workflows.mlflow_model import record_trained_model
-
             record_trained_model(self.client.tracking_uri, self.run_id, **payload)
         elif kind == "terminate":
             self.client.set_terminated(self.run_id, status=payload["status"])
@@ -457,7 +455,7 @@ class RunLogger:
 
     def model(self, **record: Any) -> None:
         """Description, datasets, the MLflow model and its registry version
-        (``workflows.mlflow_model.record_trained_model``'s arguments; plain data)."""
+        (:func:`record_trained_model`'s arguments; plain data)."""
         self._submit("model", record)
 
     def finish(self, status: str) -> None:
@@ -933,4 +931,110 @@ def final_metrics_of(
         test_CF1=test.get("CF1"),
         test_OF1=test.get("OF1"),
         shift_mAP=shift.get("mAP"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# One call per trained model
+
+
+@dataclass(frozen=True)
+class RecordedModel:
+    """What :func:`record_trained_model` created (None where switched off)."""
+
+    model_id: str | None
+    registered: str | None  # ``models:/<name>/<version>``
+
+
+def record_trained_model(
+    tracking_uri: str,
+    run_id: str,
+    *,
+    role: str,
+    stage: str,
+    description: str,
+    bundle: str | os.PathLike,
+    final: Mapping[str, float],
+    best_epoch: int,
+    dataset_root: str | os.PathLike | None = None,
+    splits: Mapping[str, str] | None = None,
+    log_models: bool = True,
+    registered_model: str | None = None,
+    log_final: bool = True,
+) -> RecordedModel:
+    """Everything MLflow shows about one trained model, on its (still open) run.
+
+    Sets the description and ``cpsd.role``, logs the dataset splits as inputs, the final keys
+    at the best epoch, then the MLflow model ``stage`` (linked to those metrics), and registers
+    it under ``registered_model`` with the role as alias, the final keys as version tags and a
+    description (:func:`version_description`).
+
+    Args:
+        tracking_uri: The run's tracking store.
+        run_id: The run.
+        role: ``teacher``, ``student``, ``baseline``, ``train`` or ``trial``.
+        stage: The stage that trained it (``teacher-cgp-0``, ``student``; ``train``): the
+            logged model's name.
+        description: What the run's numbers cover (``mlflow.note.content``).
+        bundle: The model's ``model.bundle.pt``.
+        final: From ``workflows.tracking.final_metrics``.
+        best_epoch: The step the model and the final keys are logged at.
+        dataset_root: Dataset directory whose splits are logged as inputs (None: none).
+        splits: Split name -> context (``training``, ``validation``, ``test``).
+        log_models: Log the MLflow model (config ``mlflow.log_models``).
+        registered_model: Registry name (config ``mlflow.registered_model``; None: skip).
+        log_final: Log ``final`` here (False: the caller logged them already, before this).
+    """
+    # The model flavour loads torch and the bundle code: only where a model is recorded.
+    from workflows.mlflow_model import log_model, register_model
+
+    client = MlflowClient(tracking_uri)
+    describe_run(client, run_id, role=role, description=description)
+    for split, context in (splits or {}).items():
+        log_dataset_input(client, run_id, dataset_root, split, context=context)
+    if log_final:
+        log_final_metrics(client, run_id, final, step=best_epoch)
+    if not log_models:
+        return RecordedModel(None, None)
+    model_id = log_model(
+        tracking_uri, run_id, bundle, name=stage, step=best_epoch, tags={"cpsd.role": role}
+    )
+    registered = None
+    if registered_model:
+        version = register_model(
+            tracking_uri,
+            model_id,
+            registered_model,
+            alias=role,
+            tags={"cpsd.role": role, **final},
+            description=version_description(
+                client.get_run(run_id), tracking_uri, role, stage, final
+            ),
+        )
+        registered = f"models:/{registered_model}/{version.version}"
+    return RecordedModel(model_id, registered)
+
+
+def version_description(
+    run: Run, tracking_uri: str, role: str, stage: str, final: Mapping[str, float]
+) -> str:
+    """A registry version's description: role, stage, test mAP and the pipeline run.
+
+    The pipeline run is the stage run's parent (a pipeline, or a study's variant × seed); a run
+    without a parent (``cpsd train``) is linked as the training run itself.
+    """
+    test = final.get("test_mAP")
+    scored = (
+        "none (the dataset has no test split)"
+        if test is None
+        else f"{test:.4f} (a fraction: {100 * test:.1f}%) over "
+        f"{int(final['num_classes_evaluated'])} classes"
+    )
+    parent = run.data.tags.get(PARENT_TAG)
+    linked, label = (parent, "Pipeline run") if parent else (run.info.run_id, "Training run")
+    link = run_page_link(tracking_uri, run.info.experiment_id, linked)
+    return (
+        f"**{role}** model, trained by stage `{stage}` (run `{run.info.run_id}`).\n\n"
+        f"test_mAP: {scored}.\n\n"
+        f"{label}: [`{linked}`]({link})"
     )

@@ -12,12 +12,11 @@ from mlcore import configlib
 from mlcore.bundle import BUNDLE_FILE
 from mlcore.configlib import ConfigError
 from mlcore.cpsd import evaluate_model
-from mlcore.data.manifest import read_info
-from mlcore.experiment import resolve_dataset, train_classifier, training_fingerprint
+from mlcore.data.loading import open_dataset
+from mlcore.experiment import train_classifier, training_fingerprint
 from mlcore.train import TrainResult, check_resumable
 from mlcore.zsl import evaluate_zero_shot, zero_shot_split
 from workflows.config import Config
-from workflows.mlflow_model import record_trained_model
 from workflows.tracking import (
     NullRunLogger,
     describe_experiment,
@@ -25,6 +24,7 @@ from workflows.tracking import (
     flat_params,
     git_commit,
     parent_run,
+    record_trained_model,
     runs_page_link,
     share_runs_view,
     source_tags,
@@ -76,7 +76,8 @@ def train_one(cfg: Config, out_dir: str | Path | None = None) -> TrainResult:
             "pretrain.enabled runs in cpsd pipeline, study and run-local; for cpsd train set "
             "model.pretrained_file to a pretrain stage's backbone.pt"
         )
-    fingerprint = training_fingerprint(cfg)
+    dataset = open_dataset(cfg.data)
+    fingerprint = training_fingerprint(cfg, dataset)
     out = Path(out_dir) if out_dir else Path(cfg.storage_path) / cfg.name / f"train-{fingerprint}"
     check_resumable(out, fingerprint)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,8 +91,7 @@ def train_one(cfg: Config, out_dir: str | Path | None = None) -> TrainResult:
     )
     history: list[dict[str, float]] = []
     with tracking as (tracker, run):
-        dataset = resolve_dataset(cfg.data)
-        info = read_info(dataset)
+        info = dataset.info
         if tracker is not None:
             describe_experiment(run.client, tracker.experiment_id)
 
@@ -100,9 +100,9 @@ def train_one(cfg: Config, out_dir: str | Path | None = None) -> TrainResult:
             (out / "metrics.json").write_text(json.dumps(history, indent=1))
             run.metrics(metrics, step=epoch)
 
-        result = train_classifier(cfg, out, on_epoch=on_epoch)
+        result = train_classifier(cfg, dataset, out, on_epoch=on_epoch)
         seen = zero_shot_split(cfg.zsl, info).seen if cfg.zsl.enabled else None
-        held_out = evaluate_model(cfg, result.best_checkpoint, out, class_subset=seen)
+        held_out = evaluate_model(cfg, dataset, result.best_checkpoint, out, class_subset=seen)
         test = held_out.get("test")
         num_classes = info.num_classes if seen is None else len(seen)
         final = final_metrics_of(
@@ -111,7 +111,7 @@ def train_one(cfg: Config, out_dir: str | Path | None = None) -> TrainResult:
         (out / "final.json").write_text(json.dumps(final, indent=1))
         records: list[dict] = list(result.history)
         if cfg.zsl.enabled:
-            zero_shot = evaluate_zero_shot(cfg, result.best_checkpoint)
+            zero_shot = evaluate_zero_shot(cfg, dataset, result.best_checkpoint)
             records.append(
                 {
                     "evaluation": "zero_shot",
@@ -138,7 +138,7 @@ def train_one(cfg: Config, out_dir: str | Path | None = None) -> TrainResult:
             bundle=out / BUNDLE_FILE,
             final=final,
             best_epoch=result.best_epoch,
-            dataset_root=dataset,
+            dataset_root=dataset.root,
             splits=splits,
             log_models=cfg.mlflow.log_models,
             registered_model=cfg.mlflow.registered_model,

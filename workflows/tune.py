@@ -27,13 +27,14 @@ group's last epoch checkpoint (same Ray Train run).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,18 +45,13 @@ from mlflow import MlflowClient
 from mlcore import configlib
 from mlcore.configlib import ConfigError
 from mlcore.cpsd import ENSEMBLES, TeacherSpec, student_config, train_student
-from mlcore.experiment import resolve_dataset, train_classifier
+from mlcore.data.loading import open_dataset, resolve_dataset
+from mlcore.experiment import train_classifier
 from mlcore.train import BEST
 from workflows.autoscaling import resolve_placement, trial_resources
-from workflows.config import (
-    USER_ERRORS,
-    Config,
-    SweepConfig,
-    config_arg_parser,
-    config_path,
-    load_config,
-)
+from workflows.config import Config, SweepConfig
 from workflows.distributed import TRIAL_RESOURCES, fit_group, task_placement
+from workflows.entry import TUNE, job_main
 from workflows.graph import StageGraph
 from workflows.runtime import device_for_task, init_ray
 from workflows.stages import JobContext
@@ -266,18 +262,20 @@ def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
                     )
 
             subset = list(cfg.tune.class_subset) if cfg.tune.class_subset else None
+            dataset = open_dataset(cfg.data)  # the trial's own: a sweep may vary data settings
 
             def train(out: Path, **hooks):
                 if ctx.teachers is not None:
                     return train_student(
                         cfg,
+                        dataset,
                         ctx.teachers.specs,
                         out,
                         teacher_checkpoints=ctx.teachers.checkpoints,
                         teacher_logits=ctx.teachers.logits,
                         **hooks,
                     )
-                return train_classifier(cfg, out, class_subset=subset, **hooks)
+                return train_classifier(cfg, dataset, out, class_subset=subset, **hooks)
 
             if cfg.ray.train_workers > 1:
                 from ray.tune.integration.ray_train import TuneReportCallback
@@ -620,27 +618,19 @@ def plot_sweep(table: list[dict[str, Any]], keys: list[str], metric: str, path: 
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = config_arg_parser("python -m workflows.tune", "Run a Ray Tune loss sweep.")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
-    parser.add_argument("--out", help="where to write best_loss.yaml, results.csv, sweep.png")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(config_path(args.config), args.overrides)
-        validate_space(cfg)  # before Ray starts
-        out = Path(args.out) if args.out else Path(cfg.storage_path) / cfg.name
-        outcome = run_sweep(cfg, resume=args.resume, out_dir=out)
-    except USER_ERRORS as err:
-        print(f"tune: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("tune: interrupted; resume with --resume", file=sys.stderr)
-        return 130
+def command(cfg: Config, args: argparse.Namespace) -> None:
+    """``cpsd tune``: run (or resume) the sweep and print its best settings."""
+    validate_space(cfg)  # before Ray starts
+    out = Path(args.out) if args.out else Path(cfg.storage_path) / cfg.name
+    outcome = run_sweep(cfg, resume=args.resume, out_dir=out)
     print(f"\nbest {cfg.tune.metric}: {outcome.best_metric:.4f} with {outcome.best_params}")
     print(
         f"best loss settings: {outcome.best_loss_file}  (pipeline: loss: !include {BEST_LOSS_FILE})"
     )
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return job_main(TUNE, command, argv)
 
 
 if __name__ == "__main__":

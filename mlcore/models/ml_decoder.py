@@ -44,11 +44,14 @@ Query augmentations (training only; magnitudes are ours, the paper's are in a mi
 *query noise* adds ``n ~ N(0, (σ²/E)·I)`` to every ``ê_i`` (one draw per batch, ``‖n‖ ≈ σ``);
 *random queries* append ``R`` random unit vectors as extra queries, so the head returns
 ``(B, N + R)`` logits whose last ``R`` columns are labelled positive ("random") by the
-objective (``mlcore.zsl.RandomQueryTargets``).
+objective (:class:`RandomQueryTargets`).
+
+The module registers the ``ml_decoder`` model family (``mlcore.models.family``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -57,10 +60,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlcore.config import ExperimentConfig, ModelConfig
+from mlcore.data.embeddings import ClassEmbeddings
+from mlcore.data.manifest import Manifest
+from mlcore.models.backbone import BackboneWithHead, create_backbone
+from mlcore.models.family import ModelFamily, TrainingParts, register_family
+from mlcore.train import Batch, Objective, forward_images
+
 __all__ = [
     "CrossAttentionDecoderLayer",
     "GroupFullyConnected",
     "MLDecoder",
+    "RandomQueryTargets",
     "SharedFullyConnected",
     "decode_names",
 ]
@@ -383,3 +394,63 @@ class MLDecoder(nn.Module):
         if self.query_kind == "word":
             return self.shared_fc(x)  # (B, N) or (B, N + R)
         return self.group_fc(x)  # (B, N)
+
+
+class RandomQueryTargets:
+    """The objective side of the random-query augmentation: extra logits are positives.
+
+    A word-query head in training mode appends ``R`` logits for random queries (``(B, N + R)``
+    for ``(B, N)`` targets); the paper labels them positive ("random"). This pads the targets
+    with ones and calls the wrapped objective.
+    """
+
+    def __init__(self, inner: Objective):
+        self.inner = inner
+
+    def __call__(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        targets = batch.targets  # (B, N)
+        extra = logits.shape[1] - targets.shape[1]
+        if extra < 0:
+            raise ValueError(f"{logits.shape[1]} logits for {targets.shape[1]} target classes")
+        if extra:
+            ones = targets.new_ones(targets.shape[0], extra)
+            batch = batch._replace(targets=torch.cat([targets, ones], dim=1))  # (B, N + R)
+        return self.inner(logits, batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model family
+
+
+def word_queries(cfg: ModelConfig) -> bool:
+    """Whether the config's ML-Decoder has one word query per class (class embeddings)."""
+    return cfg.ml_decoder.queries == "word"
+
+
+def build(cfg: ModelConfig, num_classes: int, embeddings: ClassEmbeddings | None) -> nn.Module:
+    kwargs = dataclasses.asdict(cfg.ml_decoder)  # named as MLDecoder's arguments
+    if embeddings is not None:
+        kwargs.update(
+            class_embeddings=torch.from_numpy(embeddings.vectors),
+            class_names=embeddings.names,
+        )
+    body = create_backbone(cfg, num_classes=0)
+    return BackboneWithHead(body, MLDecoder(num_classes, body.num_features, **kwargs))
+
+
+def training(
+    cfg: ExperimentConfig,
+    manifest: Manifest,
+    model: nn.Module,
+    loss: nn.Module,
+    objective: Objective,
+) -> TrainingParts:
+    """Random word queries are labelled positive; otherwise a plain classifier."""
+    if word_queries(cfg.model) and cfg.model.ml_decoder.random_queries > 0:
+        objective = RandomQueryTargets(objective)
+    return TrainingParts(forward_images, objective)
+
+
+register_family(
+    ModelFamily(name="ml_decoder", build=build, training=training, class_embeddings=word_queries)
+)

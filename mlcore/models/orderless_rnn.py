@@ -29,34 +29,31 @@ sees every step's prediction and ``<end>`` fits after ``max_steps`` labels.
   (:meth:`OrderlessRNN.decode`, cut at the first ``<end>``); ``mlcore.orderless`` reports those.
 
 The model is rebuilt from ``ModelConfig`` + the number of classes + its ``state_dict``; the
-stage-1 encoder checkpoint is loaded only when training starts (:meth:`load_encoder`).
+stage-1 encoder checkpoint is loaded only when training starts (:meth:`load_encoder`). The
+module registers the ``rnn`` model family (``mlcore.models.family``): trained with
+``loss.name: orderless``, scored on its decoded label sets, never a CPSD teacher.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlcore.config import ExperimentConfig, ModelConfig
+from mlcore.data.embeddings import ClassEmbeddings
+from mlcore.data.manifest import Manifest
+from mlcore.losses.orderless import TeacherForcing
+from mlcore.models.backbone import create_backbone
+from mlcore.models.family import ModelFamily, TrainingParts, register_family
+from mlcore.orderless import check_label_counts, evaluate_sequences, sequence_scores
+from mlcore.train import Objective, forward_images
+
 # logit(s) of a score s = 0 (a class never predicted before <end>) would be −inf.
 _SCORE_EPS = 1e-6
-
-
-def sequence_scores(probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Per-class scores of decoded sequences: the highest probability before the first <end>.
-
-    Args:
-        probs: (B, T, C + 1) step probabilities, ``<end>`` last.
-        tokens: (B, T) the decoded tokens (argmax of each step).
-
-    Returns:
-        (B, C) scores in [0, 1]; 0 for every class when the sequence ends at step 0.
-    """
-    end = probs.shape[-1] - 1
-    before_end = (tokens == end).cumsum(dim=1) == 0  # (B, T): steps before the first <end>
-    return (probs[..., :end] * before_end.unsqueeze(-1)).amax(dim=1)
 
 
 class OrderlessRNN(nn.Module):
@@ -194,3 +191,43 @@ class OrderlessRNN(nn.Module):
                 f"shape mismatch {wrong_shape[:5]})"
             )
         self.encoder.load_state_dict({k: state[k] for k in own})
+
+
+# ---------------------------------------------------------------------------------------------
+# The model family
+
+
+def build(cfg: ModelConfig, num_classes: int, embeddings: ClassEmbeddings | None) -> nn.Module:
+    encoder = create_backbone(cfg, num_classes=0)
+    return OrderlessRNN(encoder, num_classes, **dataclasses.asdict(cfg.rnn))
+
+
+def training(
+    cfg: ExperimentConfig,
+    manifest: Manifest,
+    model: nn.Module,
+    loss: nn.Module,
+    objective: Objective,
+) -> TrainingParts:
+    """Label counts checked, the stage-1 encoder loaded; teacher forcing when configured.
+
+    Raises:
+        ManifestError: An image has more labels than ``model.rnn.max_steps``.
+    """
+    check_label_counts(manifest, [cfg.data.train_split, cfg.data.val_split], model.max_steps)
+    if cfg.model.encoder_checkpoint is not None:
+        model.load_encoder(cfg.model.encoder_checkpoint)
+    forward = TeacherForcing(loss) if cfg.loss.teacher_forcing else forward_images
+    return TrainingParts(forward, objective)
+
+
+register_family(
+    ModelFamily(
+        name="rnn",
+        build=build,
+        training=training,
+        evaluate=evaluate_sequences,
+        losses=("orderless",),
+        distills=False,
+    )
+)

@@ -3,6 +3,7 @@
 One function per source format, each with keyword arguments mapping 1:1 to CLI flags:
 :func:`import_coco`, :func:`import_voc`, :func:`import_nuswide`, :func:`import_nuswide1k`
 (the 925/81 zero-shot split), :func:`import_openimages` (streaming), :func:`import_csv`.
+The flags every format has are one :class:`ImportOptions` (``options=``).
 
 Shared conventions: images are not copied (``image_root`` is the absolute image directory and
 ``path`` is relative to it); every referenced image file must exist unless
@@ -14,7 +15,7 @@ files, options and counts. Bad input raises :class:`~mlcore.data.manifest.Manife
 naming the file and line or entry.
 """
 
-from mlcore.data.importers._common import ImportResult, parse_split_map
+from mlcore.data.importers._common import ImportOptions, ImportResult, parse_split_map
 from mlcore.data.importers.coco import CocoEntry, import_coco
 from mlcore.data.importers.csv_labels import import_csv
 from mlcore.data.importers.nuswide import import_nuswide
@@ -25,6 +26,7 @@ from mlcore.data.importers.voc import VOC_CLASSES, import_voc
 __all__ = [
     "VOC_CLASSES",
     "CocoEntry",
+    "ImportOptions",
     "ImportResult",
     "OpenImagesEntry",
     "import_coco",

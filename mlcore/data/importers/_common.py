@@ -1,11 +1,12 @@
-"""Shared plumbing of the importers: the row accumulator, file checks and the final write."""
+"""Shared plumbing of the importers: their options, the row accumulator, file checks and the
+closing step that writes the dataset."""
 
 from __future__ import annotations
 
 import itertools
 import os
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -21,6 +22,31 @@ from mlcore.data.manifest import (
 
 # How many offending paths an error message or the metadata lists before "...".
 MAX_EXAMPLES = 5
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImportOptions:
+    """What every importer takes besides its own inputs (``cpsd data import`` flags)."""
+
+    drop_empty: bool = False
+    """Leave out images without a label; counted in ``source["skipped"]["empty"]``."""
+    skip_missing: bool = False
+    """Leave out rows whose image file is missing (or undecodable with ``verify_decode``)
+    instead of failing; counted in ``source["skipped"]``."""
+    verify_decode: bool = False
+    """Also check every image with PIL ``Image.verify`` (slow)."""
+    name: str | None = None
+    """Dataset name stored in the metadata; None or empty: the importer's default."""
+    overwrite: bool = False
+    """Replace an existing ``out/manifest.parquet``."""
+
+    def recorded(self, **own: Any) -> dict[str, Any]:
+        """``source["options"]``: the importer's own settings and ``drop_empty`` (the other
+        options leave their trace in ``source["skipped"]``)."""
+        return {**own, "drop_empty": self.drop_empty}
+
+
+DEFAULT_OPTIONS = ImportOptions()
 
 
 @dataclass(frozen=True)
@@ -81,10 +107,10 @@ class Rows:
         return out
 
 
-def check_out_dir(out: str | os.PathLike, overwrite: bool) -> Path:
+def check_out_dir(out: str | os.PathLike, options: ImportOptions) -> Path:
     """Refuse to replace an existing dataset unless asked to (before any slow work)."""
     out = Path(out)
-    if (out / MANIFEST_FILE).exists() and not overwrite:
+    if (out / MANIFEST_FILE).exists() and not options.overwrite:
         raise ManifestError(
             f"{out / MANIFEST_FILE} already exists "
             "(pass overwrite=True / --overwrite to replace it)"
@@ -187,16 +213,14 @@ def _examples(items: Sequence[str]) -> str:
 def finalize(
     out: Path,
     rows: Rows,
+    options: ImportOptions,
     *,
     class_names: Sequence[str],
     image_root: Path,
     name: str,
     source: dict[str, Any],
-    drop_empty: bool,
-    skip_missing: bool,
-    verify_decode: bool,
 ) -> ImportResult:
-    """Apply the checks every importer shares, then write the dataset.
+    """Apply the checks every importer shares, then write the dataset (:func:`close`).
 
     In order: duplicate image ids (error naming both origins), ``drop_empty``, missing image files
     and, with ``verify_decode``, undecodable ones (error, or skipped and counted with
@@ -210,51 +234,81 @@ def finalize(
                 f"{rows.origins[i]}: image id {image_id!r} already imported from {rows.origins[j]}"
             )
     skipped: dict[str, Any] = {"empty": 0, "missing_images": 0, "corrupt_images": 0}
-    if drop_empty:
+    if options.drop_empty:
         keep = [bool(labels) for labels in rows.labels]
         skipped["empty"] = keep.count(False)
         rows = rows.keep(keep)
-
-    missing = find_missing_files(image_root, rows.paths)
-    if missing:
-        rel = [rows.paths[i] for i in missing]
-        if not skip_missing:
-            raise ManifestError(
-                f"{len(missing)} of {len(rows)} image files are missing under {image_root} "
-                f"(first: {_examples(rel)}); pass skip_missing=True / --skip-missing to leave "
-                f"those rows out (the count is recorded in the metadata)"
-            )
-        skipped["missing_images"] = len(missing)
-        skipped["missing_examples"] = rel[:MAX_EXAMPLES]
-        gone = set(missing)
-        rows = rows.keep([i not in gone for i in range(len(rows))])
-
-    if verify_decode:
-        problems = [(i, image_problem(image_root / p)) for i, p in enumerate(rows.paths)]
-        corrupt = [(i, msg) for i, msg in problems if msg is not None]
-        if corrupt:
-            rel = [f"{rows.paths[i]} ({msg})" for i, msg in corrupt]
-            if not skip_missing:
-                raise ManifestError(
-                    f"{len(corrupt)} of {len(rows)} image files cannot be decoded "
-                    f"(first: {_examples(rel)}); pass skip_missing=True / --skip-missing to "
-                    f"leave those rows out (the count is recorded in the metadata)"
-                )
-            skipped["corrupt_images"] = len(corrupt)
-            skipped["corrupt_examples"] = [rows.paths[i] for i, _ in corrupt[:MAX_EXAMPLES]]
-            gone = {i for i, _ in corrupt}
-            rows = rows.keep([i not in gone for i in range(len(rows))])
-
+    rows = _without_missing(rows, image_root, options, skipped)
+    if options.verify_decode:
+        rows = _without_corrupt(rows, image_root, options, skipped)
     if not len(rows):
         raise ManifestError(f"nothing to import: no image left ({skipped})")
 
-    source = {**source, "skipped": skipped}
+    table = build_table(rows.image_ids, rows.labels, rows.splits, paths=rows.paths)
+    return close(
+        lambda info: write_manifest(out, table, info),
+        class_names=class_names,
+        image_root=image_root,
+        name=name,
+        source={**source, "skipped": skipped},
+        rows_per_split=dict(Counter(rows.splits)),
+    )
+
+
+def _without_missing(
+    rows: Rows, image_root: Path, options: ImportOptions, skipped: dict[str, Any]
+) -> Rows:
+    missing = find_missing_files(image_root, rows.paths)
+    if not missing:
+        return rows
+    rel = [rows.paths[i] for i in missing]
+    if not options.skip_missing:
+        raise ManifestError(
+            f"{len(missing)} of {len(rows)} image files are missing under {image_root} "
+            f"(first: {_examples(rel)}); pass skip_missing=True / --skip-missing to leave "
+            f"those rows out (the count is recorded in the metadata)"
+        )
+    skipped["missing_images"] = len(missing)
+    skipped["missing_examples"] = rel[:MAX_EXAMPLES]
+    gone = set(missing)
+    return rows.keep([i not in gone for i in range(len(rows))])
+
+
+def _without_corrupt(
+    rows: Rows, image_root: Path, options: ImportOptions, skipped: dict[str, Any]
+) -> Rows:
+    problems = [(i, image_problem(image_root / p)) for i, p in enumerate(rows.paths)]
+    corrupt = [(i, msg) for i, msg in problems if msg is not None]
+    if not corrupt:
+        return rows
+    rel = [f"{rows.paths[i]} ({msg})" for i, msg in corrupt]
+    if not options.skip_missing:
+        raise ManifestError(
+            f"{len(corrupt)} of {len(rows)} image files cannot be decoded "
+            f"(first: {_examples(rel)}); pass skip_missing=True / --skip-missing to "
+            f"leave those rows out (the count is recorded in the metadata)"
+        )
+    skipped["corrupt_images"] = len(corrupt)
+    skipped["corrupt_examples"] = [rows.paths[i] for i, _ in corrupt[:MAX_EXAMPLES]]
+    gone = {i for i, _ in corrupt}
+    return rows.keep([i not in gone for i in range(len(rows))])
+
+
+def close(
+    write: Callable[[ManifestInfo], Path],
+    *,
+    class_names: Sequence[str],
+    image_root: Path,
+    name: str,
+    source: dict[str, Any],
+    rows_per_split: dict[str, int],
+) -> ImportResult:
+    """The last step of every importer: the dataset's metadata, written by ``write`` with the
+    rows (at once, or streamed before), and what the command reports."""
     info = ManifestInfo(
         class_names=tuple(class_names), name=name, image_root=str(image_root), source=source
     )
-    table = build_table(rows.image_ids, rows.labels, rows.splits, paths=rows.paths)
-    manifest = write_manifest(out, table, info)
-    return ImportResult(manifest=manifest, info=info, rows_per_split=dict(Counter(rows.splits)))
+    return ImportResult(manifest=write(info), info=info, rows_per_split=rows_per_split)
 
 
 def split_sources(splits: Mapping[str, str], known: Sequence[str], where: str) -> dict[str, str]:

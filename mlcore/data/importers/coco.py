@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mlcore.data.importers._common import (
+    DEFAULT_OPTIONS,
+    ImportOptions,
     ImportResult,
     Rows,
     check_out_dir,
@@ -105,16 +107,50 @@ def _categories(path: Path, data: dict[str, Any]) -> dict[int, str]:
     return cats
 
 
+def _read_entry(
+    entry: CocoEntry, image_dir: Path
+) -> tuple[dict[int, str], list[tuple[int, str, set[int]]], dict[str, Any]]:
+    """One annotation file: its categories, ``(image id, file name, category ids)`` per image,
+    and its record in ``source["inputs"]``."""
+    path = entry.annotations
+    data = _load_json(path)
+    cats = _categories(path, data)
+    images: dict[int, tuple[str, set[int]]] = {}
+    for i, img in enumerate(data["images"]):
+        img_id = _field(path, f"images[{i}]", img, "id", int)
+        if img_id in images:
+            raise ManifestError(f"{path}: images[{i}] repeats image id {img_id}")
+        images[img_id] = (_field(path, f"images[{i}]", img, "file_name", str), set())
+    crowd = 0
+    annotations = data.get("annotations") or []
+    for i, ann in enumerate(annotations):
+        where = f"annotations[{i}]"
+        img_id = _field(path, where, ann, "image_id", int)
+        cat_id = _field(path, where, ann, "category_id", int)
+        if img_id not in images:
+            raise ManifestError(f"{path}: {where} refers to unknown image id {img_id}")
+        if cat_id not in cats:
+            raise ManifestError(f"{path}: {where} refers to unknown category id {cat_id}")
+        images[img_id][1].add(cat_id)
+        crowd += bool(ann.get("iscrowd"))
+    record = {
+        "annotations": str(path.resolve()),
+        "split": entry.split,
+        "image_dir": str(image_dir),
+        "images": len(images),
+        "annotations_count": len(annotations),
+        "crowd_annotations": crowd,
+        "unannotated_images": sum(not cs for _, cs in images.values()),
+    }
+    return cats, [(k, fn, cs) for k, (fn, cs) in images.items()], record
+
+
 def import_coco(
     entries: Sequence[CocoEntry | tuple[str | os.PathLike, str, str | os.PathLike]],
     out: str | os.PathLike,
     *,
     class_order: Literal["id", "name"] = "id",
-    drop_empty: bool = False,
-    skip_missing: bool = False,
-    verify_decode: bool = False,
-    name: str = "coco",
-    overwrite: bool = False,
+    options: ImportOptions = DEFAULT_OPTIONS,
 ) -> ImportResult:
     """Write a dataset from one or more COCO instances files (see the module docstring).
 
@@ -123,12 +159,7 @@ def import_coco(
             ``("instances_train2014.json", "train", "/data/coco/train2014")``.
         out: Dataset directory to write.
         class_order: ``"id"`` (category id order) or ``"name"`` (alphabetical).
-        drop_empty: Leave out images without annotations (counted in the metadata).
-        skip_missing: Leave out rows whose image file is missing (or undecodable with
-            ``verify_decode``) instead of failing; counted in the metadata.
-        verify_decode: Also check every image with PIL ``Image.verify`` (slow).
-        name: Dataset name stored in the metadata.
-        overwrite: Replace an existing ``out/manifest.parquet``.
+        options: What every importer takes; the default name is ``coco``.
 
     Returns:
         What was written.
@@ -139,7 +170,7 @@ def import_coco(
     """
     if class_order not in ("id", "name"):
         raise ManifestError(f"class_order must be 'id' or 'name', not {class_order!r}")
-    out = check_out_dir(out, overwrite)
+    out = check_out_dir(out, options)
     parsed = [
         e if isinstance(e, CocoEntry) else CocoEntry(Path(e[0]), e[1], Path(e[2])) for e in entries
     ]
@@ -149,47 +180,18 @@ def import_coco(
     image_root = Path(os.path.commonpath(image_dirs))
 
     categories: dict[int, str] | None = None
-    first_file: Path | None = None
     raw: list[tuple[CocoEntry, Path, list[tuple[int, str, set[int]]]]] = []
     inputs: list[dict[str, Any]] = []
     for entry, image_dir in zip(parsed, image_dirs, strict=True):
-        path = entry.annotations
-        data = _load_json(path)
-        cats = _categories(path, data)
+        cats, images, record = _read_entry(entry, image_dir)
         if categories is None:
-            categories, first_file = cats, path
+            categories = cats
         elif cats != categories:
-            raise ManifestError(f"{path}: categories differ from those of {first_file}")
-        images: dict[int, tuple[str, set[int]]] = {}
-        for i, img in enumerate(data["images"]):
-            img_id = _field(path, f"images[{i}]", img, "id", int)
-            if img_id in images:
-                raise ManifestError(f"{path}: images[{i}] repeats image id {img_id}")
-            images[img_id] = (_field(path, f"images[{i}]", img, "file_name", str), set())
-        crowd = 0
-        annotations = data.get("annotations") or []
-        for i, ann in enumerate(annotations):
-            where = f"annotations[{i}]"
-            img_id = _field(path, where, ann, "image_id", int)
-            cat_id = _field(path, where, ann, "category_id", int)
-            if img_id not in images:
-                raise ManifestError(f"{path}: {where} refers to unknown image id {img_id}")
-            if cat_id not in cats:
-                raise ManifestError(f"{path}: {where} refers to unknown category id {cat_id}")
-            images[img_id][1].add(cat_id)
-            crowd += bool(ann.get("iscrowd"))
-        raw.append((entry, image_dir, [(k, fn, cs) for k, (fn, cs) in images.items()]))
-        inputs.append(
-            {
-                "annotations": str(path.resolve()),
-                "split": entry.split,
-                "image_dir": str(image_dir),
-                "images": len(images),
-                "annotations_count": len(annotations),
-                "crowd_annotations": crowd,
-                "unannotated_images": sum(not cs for _, cs in images.values()),
-            }
-        )
+            raise ManifestError(
+                f"{entry.annotations}: categories differ from those of {parsed[0].annotations}"
+            )
+        raw.append((entry, image_dir, images))
+        inputs.append(record)
 
     assert categories is not None  # parsed is non-empty
     cat_ids = sorted(categories, key=(lambda c: c) if class_order == "id" else categories.get)
@@ -209,17 +211,15 @@ def import_coco(
     source = {
         "kind": "coco",
         "inputs": inputs,
-        "options": {"class_order": class_order, "drop_empty": drop_empty},
+        "options": options.recorded(class_order=class_order),
         "category_ids": cat_ids,
     }
     return finalize(
         out,
         rows,
+        options,
         class_names=[categories[c] for c in cat_ids],
         image_root=image_root,
-        name=name,
+        name=options.name or "coco",
         source=source,
-        drop_empty=drop_empty,
-        skip_missing=skip_missing,
-        verify_decode=verify_decode,
     )

@@ -33,7 +33,9 @@ from typing import Literal
 import numpy as np
 
 from mlcore.data.importers._common import (
+    DEFAULT_OPTIONS,
     MAX_EXAMPLES,
+    ImportOptions,
     ImportResult,
     Rows,
     check_out_dir,
@@ -102,11 +104,7 @@ def import_nuswide(
     image_dir: str | os.PathLike | None = None,
     splits: Mapping[str, str] | None = None,
     invalid_labels: Literal["error", "negative"] = "error",
-    drop_empty: bool = False,
-    skip_missing: bool = False,
-    verify_decode: bool = False,
-    name: str = "nus-wide",
-    overwrite: bool = False,
+    options: ImportOptions = DEFAULT_OPTIONS,
 ) -> ImportResult:
     """Write a dataset from the NUS-WIDE distribution (see the module docstring).
 
@@ -116,12 +114,7 @@ def import_nuswide(
         image_dir: Directory the image list paths are relative to; default ``root/Flickr``.
         splits: Part (``"train"``, ``"test"``) → split name; default both, to themselves.
         invalid_labels: ``"error"`` or ``"negative"`` (read values other than 0/1 as 0).
-        drop_empty: Leave out images without any concept (counted in the metadata).
-        skip_missing: Leave out rows whose image is missing (or undecodable with
-            ``verify_decode``) instead of failing; counted in the metadata.
-        verify_decode: Also check every image with PIL ``Image.verify`` (slow).
-        name: Dataset name stored in the metadata.
-        overwrite: Replace an existing ``out/manifest.parquet``.
+        options: What every importer takes; the default name is ``nus-wide``.
 
     Returns:
         What was written.
@@ -134,7 +127,7 @@ def import_nuswide(
     if invalid_labels not in ("error", "negative"):
         raise ManifestError(f"invalid_labels must be 'error' or 'negative', not {invalid_labels!r}")
     root = Path(root).resolve()
-    out = check_out_dir(out, overwrite)
+    out = check_out_dir(out, options)
     splits = split_sources(splits or {p: p for p in _PARTS}, list(_PARTS), "NUS-WIDE")
     image_root = Path(image_dir).resolve() if image_dir is not None else root / "Flickr"
     if not image_root.is_dir():
@@ -169,7 +162,7 @@ def import_nuswide(
     source = {
         "kind": "nus-wide",
         "inputs": {"root": str(root), **inputs},
-        "options": {"invalid_labels": invalid_labels, "drop_empty": drop_empty},
+        "options": options.recorded(invalid_labels=invalid_labels),
         "counts": {
             "invalid_label_values": len(invalid),
             "invalid_label_examples": invalid[:MAX_EXAMPLES],
@@ -178,11 +171,9 @@ def import_nuswide(
     return finalize(
         out,
         rows,
+        options,
         class_names=concepts,
         image_root=image_root,
-        name=name,
+        name=options.name or "nus-wide",
         source=source,
-        drop_empty=drop_empty,
-        skip_missing=skip_missing,
-        verify_decode=verify_decode,
     )

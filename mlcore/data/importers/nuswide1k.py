@@ -38,13 +38,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
 from mlcore.data.importers._common import (
+    DEFAULT_OPTIONS,
     MAX_EXAMPLES,
+    ImportOptions,
     ImportResult,
     Rows,
     check_out_dir,
@@ -100,6 +104,78 @@ def _in_val(image_id: str, fraction: float) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < fraction
 
 
+@dataclass(frozen=True)
+class _Classes:
+    """The 925 seen tags then the 81 concepts, and where each tag's column goes."""
+
+    tags: list[str]
+    seen: list[str]
+    concepts: list[str]
+    tag_to_class: np.ndarray
+    """Class index of each column of the tag matrix; -1 for tags that are concepts."""
+
+    @property
+    def names(self) -> list[str]:
+        return self.seen + self.concepts
+
+    def labels(self, tag_row: np.ndarray, concept_row: np.ndarray) -> list[int]:
+        """Class indices of one image: its seen tags (positive tag columns), then its concepts
+        (a 0/1 row)."""
+        tag_classes = self.tag_to_class[tag_row]
+        return [
+            *tag_classes[tag_classes >= 0].tolist(),
+            *(len(self.seen) + np.flatnonzero(concept_row)).tolist(),
+        ]
+
+
+def _classes(tag_file: Path, concepts_file: Path) -> _Classes:
+    tags = read_name_list(tag_file, "1k tag list")
+    concepts = read_name_list(concepts_file, "concept list")
+    concept_set = set(concepts)
+    seen_columns = [i for i, t in enumerate(tags) if t not in concept_set]
+    tag_to_class = np.full(len(tags), -1)
+    tag_to_class[seen_columns] = np.arange(len(seen_columns))
+    return _Classes(tags, [tags[i] for i in seen_columns], concepts, tag_to_class)
+
+
+def _positions(list_file: Path) -> tuple[list[str], dict[str, int]]:
+    """The full image list, and each image's line index in it; a repeated image is an error."""
+    all_paths = _listed_paths(list_file)
+    position: dict[str, int] = {}
+    for i, rel in enumerate(all_paths):
+        if rel in position:
+            raise ManifestError(
+                f"{list_file} line {i + 1}: image {rel!r} already listed at line "
+                f"{position[rel] + 1}"
+            )
+        position[rel] = i
+    return all_paths, position
+
+
+def _split_rows(
+    root: Path,
+    list_file: Path,
+    position: dict[str, int],
+    labels: Callable[[int], list[int]],
+    val_fraction: float,
+) -> tuple[Rows, dict[str, str]]:
+    """Rows of the official train and test lists (``labels(i)``: those of line ``i`` of the
+    full list), and where the lists are, for ``source["inputs"]``."""
+    rows = Rows()
+    lists = {}
+    for part, file_name in _SPLIT_LISTS.items():
+        split_file = _locate(root, [f"ImageList/{file_name}", file_name], f"{part} image list")
+        lists[f"{part}_list"] = str(split_file)
+        for lineno, rel in enumerate(_listed_paths(split_file), start=1):
+            where = f"{split_file}:{lineno}"
+            if rel not in position:
+                raise ManifestError(f"{where}: image {rel!r} is not in {list_file}")
+            image_id = stem_id(rel)
+            split = "val" if part == "train" and _in_val(image_id, val_fraction) else part
+            rows.add(image_id, rel, labels(position[rel]), split, where)
+    return rows, lists
+
+
 def import_nuswide1k(
     root: str | os.PathLike,
     out: str | os.PathLike,
@@ -107,11 +183,7 @@ def import_nuswide1k(
     image_dir: str | os.PathLike | None = None,
     val_fraction: float = 0.0,
     invalid_labels: Literal["error", "negative"] = "error",
-    drop_empty: bool = False,
-    skip_missing: bool = False,
-    verify_decode: bool = False,
-    name: str = "nus-wide-1k",
-    overwrite: bool = False,
+    options: ImportOptions = DEFAULT_OPTIONS,
 ) -> ImportResult:
     """Write the NUS-WIDE 925/81 zero-shot dataset (see the module docstring).
 
@@ -122,12 +194,7 @@ def import_nuswide1k(
         val_fraction: Fraction of the training images moved to a ``val`` split, by image-id
             hash, in ``[0, 1)``.
         invalid_labels: ``"error"`` or ``"negative"`` for concept values other than 0/1.
-        drop_empty: Leave out images without any label (counted in the metadata).
-        skip_missing: Leave out rows whose image is missing (or undecodable with
-            ``verify_decode``) instead of failing; counted in the metadata.
-        verify_decode: Also check every image with PIL ``Image.verify`` (slow).
-        name: Dataset name stored in the metadata.
-        overwrite: Replace an existing ``out/manifest.parquet``.
+        options: What every importer takes; the default name is ``nus-wide-1k``.
 
     Returns:
         What was written.
@@ -140,98 +207,64 @@ def import_nuswide1k(
     if invalid_labels not in ("error", "negative"):
         raise ManifestError(f"invalid_labels must be 'error' or 'negative', not {invalid_labels!r}")
     root = Path(root).resolve()
-    out = check_out_dir(out, overwrite)
+    out = check_out_dir(out, options)
     image_root = Path(image_dir).resolve() if image_dir is not None else root / "Flickr"
     if not image_root.is_dir():
         raise ManifestError(f"NUS-WIDE image directory {image_root} not found (pass image_dir)")
 
     tag_file = _locate(root, ["NUS_WID_Tags/TagList1k.txt", "TagList1k.txt"], "1k tag list")
-    tags = read_name_list(tag_file, "1k tag list")
     concepts_file = _locate(root, ["Concepts81.txt", "ConceptsList/Concepts81.txt"], "concept list")
-    concepts = read_name_list(concepts_file, "concept list")
-    concept_set = set(concepts)
-    seen_columns = [i for i, t in enumerate(tags) if t not in concept_set]
-    seen = [tags[i] for i in seen_columns]
-    class_names = seen + concepts
-    tag_to_class = np.full(len(tags), -1)
-    tag_to_class[seen_columns] = np.arange(len(seen))
-
+    classes = _classes(tag_file, concepts_file)
     list_file = _locate(root, ["ImageList/Imagelist.txt", "Imagelist.txt"], "full image list")
-    all_paths = _listed_paths(list_file)
-    position: dict[str, int] = {}
-    for i, rel in enumerate(all_paths):
-        if rel in position:
-            raise ManifestError(
-                f"{list_file} line {i + 1}: image {rel!r} already listed at line "
-                f"{position[rel] + 1}"
-            )
-        position[rel] = i
+    all_paths, position = _positions(list_file)
     tags_file = _locate(root, ["NUS_WID_Tags/AllTags1k.txt", "AllTags1k.txt"], "1k tag matrix")
-    tag_rows = _tag_rows(tags_file, len(all_paths), len(tags))
+    tag_rows = _tag_rows(tags_file, len(all_paths), len(classes.tags))
     labels_dir = _locate(root, ["Groundtruth/AllLabels", "AllLabels"], "AllLabels directory")
     invalid: list[str] = []
     concept_matrix = _concept_matrix(
         labels_dir,
-        [f"Labels_{c}.txt" for c in concepts],
+        [f"Labels_{c}.txt" for c in classes.concepts],
         len(all_paths),
         list_file,
         invalid,
         invalid_labels,
     )
 
-    rows = Rows()
-    listed = 0
-    inputs = {
-        "tags": str(tag_file),
-        "tag_matrix": str(tags_file),
-        "concepts": str(concepts_file),
-        "labels_dir": str(labels_dir),
-        "image_list": str(list_file),
-    }
-    for part, file_name in _SPLIT_LISTS.items():
-        split_file = _locate(root, [f"ImageList/{file_name}", file_name], f"{part} image list")
-        inputs[f"{part}_list"] = str(split_file)
-        for lineno, rel in enumerate(_listed_paths(split_file), start=1):
-            where = f"{split_file}:{lineno}"
-            if rel not in position:
-                raise ManifestError(f"{where}: image {rel!r} is not in {list_file}")
-            i = position[rel]
-            tag_classes = tag_to_class[tag_rows[i]]
-            labels = [
-                *tag_classes[tag_classes >= 0].tolist(),
-                *(len(seen) + np.flatnonzero(concept_matrix[i])).tolist(),
-            ]
-            image_id = stem_id(rel)
-            split = "val" if part == "train" and _in_val(image_id, val_fraction) else part
-            rows.add(image_id, rel, labels, split, where)
-            listed += 1
-
+    rows, lists = _split_rows(
+        root,
+        list_file,
+        position,
+        lambda i: classes.labels(tag_rows[i], concept_matrix[i]),
+        val_fraction,
+    )
     source = {
         "kind": "nus-wide-1k",
-        "inputs": {"root": str(root), **inputs},
-        "options": {
-            "val_fraction": val_fraction,
-            "invalid_labels": invalid_labels,
-            "drop_empty": drop_empty,
+        "inputs": {
+            "root": str(root),
+            "tags": str(tag_file),
+            "tag_matrix": str(tags_file),
+            "concepts": str(concepts_file),
+            "labels_dir": str(labels_dir),
+            "image_list": str(list_file),
+            **lists,
         },
+        "options": options.recorded(val_fraction=val_fraction, invalid_labels=invalid_labels),
         "counts": {
-            "tags": len(tags),
-            "tags_that_are_concepts": len(tags) - len(seen),
+            "tags": len(classes.tags),
+            "tags_that_are_concepts": len(classes.tags) - len(classes.seen),
             "images_in_full_list": len(all_paths),
-            "images_in_neither_split": len(all_paths) - listed,
+            "images_in_neither_split": len(all_paths) - len(rows),
             "invalid_label_values": len(invalid),
             "invalid_label_examples": invalid[:MAX_EXAMPLES],
         },
-        "zsl": {"seen": seen, "unseen": concepts},
+        "zsl": {"seen": classes.seen, "unseen": classes.concepts},
     }
     return finalize(
         out,
         rows,
-        class_names=class_names,
+        options,
+        class_names=classes.names,
         image_root=image_root,
-        name=name,
+        name=options.name or "nus-wide-1k",
         source=source,
-        drop_empty=drop_empty,
-        skip_missing=skip_missing,
-        verify_decode=verify_decode,
     )

@@ -57,13 +57,16 @@ from typing import Any
 
 from mlcore.data.check import image_problem
 from mlcore.data.importers._common import (
+    DEFAULT_OPTIONS,
     MAX_EXAMPLES,
+    ImportOptions,
     ImportResult,
     check_out_dir,
+    close,
     parse_source_entry,
     read_name_list,
 )
-from mlcore.data.manifest import ManifestError, ManifestInfo, ManifestWriter, build_table
+from mlcore.data.manifest import ManifestError, ManifestWriter, build_table
 
 HEADER = ("ImageID", "Source", "LabelName", "Confidence")
 # CSV rows between progress lines.
@@ -274,6 +277,133 @@ def _check_across_splits(
             )
 
 
+def _classes(
+    descriptions_path: Path, trainable_classes: str | os.PathLike | None
+) -> tuple[dict[str, str], list[str]]:
+    """The described classes (MID → display name) and the MIDs chosen, in class order."""
+    described = read_class_descriptions(descriptions_path)
+    if trainable_classes is None:
+        return described, list(described)
+    trainable_path = Path(trainable_classes)
+    mids = read_name_list(trainable_path, "trainable classes list")
+    for lineno, mid in enumerate(mids, start=1):
+        if mid not in described:
+            raise ManifestError(
+                f"{trainable_path} line {lineno}: unknown class id {mid!r} (not in "
+                f"{descriptions_path})"
+            )
+    return described, mids
+
+
+@dataclass
+class _Output:
+    """Where the rows go: their images checked (or not), then the writer; counts what was
+    left out."""
+
+    writer: ManifestWriter
+    image_root: Path
+    check_images: bool
+    options: ImportOptions
+    skipped: dict[str, int] = field(
+        default_factory=lambda: {"empty": 0, "missing_images": 0, "corrupt_images": 0}
+    )
+    examples: dict[str, list[str]] = field(
+        default_factory=lambda: {"missing_images": [], "corrupt_images": []}
+    )
+    splits: Counter[str] = field(default_factory=Counter)
+
+    def _problem(self, rel: str) -> str | None:
+        if not self.check_images:
+            return None
+        if not os.path.isfile(self.image_root / rel):
+            return "missing"
+        return image_problem(self.image_root / rel) if self.options.verify_decode else None
+
+    def write(self, batch: _Batch, split: str) -> None:
+        keep = []
+        for i, rel in enumerate(batch.paths):
+            problem = self._problem(rel)
+            if problem is None:
+                keep.append(i)
+                continue
+            if not self.options.skip_missing:
+                what = "is missing" if problem == "missing" else f"cannot be decoded ({problem})"
+                raise ManifestError(
+                    f"image {self.image_root / rel} {what}; pass skip_missing=True / "
+                    "--skip-missing to leave such rows out (counted in the metadata), or "
+                    "check_images=False / --no-check-images to import labels only"
+                )
+            kind = "missing_images" if problem == "missing" else "corrupt_images"
+            self.skipped[kind] += 1
+            if len(self.examples[kind]) < MAX_EXAMPLES:
+                self.examples[kind].append(rel)
+        if keep:
+            self.writer.write(
+                build_table(
+                    [batch.ids[i] for i in keep],
+                    [batch.labels[i] for i in keep],
+                    [split] * len(keep),
+                    paths=[batch.paths[i] for i in keep],
+                    neg_labels=[batch.negatives[i] for i in keep],
+                )
+            )
+            self.splits[split] += len(keep)
+
+    def recorded_skips(self) -> dict[str, Any]:
+        """``source["skipped"]``."""
+        return {
+            **self.skipped,
+            "missing_examples": self.examples["missing_images"],
+            "corrupt_examples": self.examples["corrupt_images"],
+        }
+
+
+def _read_entry(
+    entry: OpenImagesEntry,
+    image_dir: Path,
+    output: _Output,
+    class_index: dict[str, int],
+    described: dict[str, str],
+    batch_rows: int,
+    progress: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    """Stream one labels CSV into ``output``; returns its record in ``source["inputs"]``."""
+    prefix = image_dir.relative_to(output.image_root).as_posix()
+    stats = _EntryStats()
+    batch = _Batch()
+    for image_id, positives, negatives in _grouped_rows(
+        entry.labels, class_index, described, stats, progress
+    ):
+        stats.positives += len(positives)
+        stats.conflicts += len(positives & negatives)
+        negatives -= positives
+        stats.negatives += len(negatives)
+        if output.options.drop_empty and not positives:
+            output.skipped["empty"] += 1
+            continue
+        batch.ids.append(image_id)
+        batch.paths.append(f"{prefix}/{image_id}.jpg" if prefix != "." else f"{image_id}.jpg")
+        batch.labels.append(sorted(positives))
+        batch.negatives.append(sorted(negatives))
+        if len(batch) >= batch_rows:
+            output.write(batch, entry.split)
+            batch = _Batch()
+    output.write(batch, entry.split)
+    if progress is not None:
+        progress(f"{entry.labels.name}: {stats.csv_rows:,} rows, {stats.images:,} images")
+    return {
+        "labels": str(entry.labels.resolve()),
+        "split": entry.split,
+        "image_dir": str(image_dir),
+        "csv_rows": stats.csv_rows,
+        "images": stats.images,
+        "positives": stats.positives,
+        "verified_negatives": stats.negatives,
+        "untrainable_label_rows": stats.untrainable_rows,
+        "positive_negative_conflicts": stats.conflicts,
+    }
+
+
 def import_openimages(
     entries: Sequence[OpenImagesEntry | tuple[str | os.PathLike, str, str | os.PathLike]],
     out: str | os.PathLike,
@@ -281,11 +411,7 @@ def import_openimages(
     class_descriptions: str | os.PathLike,
     trainable_classes: str | os.PathLike | None = None,
     check_images: bool = True,
-    drop_empty: bool = False,
-    skip_missing: bool = False,
-    verify_decode: bool = False,
-    name: str = "open-images",
-    overwrite: bool = False,
+    options: ImportOptions = DEFAULT_OPTIONS,
     batch_rows: int = 65_536,
     progress: Callable[[str], None] | None = None,
 ) -> ImportResult:
@@ -297,12 +423,8 @@ def import_openimages(
         class_descriptions: The class descriptions CSV.
         trainable_classes: Optional list of trainable MIDs (class order).
         check_images: Require every image file (see the module docstring).
-        drop_empty: Leave out images without a positive (counted in the metadata).
-        skip_missing: Leave out rows whose image is missing (or undecodable with
-            ``verify_decode``) instead of failing; counted.
-        verify_decode: Also check every image with PIL ``Image.verify`` (slow).
-        name: Dataset name stored in the metadata.
-        overwrite: Replace an existing ``out/manifest.parquet``.
+        options: What every importer takes (``drop_empty``: images without a positive); the
+            default name is ``open-images``.
         batch_rows: Output rows held in memory before they are checked and written.
         progress: Called with a progress line every million CSV rows and per file.
 
@@ -313,7 +435,7 @@ def import_openimages(
         ManifestError: Malformed input, unknown class ids, unsorted files, an image in two
             files, missing images without ``skip_missing``; naming the file and line.
     """
-    out = check_out_dir(out, overwrite)
+    out = check_out_dir(out, options)
     parsed = [
         e if isinstance(e, OpenImagesEntry) else OpenImagesEntry(Path(e[0]), e[1], Path(e[2]))
         for e in entries
@@ -323,112 +445,24 @@ def import_openimages(
     if batch_rows < 1:
         raise ManifestError(f"batch_rows must be >= 1, got {batch_rows}")
     descriptions_path = Path(class_descriptions)
-    described = read_class_descriptions(descriptions_path)
-    if trainable_classes is not None:
-        trainable_path = Path(trainable_classes)
-        mids = read_name_list(trainable_path, "trainable classes list")
-        for lineno, mid in enumerate(mids, start=1):
-            if mid not in described:
-                raise ManifestError(
-                    f"{trainable_path} line {lineno}: unknown class id {mid!r} (not in "
-                    f"{descriptions_path})"
-                )
-    else:
-        mids = list(described)
+    described, mids = _classes(descriptions_path, trainable_classes)
     class_names, renamed = _unique_names(mids, described)
     class_index = {mid: i for i, mid in enumerate(mids)}
     image_dirs = [e.image_dir.resolve() for e in parsed]
     image_root = Path(os.path.commonpath(image_dirs))
 
-    skipped: dict[str, Any] = {"empty": 0, "missing_images": 0, "corrupt_images": 0}
-    missing_examples: list[str] = []
-    corrupt_examples: list[str] = []
     writer = ManifestWriter(out, len(mids), neg_labels=True, row_group_size=batch_rows)
-    splits: Counter[str] = Counter()
-
-    def flush(batch: _Batch, split: str) -> None:
-        keep = []
-        for i, rel in enumerate(batch.paths):
-            problem = None
-            if check_images:
-                if not os.path.isfile(image_root / rel):
-                    problem = "missing"
-                elif verify_decode:
-                    problem = image_problem(image_root / rel)
-            if problem is None:
-                keep.append(i)
-                continue
-            kind = "missing_images" if problem == "missing" else "corrupt_images"
-            if not skip_missing:
-                what = "is missing" if problem == "missing" else f"cannot be decoded ({problem})"
-                raise ManifestError(
-                    f"image {image_root / rel} {what}; pass skip_missing=True / --skip-missing to "
-                    "leave such rows out (counted in the metadata), or check_images=False / "
-                    "--no-check-images to import labels only"
-                )
-            skipped[kind] += 1
-            examples = missing_examples if problem == "missing" else corrupt_examples
-            if len(examples) < MAX_EXAMPLES:
-                examples.append(rel)
-        if keep:
-            writer.write(
-                build_table(
-                    [batch.ids[i] for i in keep],
-                    [batch.labels[i] for i in keep],
-                    [split] * len(keep),
-                    paths=[batch.paths[i] for i in keep],
-                    neg_labels=[batch.negatives[i] for i in keep],
-                )
-            )
-            splits[split] += len(keep)
-
+    output = _Output(writer, image_root, check_images, options)
     inputs, bounds = [], []
     try:
         for entry, image_dir in zip(parsed, image_dirs, strict=True):
-            prefix = image_dir.relative_to(image_root).as_posix()
-            stats = _EntryStats()
-            batch = _Batch()
-            for image_id, positives, negatives in _grouped_rows(
-                entry.labels, class_index, described, stats, progress
-            ):
-                stats.positives += len(positives)
-                stats.conflicts += len(positives & negatives)
-                negatives -= positives
-                stats.negatives += len(negatives)
-                if drop_empty and not positives:
-                    skipped["empty"] += 1
-                    continue
-                batch.ids.append(image_id)
-                batch.paths.append(
-                    f"{prefix}/{image_id}.jpg" if prefix != "." else f"{image_id}.jpg"
-                )
-                batch.labels.append(sorted(positives))
-                batch.negatives.append(sorted(negatives))
-                if len(batch) >= batch_rows:
-                    flush(batch, entry.split)
-                    batch = _Batch()
-            flush(batch, entry.split)
-            bounds.append(writer.rows_written)
             inputs.append(
-                {
-                    "labels": str(entry.labels.resolve()),
-                    "split": entry.split,
-                    "image_dir": str(image_dir),
-                    "csv_rows": stats.csv_rows,
-                    "images": stats.images,
-                    "positives": stats.positives,
-                    "verified_negatives": stats.negatives,
-                    "untrainable_label_rows": stats.untrainable_rows,
-                    "positive_negative_conflicts": stats.conflicts,
-                }
+                _read_entry(entry, image_dir, output, class_index, described, batch_rows, progress)
             )
-            if progress is not None:
-                progress(f"{entry.labels.name}: {stats.csv_rows:,} rows, {stats.images:,} images")
+            bounds.append(writer.rows_written)
         _check_across_splits(writer, bounds, parsed)
         if writer.rows_written == 0:
-            raise ManifestError(f"nothing to import: no image left ({skipped})")
-        skipped["missing_examples"] = missing_examples
-        skipped["corrupt_examples"] = corrupt_examples
+            raise ManifestError(f"nothing to import: no image left ({output.skipped})")
         source = {
             "kind": "open-images",
             "inputs": inputs,
@@ -436,16 +470,19 @@ def import_openimages(
             "trainable_classes": (
                 None if trainable_classes is None else str(Path(trainable_classes).resolve())
             ),
-            "options": {"check_images": check_images, "drop_empty": drop_empty},
+            "options": options.recorded(check_images=check_images),
             "class_ids": mids,
             "renamed_classes": renamed,
-            "skipped": skipped,
+            "skipped": output.recorded_skips(),
         }
-        info = ManifestInfo(
-            class_names=tuple(class_names), name=name, image_root=str(image_root), source=source
+        return close(
+            writer.close,
+            class_names=class_names,
+            image_root=image_root,
+            name=options.name or "open-images",
+            source=source,
+            rows_per_split=dict(output.splits),
         )
-        manifest = writer.close(info)
     except BaseException:
         writer.abort()
         raise
-    return ImportResult(manifest=manifest, info=info, rows_per_split=dict(splits))

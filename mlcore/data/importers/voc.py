@@ -25,6 +25,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from mlcore.data.importers._common import (
+    DEFAULT_OPTIONS,
+    ImportOptions,
     ImportResult,
     Rows,
     check_out_dir,
@@ -90,11 +92,7 @@ def import_voc(
     *,
     splits: Mapping[str, str],
     include_difficult: bool = False,
-    drop_empty: bool = False,
-    skip_missing: bool = False,
-    verify_decode: bool = False,
-    name: str | None = None,
-    overwrite: bool = False,
+    options: ImportOptions = DEFAULT_OPTIONS,
 ) -> ImportResult:
     """Write a dataset from a VOC year directory (see the module docstring).
 
@@ -104,12 +102,8 @@ def import_voc(
         splits: Image set (``ImageSets/Main/<set>.txt``) → split name, e.g.
             ``{"trainval": "train", "test": "test"}``.
         include_difficult: Count difficult objects as labels.
-        drop_empty: Leave out images left without a label (counted in the metadata).
-        skip_missing: Leave out rows whose image is missing (or undecodable with
-            ``verify_decode``) instead of failing; counted in the metadata.
-        verify_decode: Also check every image with PIL ``Image.verify`` (slow).
-        name: Dataset name; default the year directory's name lower-cased (``voc2007``).
-        overwrite: Replace an existing ``out/manifest.parquet``.
+        options: What every importer takes; the default name is the year directory's name
+            lower-cased (``voc2007``).
 
     Returns:
         What was written.
@@ -119,7 +113,7 @@ def import_voc(
             (naming the file), an image in two sets, missing images without ``skip_missing``.
     """
     root = Path(root).resolve()
-    out = check_out_dir(out, overwrite)
+    out = check_out_dir(out, options)
     sets_dir = root / "ImageSets" / "Main"
     if not sets_dir.is_dir():
         raise ManifestError(f"{root} is not a VOC year directory: no ImageSets/Main")
@@ -151,7 +145,7 @@ def import_voc(
     source = {
         "kind": "voc",
         "inputs": {"root": str(root), "image_sets": dict(splits)},
-        "options": {"include_difficult": include_difficult, "drop_empty": drop_empty},
+        "options": options.recorded(include_difficult=include_difficult),
         "counts": {
             "images_per_set": counts,
             "difficult_objects": difficult_objects,
@@ -163,11 +157,9 @@ def import_voc(
     return finalize(
         out,
         rows,
+        options,
         class_names=VOC_CLASSES,
         image_root=root,
-        name=name or root.name.lower(),
+        name=options.name or root.name.lower(),
         source=source,
-        drop_empty=drop_empty,
-        skip_missing=skip_missing,
-        verify_decode=verify_decode,
     )
