@@ -63,7 +63,7 @@ from mlcore.config import ModelConfig
 from mlcore.configlib import ConfigError
 from mlcore.data.dataset import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from mlcore.data.embeddings import ClassEmbeddings
-from mlcore.models import build_model_from_config
+from mlcore.models import build_model_from_config, family_of
 from mlcore.train import save_atomic
 
 BUNDLE_FILE = "model.bundle.pt"
@@ -297,6 +297,7 @@ def load_bundle(path: str | os.PathLike) -> ModelBundle:
         )
     try:
         model = configlib.from_dict(ModelConfig, header["model"], prefix="model")
+        family_of(model.head)  # a head this cpsd has no family for cannot be built
         bundle = ModelBundle(
             model=model,
             class_names=tuple(header["class_names"]),

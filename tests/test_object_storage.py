@@ -162,6 +162,9 @@ def test_dataset_on_s3_with_paths_or_embedded_bytes_reads_like_local(s3, tiny_ov
         )
 
 
+# Two pipelines, the one-process reference and a two-worker student group: up to ~5 min on 2
+# cores shared with another test process, over the suite's 300 s default.
+@pytest.mark.timeout(900)
 def test_pipeline_with_s3_storage_and_data_then_a_rerun_skips_every_stage(
     s3_ray, tiny_overrides, tmp_path
 ):

@@ -18,7 +18,6 @@ from mlcore import configlib
 from mlcore.config import UNSEEN_FROM_MANIFEST, ExperimentConfig
 from mlcore.configlib import ConfigError
 from mlcore.errors import ManifestError, ResumeMismatchError
-from mlcore.models.family import check_family
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -226,6 +225,10 @@ class Config(ExperimentConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        # Imported here: the head registry imports torch and timm, which commands that fail
+        # before reading a config (a wrong --model) must not wait for.
+        from mlcore.models.family import check_family
+
         check_family(self)
 
 
