@@ -259,38 +259,43 @@ def _without_missing(
     rows: Rows, image_root: Path, options: ImportOptions, skipped: dict[str, Any]
 ) -> Rows:
     missing = find_missing_files(image_root, rows.paths)
-    if not missing:
-        return rows
-    rel = [rows.paths[i] for i in missing]
-    if not options.skip_missing:
-        raise ManifestError(
-            f"{len(missing)} of {len(rows)} image files are missing under {image_root} "
-            f"(first: {_examples(rel)}); pass skip_missing=True / --skip-missing to leave "
-            f"those rows out (the count is recorded in the metadata)"
-        )
-    skipped["missing_images"] = len(missing)
-    skipped["missing_examples"] = rel[:MAX_EXAMPLES]
-    gone = set(missing)
-    return rows.keep([i not in gone for i in range(len(rows))])
+    described = [rows.paths[i] for i in missing]
+    problem = f"image files are missing under {image_root}"
+    return _drop_or_refuse(rows, missing, described, problem, "missing", options, skipped)
 
 
 def _without_corrupt(
     rows: Rows, image_root: Path, options: ImportOptions, skipped: dict[str, Any]
 ) -> Rows:
     problems = [(i, image_problem(image_root / p)) for i, p in enumerate(rows.paths)]
-    corrupt = [(i, msg) for i, msg in problems if msg is not None]
-    if not corrupt:
+    corrupt = [i for i, msg in problems if msg is not None]
+    described = [f"{rows.paths[i]} ({problems[i][1]})" for i in corrupt]
+    problem = "image files cannot be decoded"
+    return _drop_or_refuse(rows, corrupt, described, problem, "corrupt", options, skipped)
+
+
+def _drop_or_refuse(
+    rows: Rows,
+    bad: list[int],
+    described: list[str],
+    problem: str,
+    kind: str,
+    options: ImportOptions,
+    skipped: dict[str, Any],
+) -> Rows:
+    """Rows ``bad`` left out and counted in ``skipped`` (``skip_missing``), else an error
+    naming the first of them."""
+    if not bad:
         return rows
-    rel = [f"{rows.paths[i]} ({msg})" for i, msg in corrupt]
     if not options.skip_missing:
         raise ManifestError(
-            f"{len(corrupt)} of {len(rows)} image files cannot be decoded "
-            f"(first: {_examples(rel)}); pass skip_missing=True / --skip-missing to "
-            f"leave those rows out (the count is recorded in the metadata)"
+            f"{len(bad)} of {len(rows)} {problem} (first: {_examples(described)}); pass "
+            "skip_missing=True / --skip-missing to leave those rows out (the count is recorded "
+            "in the metadata)"
         )
-    skipped["corrupt_images"] = len(corrupt)
-    skipped["corrupt_examples"] = [rows.paths[i] for i, _ in corrupt[:MAX_EXAMPLES]]
-    gone = {i for i, _ in corrupt}
+    skipped[f"{kind}_images"] = len(bad)
+    skipped[f"{kind}_examples"] = [rows.paths[i] for i in bad[:MAX_EXAMPLES]]
+    gone = set(bad)
     return rows.keep([i not in gone for i in range(len(rows))])
 
 
