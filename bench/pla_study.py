@@ -53,14 +53,18 @@ BCE_SETTINGS = [
 RNN_INIT = "model.encoder_checkpoint={checkpoint}"
 METHODS = {
     "BCE, fine-tuned": [*BCE_SETTINGS, "model.pretrained_file={checkpoint}"],
-    "frequent": ["loss.order=frequent", RNN_INIT],
-    "rare": ["loss.order=rare", RNN_INIT],
-    "dictionary": ["loss.order=dictionary", RNN_INIT],
-    "random": ["loss.order=random", RNN_INIT],
-    "MLA": ["loss.order=mla", RNN_INIT],
-    "PLA": ["loss.order=pla", RNN_INIT],
-    "PLA (code)": ["loss.order=pla", "loss.pla_variant=code", RNN_INIT],
-    "frequent, teacher-forced": ["loss.order=frequent", "loss.teacher_forcing=true", RNN_INIT],
+    "frequent": ["loss.orderless.order=frequent", RNN_INIT],
+    "rare": ["loss.orderless.order=rare", RNN_INIT],
+    "dictionary": ["loss.orderless.order=dictionary", RNN_INIT],
+    "random": ["loss.orderless.order=random", RNN_INIT],
+    "MLA": ["loss.orderless.order=mla", RNN_INIT],
+    "PLA": ["loss.orderless.order=pla", RNN_INIT],
+    "PLA (code)": ["loss.orderless.order=pla", "loss.orderless.pla_variant=code", RNN_INIT],
+    "frequent, teacher-forced": [
+        "loss.orderless.order=frequent",
+        "loss.orderless.teacher_forcing=true",
+        RNN_INIT,
+    ],
 }
 SET_METRICS = ("CP", "CR", "CF1", "OP", "OR", "OF1")
 SEQUENCE_METRICS = ("duplicate_ratio", "order_rigidness", "pred_length", "true_length")

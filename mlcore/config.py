@@ -7,15 +7,15 @@ Ray, Tune and MLflow sections into the one schema every command reads.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from mlcore.configlib import FILE, KEYED_WHEN_SET, NOT_RESULT, ConfigError
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
+from mlcore import configlib
+from mlcore.configlib import FILE, KEYED_WHEN_SET, NOT_RESULT, ConfigError, check
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,27 +57,27 @@ class SynthConfig:
     """Seed: the same config gives a byte-identical manifest."""
 
     def __post_init__(self) -> None:
-        _check(1 <= self.num_classes <= 80, "data.synth.num_classes must be in [1, 80]")
-        _check(
+        check(1 <= self.num_classes <= 80, "data.synth.num_classes must be in [1, 80]")
+        check(
             self.class_offset >= 0 and self.class_offset + self.num_classes <= 80,
             "data.synth: class_offset + num_classes must be at most 80 (10 shapes x 8 colours)",
         )
-        _check(
+        check(
             self.class_offset == 0 or (self.labels_from is None and not self.compositional),
             "data.synth.class_offset draws the built-in classes; it cannot use labels_from or "
             "compositional",
         )
-        _check(self.num_train > 0 and self.num_val > 0, "data.synth needs train and val images")
-        _check(self.num_test >= 0, "data.synth.num_test must be >= 0")
-        _check(self.num_test_shift >= 0, "data.synth.num_test_shift must be >= 0")
-        _check(
+        check(self.num_train > 0 and self.num_val > 0, "data.synth needs train and val images")
+        check(self.num_test >= 0, "data.synth.num_test must be >= 0")
+        check(self.num_test_shift >= 0, "data.synth.num_test_shift must be >= 0")
+        check(
             not (self.compositional and self.labels_from is not None),
             "data.synth.compositional draws its own classes; it cannot use labels_from",
         )
-        _check(16 <= self.image_size <= 512, "data.synth.image_size must be in [16, 512]")
-        _check(self.num_topics >= 1, "data.synth.num_topics must be >= 1")
-        _check(self.mean_objects >= 1, "data.synth.mean_objects must be >= 1")
-        _check(self.tail_exponent >= 0, "data.synth.tail_exponent must be >= 0")
+        check(16 <= self.image_size <= 512, "data.synth.image_size must be in [16, 512]")
+        check(self.num_topics >= 1, "data.synth.num_topics must be >= 1")
+        check(self.mean_objects >= 1, "data.synth.mean_objects must be >= 1")
+        check(self.tail_exponent >= 0, "data.synth.tail_exponent must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,20 +147,20 @@ class DataConfig:
     ``cpsd data synth --compositional``). Keyed by content, like ``model.pretrained_file``."""
 
     def __post_init__(self) -> None:
-        _check(
+        check(
             self.root is None or self.synth is None,
             "data: set only one of data.root (a dataset directory) or data.synth",
         )
         if self.root is None and self.synth is None:
             object.__setattr__(self, "synth", SynthConfig())
-        _check(self.image_size >= 16, "data.image_size must be >= 16")
-        _check(0.0 <= self.cutout < 1.0, "data.cutout must be in [0, 1)")
-        _check(
+        check(self.image_size >= 16, "data.image_size must be >= 16")
+        check(0.0 <= self.cutout < 1.0, "data.cutout must be in [0, 1)")
+        check(
             self.augment == "basic" or (not self.randaugment and self.cutout == 0),
             "data.augment: randaug brings its own RandAugment and Cutout; leave "
             "data.randaugment and data.cutout unset",
         )
-        _check(
+        check(
             self.num_workers == "auto" or self.num_workers >= 0,
             "data.num_workers must be >= 0 or 'auto'",
         )
@@ -198,16 +198,16 @@ class MLDecoderConfig:
     is ours)."""
 
     def __post_init__(self) -> None:
-        _check(
+        check(
             self.num_groups is None or self.num_groups >= 1,
             "model.ml_decoder.num_groups must be >= 1",
         )
-        _check(
+        check(
             self.queries != "word" or self.num_groups is None,
             "model.ml_decoder.queries: word decodes one query per class; leave num_groups unset",
         )
-        _check(self.query_noise >= 0, "model.ml_decoder.query_noise must be >= 0")
-        _check(self.random_queries >= 0, "model.ml_decoder.random_queries must be >= 0")
+        check(self.query_noise >= 0, "model.ml_decoder.query_noise must be >= 0")
+        check(self.random_queries >= 0, "model.ml_decoder.random_queries must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -235,9 +235,9 @@ class RNNConfig:
 
     def __post_init__(self) -> None:
         for name in ("embed_dim", "hidden_dim", "attention_dim", "max_steps"):
-            _check(getattr(self, name) >= 1, f"model.rnn.{name} must be >= 1")
+            check(getattr(self, name) >= 1, f"model.rnn.{name} must be >= 1")
         for name in ("dropout", "attention_dropout"):
-            _check(0.0 <= getattr(self, name) < 1.0, f"model.rnn.{name} must be in [0, 1)")
+            check(0.0 <= getattr(self, name) < 1.0, f"model.rnn.{name} must be in [0, 1)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -273,123 +273,137 @@ class ModelConfig:
     number of classes and its own weights."""
 
     def __post_init__(self) -> None:
-        _check(
+        check(
             self.encoder_checkpoint is None or self.head == "rnn",
             "model.encoder_checkpoint needs model.head: rnn",
         )
 
 
 @dataclass(frozen=True, kw_only=True)
-class AdaptiveAsymmetryConfig:
-    """ASL §2.7: adapt γ− (or the margin) after each batch towards a target probability gap."""
-
-    enabled: bool = False
-    """Turn the controller on."""
-    target_gap: float = 0.1
-    """Δp_target, the desired p_t⁺ − p_t⁻."""
-    step_size: float | None = None
-    """λ, the controller step per 256 images: a batch of B moves by λ·B/256 (None: 0.5 for
-    ``gamma_neg``, 0.05 for ``margin``)."""
-    adapt: Literal["gamma_neg", "margin"] = "gamma_neg"
-    """Which asymmetry to adapt."""
-    gamma_neg_min: float = 0.0
-    """Lower bound of γ−."""
-    gamma_neg_max: float = 10.0
-    """Upper bound of γ−."""
-    margin_min: float = 0.0
-    """Lower bound of the probability margin."""
-    margin_max: float = 0.5
-    """Upper bound of the probability margin."""
-    warmup_steps: int | None = None
-    """Batches before the controller starts adapting; None: the lr warm-up of the OneCycle
-    schedule (``train.pct_start`` of all steps), during which the gap swings too fast to
-    follow and adapting winds γ− up to a bound."""
-
-    log_every: int = field(default=10, metadata=NOT_RESULT)
-    """Report γ−, p_t⁺, p_t⁻ and Δp every this many steps."""
-
-    def __post_init__(self) -> None:
-        _check(self.target_gap > -1 and self.target_gap < 1, "loss.adaptive.target_gap in (-1, 1)")
-        _check(self.step_size is None or self.step_size > 0, "loss.adaptive.step_size > 0")
-        _check(
-            self.warmup_steps is None or self.warmup_steps >= 0, "loss.adaptive.warmup_steps >= 0"
-        )
-        _check(self.log_every >= 1, "loss.adaptive.log_every must be >= 1")
-
-
-@dataclass(frozen=True, kw_only=True)
-class DBConfig:
-    """Distribution-Balanced loss (defaults: the authors' COCO-LT configuration)."""
-
-    alpha: float = 0.1
-    """α of the re-balancing map r̂ = α + σ(β(r − μ))."""
-    beta: float = 10.0
-    """β of the re-balancing map."""
-    mu: float = 0.2
-    """μ of the re-balancing map (VOC-LT: 0.3)."""
-    neg_scale: float = 2.0
-    """λ, negative-tolerant regularization scale (VOC-LT: 5)."""
-    init_bias: float = 0.05
-    """κ, scale of the class-prior bias ν = κ·b̂."""
-    focal_gamma: float = 2.0
-    """Focal γ."""
-    balance_param: float = 2.0
-    """Balance factor multiplying the focal term."""
-    reweight: bool = True
-    """Re-balanced weighting (ablation switch)."""
-    ntr: bool = True
-    """Negative-tolerant regularization (ablation switch)."""
-    focal: bool = True
-    """Focal term (ablation switch)."""
-
-
-@dataclass(frozen=True, kw_only=True)
 class LossConfig:
-    """Classification loss. ``focal`` is ASL with γ+ = γ− = ``gamma`` and no margin."""
+    """Classification loss (teachers and student): one registered loss and its own settings.
 
-    name: Literal["bce", "focal", "asl", "db", "orderless"] = "asl"
+    In YAML the section names the loss and holds its settings under the same name::
+
+        loss:
+          name: asl                 # bce, focal, asl, db, orderless (mlcore.losses)
+          asl: {gamma_neg: 4, clip: 0.05, adaptive: {enabled: true}}
+
+    Each loss's settings are its module's dataclass (``ASLSettings``, ``FocalSettings``,
+    ``DBSettings``, ``OrderlessSettings`` in ``mlcore.losses``); the parsed config carries only
+    the selected one's. A section for another loss is not used, and a line says so when it
+    differs from that loss's defaults (a base config tuned for one loss stays usable as
+    ``--set loss.name=...`` for another). The layout before losses were registered (ASL, focal
+    and orderless settings at the top of the section, ``loss.gamma_neg``) is still read, with
+    one deprecation line.
+    """
+
+    name: str = "asl"
     """Which loss; ``orderless`` is the label-sequence cross-entropy of ``model.head: rnn``."""
-    gamma_neg: float = 4.0
-    """ASL γ−."""
-    gamma_pos: float = 0.0
-    """ASL γ+."""
-    clip: float = 0.05
-    """ASL probability margin m."""
-    gamma: float = 2.0
-    """Focal-loss γ (``name: focal``)."""
-    adaptive: AdaptiveAsymmetryConfig = field(default_factory=AdaptiveAsymmetryConfig)
-    """Adaptive asymmetry (``name: asl``)."""
-    db: DBConfig = field(default_factory=DBConfig)
-    """Distribution-Balanced loss settings (``name: db``)."""
-    order: Literal["frequent", "rare", "dictionary", "random", "mla", "pla"] = "pla"
-    """``name: orderless``: how each image's labels are ordered into the target sequence.
-    ``frequent``/``rare``: by training-split class frequency (ties: lower class index first);
-    ``dictionary``: by class name; ``random``: a new random class ranking for every batch;
-    ``mla``: minimal-loss alignment to the predictions (PLA paper Eq. 4); ``pla``: predicted-label
-    alignment (Eq. 5). See ``mlcore.orderless``."""
-    pla_variant: Literal["paper", "code"] = "paper"
-    """``order: pla``: ``paper`` is Eq. 5 (predictions of the first n steps fix labels);
-    ``code`` is the authors' code, where a label predicted only after step n keeps its slot in
-    the base (class-index) order. See ``mlcore.orderless.align_targets``."""
-    teacher_forcing: bool = False
-    """``name: orderless`` with a fixed order (frequent, rare, dictionary): feed the target
-    sequence as the decoder's input in training instead of its own argmax. A control: the
-    paper's models are free-running (its Eq. 2); evaluation is always free-running."""
+    settings: Any = None
+    """The selected loss's settings dataclass (None: its defaults); YAML ``loss.<name>``."""
     source: str | None = field(default=None, metadata=NOT_RESULT)
     """Where these settings came from (e.g. a sweep's MLflow run id); recorded, not used."""
 
     def __post_init__(self) -> None:
-        _check(self.gamma_neg >= 0 and self.gamma_pos >= 0, "loss: gammas must be >= 0")
-        _check(0.0 <= self.clip < 1.0, "loss.clip must be in [0, 1)")
-        _check(
-            not self.adaptive.enabled or self.name == "asl",
-            "loss.adaptive.enabled needs loss.name: asl",
+        # The registry imports the loss modules (torch); a config is parsed only to run them.
+        from mlcore.losses.registry import loss_spec
+
+        spec = loss_spec(self.name)
+        if self.settings is None:
+            object.__setattr__(self, "settings", spec.settings())
+        check(
+            isinstance(self.settings, spec.settings),
+            f"loss.settings of loss {self.name!r} must be {spec.settings.__name__}, got "
+            f"{type(self.settings).__name__}",
         )
-        _check(
-            not self.teacher_forcing or self.order in ("frequent", "rare", "dictionary"),
-            "loss.teacher_forcing needs a fixed loss.order (frequent, rare or dictionary): the "
-            "decoder's input must be known before the forward pass",
-        )
+
+    @classmethod
+    def from_plain(cls, data: Mapping[str, Any], key: str = "") -> LossConfig:
+        """Parse the YAML section (new or old layout; see the class docstring)."""
+        from mlcore.losses.registry import LOSSES, loss_spec
+
+        key = key or "loss"
+        data = dict(data)
+        name = data.pop("name", "asl")
+        source = data.pop("source", None)
+        check(isinstance(name, str), f"{key}.name: expected a string, got {name!r}")
+        check(source is None or isinstance(source, str), f"{key}.source: expected a string")
+        try:
+            spec = loss_spec(name)
+        except ConfigError as err:
+            raise ConfigError(f"{key}.{str(err).removeprefix('loss.')}") from None
+        flat = {
+            f.name: other.name
+            for other in LOSSES.values()
+            if other.legacy_path == ""
+            for f in dataclasses.fields(other.settings)
+        }
+        sections: dict[str, Any] = {n: data.pop(n) for n in list(data) if n in LOSSES}
+        moved = []
+        for old, value in data.items():
+            if old not in flat:
+                known = ["name", "source", *LOSSES, *flat]
+                close = difflib.get_close_matches(old, known, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ConfigError(f"unknown config key '{key}.{old}'{hint}")
+            owner = flat[old]
+            section = dict(sections.get(owner) or {})
+            section[old] = _merged(section.get(old), value)
+            sections[owner] = section
+            moved.append(f"{key}.{old} -> {key}.{owner}.{old}")
+        parsed = {
+            n: configlib.from_dict(LOSSES[n].settings, section or {}, prefix=f"{key}.{n}")
+            for n, section in sections.items()
+        }
+        unused = [n for n, s in parsed.items() if n != name and s != LOSSES[n].settings()]
+        notes = []
+        if moved:
+            notes.append(f"deprecated loss layout, read as {', '.join(moved)}")
+        if unused:
+            names = ", ".join(f"{key}.{n}" for n in unused)
+            notes.append(f"{names} not used: {key}.name is {name}")
+        if notes:
+            warnings.warn(f"config: {'; '.join(notes)}", configlib.ConfigWarning, stacklevel=2)
+        return cls(name=name, settings=parsed.get(name, spec.settings()), source=source)
+
+    def to_plain(self) -> dict[str, Any]:
+        """``{"name": ..., <name>: settings, "source": ...}`` (a loss without settings: none)."""
+        out: dict[str, Any] = {"name": self.name}
+        if dataclasses.fields(self.settings):
+            out[self.name] = configlib.to_dict(self.settings)
+        out["source"] = self.source
+        return out
+
+    def key_content(self, content: Callable[[Any], Any]) -> dict[str, Any]:
+        """The section as stage keys hash it: the layout of the one loss section keys were
+        first published with, so a finished stage keeps its key.
+
+        Every loss with a ``legacy_path`` contributes its settings there (the selected loss its
+        own, the others their defaults, as that section held them); a loss added since
+        contributes only when selected, under its name. ``content`` turns settings into their
+        result fields (``configlib.result_content``).
+        """
+        from mlcore.losses.registry import LOSSES
+
+        out: dict[str, Any] = {"name": self.name}
+        for spec in LOSSES.values():
+            selected = spec.name == self.name
+            if spec.legacy_path is None and not selected:
+                continue
+            fields = content(self.settings if selected else spec.settings())
+            if spec.legacy_path == "":
+                out.update(fields)
+            else:
+                out[spec.legacy_path or spec.name] = fields
+        return out
+
+
+def _merged(base: Any, update: Any) -> Any:
+    """``update`` over ``base``, mappings merged key by key."""
+    if isinstance(base, Mapping) and isinstance(update, Mapping):
+        return {**base, **{k: _merged(base.get(k), v) for k, v in update.items()}}
+    return update
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -406,8 +420,8 @@ class SWAConfig:
     low point of their cyclical learning rate; here the loop's own schedule runs unchanged)."""
 
     def __post_init__(self) -> None:
-        _check(self.start_epoch >= 0, "train.swa.start_epoch must be >= 0")
-        _check(self.every_steps >= 1, "train.swa.every_steps must be >= 1")
+        check(self.start_epoch >= 0, "train.swa.start_epoch must be >= 0")
+        check(self.every_steps >= 1, "train.swa.every_steps must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -449,12 +463,12 @@ class TrainConfig:
     """Validation batch size (None: 2 x batch_size)."""
 
     def __post_init__(self) -> None:
-        _check(self.epochs >= 1, "train.epochs must be >= 1")
-        _check(self.batch_size >= 1, "train.batch_size must be >= 1")
-        _check(self.lr > 0, "train.lr must be > 0")
-        _check(0 < self.pct_start < 1, "train.pct_start must be in (0, 1)")
-        _check(0 < self.ema_decay < 1, "train.ema_decay must be in (0, 1)")
-        _check(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip must be > 0")
+        check(self.epochs >= 1, "train.epochs must be >= 1")
+        check(self.batch_size >= 1, "train.batch_size must be >= 1")
+        check(self.lr > 0, "train.lr must be > 0")
+        check(0 < self.pct_start < 1, "train.pct_start must be in (0, 1)")
+        check(0 < self.ema_decay < 1, "train.ema_decay must be in (0, 1)")
+        check(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip must be > 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -515,14 +529,14 @@ class CPSDConfig:
     plain model, so variants that share a baseline share them."""
 
     def __post_init__(self) -> None:
-        _check(self.k >= 1, "cpsd.k must be >= 1")
-        _check(self.tau > 0, "cpsd.tau must be > 0")
-        _check(0.0 <= self.kd_alpha <= 1.0, "cpsd.kd_alpha must be in [0, 1]")
-        _check(self.cls_weight >= 0, "cpsd.cls_weight must be >= 0")
-        _check(self.teacher_epochs is None or self.teacher_epochs >= 1, "cpsd.teacher_epochs >= 1")
-        _check(self.student_epochs is None or self.student_epochs >= 1, "cpsd.student_epochs >= 1")
-        _check(self.student_lr_scale > 0, "cpsd.student_lr_scale must be > 0")
-        _check(self.control_ensemble >= 0, "cpsd.control_ensemble must be >= 0")
+        check(self.k >= 1, "cpsd.k must be >= 1")
+        check(self.tau > 0, "cpsd.tau must be > 0")
+        check(0.0 <= self.kd_alpha <= 1.0, "cpsd.kd_alpha must be in [0, 1]")
+        check(self.cls_weight >= 0, "cpsd.cls_weight must be >= 0")
+        check(self.teacher_epochs is None or self.teacher_epochs >= 1, "cpsd.teacher_epochs >= 1")
+        check(self.student_epochs is None or self.student_epochs >= 1, "cpsd.student_epochs >= 1")
+        check(self.student_lr_scale > 0, "cpsd.student_lr_scale must be > 0")
+        check(self.control_ensemble >= 0, "cpsd.control_ensemble must be >= 0")
 
 
 def _upstream_synth() -> SynthConfig:
@@ -554,8 +568,8 @@ class PretrainConfig:
     """Upstream ``train.seed`` (initial weights, batch order, augmentation)."""
 
     def __post_init__(self) -> None:
-        _check(self.epochs >= 1, "pretrain.epochs must be >= 1")
-        _check(self.lr is None or self.lr > 0, "pretrain.lr must be > 0")
+        check(self.epochs >= 1, "pretrain.epochs must be >= 1")
+        check(self.lr is None or self.lr > 0, "pretrain.lr must be > 0")
 
 
 UNSEEN_FROM_MANIFEST = "manifest"
@@ -574,8 +588,8 @@ class ZSLConfig:
     """Random-score draws averaged into ``zsl_mAP_chance`` and ``gzsl_mAP_chance``."""
 
     def __post_init__(self) -> None:
-        _check(self.unseen_classes != "", "zsl.unseen_classes: give names, a file or 'manifest'")
-        _check(self.chance_draws >= 1, "zsl.chance_draws must be >= 1")
+        check(self.unseen_classes != "", "zsl.unseen_classes: give names, a file or 'manifest'")
+        check(self.chance_draws >= 1, "zsl.chance_draws must be >= 1")
 
     @property
     def enabled(self) -> bool:
@@ -608,7 +622,7 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         init = self.cpsd.student_init
-        _check(
+        check(
             init != "pretrained"
             or self.model.pretrained
             or self.model.pretrained_file
@@ -616,18 +630,18 @@ class ExperimentConfig:
             "cpsd.student_init: pretrained needs model.pretrained, model.pretrained_file or "
             "pretrain.enabled",
         )
-        _check(
+        check(
             not self.pretrain.enabled
             or (not self.model.pretrained and self.model.pretrained_file is None),
             "pretrain.enabled fills model.pretrained_file itself; unset model.pretrained and "
             "model.pretrained_file",
         )
-        _check(
+        check(
             not self.pretrain.enabled or "://" not in self.storage_path,
             "pretrain.enabled needs a local storage_path (every model reads the upstream "
             "weights as a local model.pretrained_file)",
         )
-        _check(
+        check(
             init != "baseline" or (self.cpsd.train_baseline and self.cpsd.mode != "baseline"),
             "cpsd.student_init: baseline needs cpsd.train_baseline: true and a mode with teachers",
         )
@@ -635,11 +649,11 @@ class ExperimentConfig:
         # (mlcore.models.family.check_family, called by workflows.config.Config).
         decoder = self.model.ml_decoder
         word = self.model.head == "ml_decoder" and decoder.queries == "word"
-        _check(
+        check(
             not self.zsl.enabled or word,
             "zsl.unseen_classes needs model.head: ml_decoder with model.ml_decoder.queries: word",
         )
-        _check(
+        check(
             not self.zsl.enabled
             or self.data.test_split not in (self.data.train_split, self.data.val_split),
             f"zero-shot evaluation needs a held-out data.test_split, not the train or val split "
@@ -647,9 +661,10 @@ class ExperimentConfig:
         )
         # The random-query logits have no column in the targets the DB statistics and the
         # adaptive controller are computed over.
-        _check(
+        adaptive = getattr(self.loss.settings, "adaptive", None)
+        check(
             not (word and decoder.random_queries > 0)
-            or (self.loss.name != "db" and not self.loss.adaptive.enabled),
+            or (self.loss.name != "db" and not (adaptive and adaptive.enabled)),
             "model.ml_decoder.random_queries > 0 works with loss bce/focal/asl without "
-            "loss.adaptive; set model.ml_decoder.random_queries=0",
+            "loss.asl.adaptive; set model.ml_decoder.random_queries=0",
         )

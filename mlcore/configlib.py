@@ -6,6 +6,12 @@ A config class is a ``@dataclass(frozen=True, kw_only=True)`` whose fields are p
 misspelt key is an error naming its dotted path, and a wrong type is an error naming the key
 and the expected type. YAML files may pull in fragments with ``!include other.yaml`` (path
 relative to the including file), which is how a sweep's best loss settings feed a pipeline.
+
+A section whose fields depend on one of its values (the loss section: its settings are those
+of the loss ``loss.name`` selects, ``mlcore.config.LossConfig``) reads and writes itself
+through three methods the generic code calls when a class defines them:
+``from_plain(data, key)`` (classmethod, parsing), ``to_plain()`` (:func:`to_dict`) and
+``key_content(content)`` (:func:`result_content`).
 """
 
 from __future__ import annotations
@@ -26,6 +32,16 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config file, key or value is invalid; the message names the dotted key."""
+
+
+class ConfigWarning(FutureWarning):
+    """A config is read, but something in it is deprecated or has no effect."""
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise ``ConfigError(message)`` unless ``condition`` (the checks of ``__post_init__``)."""
+    if not condition:
+        raise ConfigError(message)
 
 
 def _include_loader(base: Path) -> type[yaml.SafeLoader]:
@@ -174,6 +190,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 
 def from_dict(cls: type[T], data: Mapping[str, Any], *, prefix: str = "") -> T:
     """Build config ``cls`` from a mapping; unknown keys and bad values raise ConfigError."""
+    if hasattr(cls, "from_plain"):
+        return cls.from_plain(data, prefix)
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     kwargs = {}
@@ -195,6 +213,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, prefix: str = "") -> T:
 
 def to_dict(config: Any) -> Any:
     """Plain-data view (dicts, lists, scalars) of a config, for YAML/JSON/MLflow params."""
+    if hasattr(config, "to_plain"):
+        return config.to_plain()
     if dataclasses.is_dataclass(config):
         return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
     if isinstance(config, tuple | list):
@@ -256,6 +276,8 @@ def _default(f: dataclasses.Field) -> Any:
 def result_content(config: Any, file_digest: typing.Callable[[str], str] | None = None) -> Any:
     """Plain data of ``config`` without its ``NOT_RESULT`` fields; ``FILE`` paths become
     ``file_digest(path)`` (the path itself when no digest function is given)."""
+    if hasattr(config, "key_content"):
+        return config.key_content(lambda section: result_content(section, file_digest))
     if dataclasses.is_dataclass(config):
         out = {}
         for f in dataclasses.fields(config):

@@ -34,7 +34,7 @@ from mlcore.data.loading import OpenDataset, build_loaders
 from mlcore.data.manifest import Manifest, ManifestError, is_uri
 from mlcore.evaluation import choose_thresholds
 from mlcore.fingerprint import config_content, file_digest, split_digest, stable_hash
-from mlcore.losses import build_asymmetry_controller, build_loss
+from mlcore.losses import LossInputs, build_loss, build_observer, loss_spec
 from mlcore.models import build_model_from_config, family_of
 from mlcore.train import (
     LOCAL,
@@ -85,17 +85,17 @@ def training_fingerprint(
 
 
 def build_criterion(loss_cfg: LossConfig, manifest: Manifest, data: DataConfig, class_subset):
-    """Loss module (DB and orderless get the training frequencies of the classes they see)."""
-    class_freq = train_size = class_names = None
-    if loss_cfg.name in ("db", "orderless"):
+    """Loss module; a loss that needs class statistics gets those of the classes it sees."""
+    inputs = LossInputs()
+    if loss_spec(loss_cfg.name).class_statistics:
         class_freq = manifest.positives_per_class(data.train_split)
-        if class_subset is not None:
-            class_freq = class_freq[list(class_subset)]
-        train_size = int(manifest.split_rows(data.train_split).size)
-        class_names = manifest.class_names
-    return build_loss(
-        loss_cfg, class_freq=class_freq, train_size=train_size, class_names=class_names
-    )
+        classes = list(class_subset) if class_subset is not None else range(len(class_freq))
+        inputs = LossInputs(
+            class_freq=class_freq[list(classes)],
+            train_size=int(manifest.split_rows(data.train_split).size),
+            class_names=[manifest.class_names[c] for c in classes],
+        )
+    return build_loss(loss_cfg, inputs)
 
 
 def train_classifier(
@@ -166,7 +166,7 @@ def train_classifier(
     if init_weights is not None:
         model.load_state_dict(load_checkpoint(init_weights)["model"])
     loss = build_criterion(cfg.loss, manifest, cfg.data, class_subset)
-    controller = build_asymmetry_controller(
+    observer, observe_every = build_observer(
         cfg.loss,
         loss,
         batch_size=train_cfg.batch_size,
@@ -181,8 +181,8 @@ def train_classifier(
         objective,
         train_cfg,
         out_dir,
-        observer=controller,
-        observe_every=cfg.loss.adaptive.log_every,
+        observer=observer,
+        observe_every=observe_every,
         on_epoch=on_epoch,
         on_step=on_step,
         fingerprint=fingerprint,

@@ -229,16 +229,15 @@ def test_controller_from_config_under_the_products_schedule(one_thread):
     during the lr warm-up, then wandered). Measured before the fix (no warm-up wait, λ per
     batch): γ- 4 → 7.6 during warm-up and a 0.44 range over the last 20% of steps; after: γ-
     held during warm-up, range 0.03, tail Δp 0.099."""
-    from mlcore.config import AdaptiveAsymmetryConfig, LossConfig
-    from mlcore.losses import build_asymmetry_controller, build_loss
+    from mlcore.config import LossConfig
+    from mlcore.losses import AdaptiveAsymmetrySettings, ASLSettings, build_loss, build_observer
 
-    cfg = LossConfig(
-        name="asl", gamma_neg=4.0, clip=0.05, adaptive=AdaptiveAsymmetryConfig(enabled=True)
-    )
+    adaptive = AdaptiveAsymmetrySettings(enabled=True)
+    cfg = LossConfig(name="asl", settings=ASLSettings(gamma_neg=4.0, clip=0.05, adaptive=adaptive))
     loss = build_loss(cfg)
     steps, batch, lr = 1500, 32, 0.01
     warmup = round(0.2 * steps)
-    ctrl = build_asymmetry_controller(cfg, loss, batch_size=batch, lr_warmup_steps=warmup)
+    ctrl, _ = build_observer(cfg, loss, batch_size=batch, lr_warmup_steps=warmup)
     x, y = toy_data()
     torch.manual_seed(0)
     model = torch.nn.Linear(x.shape[1], y.shape[1])

@@ -45,10 +45,10 @@ def test_bad_values_name_the_key(override, message):
 
 
 def test_unknown_key_in_file_and_include(tmp_path):
-    (tmp_path / "loss.yaml").write_text("name: asl\ngamma_neg: 3\n")
+    (tmp_path / "loss.yaml").write_text("name: asl\nasl: {gamma_neg: 3}\n")
     (tmp_path / "a.yaml").write_text("loss: !include loss.yaml\ntrain: {epochs: 2}\n")
     cfg = load_config(tmp_path / "a.yaml")
-    assert cfg.loss.gamma_neg == 3.0 and cfg.train.epochs == 2
+    assert cfg.loss.settings.gamma_neg == 3.0 and cfg.train.epochs == 2
     (tmp_path / "b.yaml").write_text("train: {epochz: 2}\n")
     with pytest.raises(ConfigError, match=r"train\.epochz"):
         load_config(tmp_path / "b.yaml")

@@ -89,7 +89,7 @@ def test_stage_keys_follow_content_not_location_or_logging(tiny_overrides, tmp_p
     assert _teacher_key(at_copy, spec) == _teacher_key(cfg, spec)
     assert _baseline_key(at_copy) == _baseline_key(cfg)
 
-    for harmless in ("loss.adaptive.log_every=3", "data.num_workers=1", "train.device=cpu"):
+    for harmless in ("loss.asl.adaptive.log_every=3", "data.num_workers=1", "train.device=cpu"):
         assert _baseline_key(configlib.replace(cfg, [harmless])) == _baseline_key(cfg), harmless
     assert _baseline_key(configlib.replace(cfg, ["train.lr=1e-3"])) != (_baseline_key(cfg))
 
@@ -221,7 +221,7 @@ def test_a_crash_between_checkpoint_writes_never_leaves_a_stray_best(tiny_config
 def test_distillation_and_classification_share_one_reduction(loss_name):
     from mlcore.config import LossConfig
     from mlcore.distill import DistillationLoss
-    from mlcore.losses import build_loss
+    from mlcore.losses import LossInputs, build_loss
 
     def ratio(batch: int, classes: int, reduction: str) -> float:
         g = torch.Generator().manual_seed(batch * classes)
@@ -230,7 +230,7 @@ def test_distillation_and_classification_share_one_reduction(loss_name):
         targets = (torch.rand(batch, classes, generator=g) < 0.1).float()
         targets[0] = 1.0  # every class has a positive (DB needs frequencies > 0)
         freq = targets.sum(0).numpy()
-        loss = build_loss(LossConfig(name=loss_name), class_freq=freq, train_size=batch)
+        loss = build_loss(LossConfig(name=loss_name), LossInputs(freq, train_size=batch))
         kd = DistillationLoss(loss, cls_weight=0.5, alpha=0.5, reduction=reduction)
         cls_term = kd.cls_weight * kd.cls_loss(student, targets)
         total = kd(student, targets, teacher, None)

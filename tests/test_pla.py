@@ -69,12 +69,12 @@ def test_cpsd_train_pla_tiny_writes_the_sequence_metrics(tmp_path, tiny_override
 @pytest.mark.parametrize(
     "overrides",
     [
-        ["loss.order=frequent", "loss.teacher_forcing=true"],
-        ["loss.order=rare"],
-        ["loss.order=dictionary"],
-        ["loss.order=random"],
-        ["loss.order=mla"],
-        ["loss.order=pla", "loss.pla_variant=code"],
+        ["loss.orderless.order=frequent", "loss.orderless.teacher_forcing=true"],
+        ["loss.orderless.order=rare"],
+        ["loss.orderless.order=dictionary"],
+        ["loss.orderless.order=random"],
+        ["loss.orderless.order=mla"],
+        ["loss.orderless.order=pla", "loss.orderless.pla_variant=code"],
     ],
     ids=lambda o: "-".join(x.split("=")[1] for x in o),
 )
@@ -102,7 +102,7 @@ def test_two_stages_share_the_encoder_checkpoint(tiny_config, pla_config, tmp_pa
 
 
 def test_resume_with_swa_gives_identical_weights(pla_config, tmp_path):
-    cfg = configlib.replace(pla_config, ["train.epochs=3", "loss.order=random"])
+    cfg = configlib.replace(pla_config, ["train.epochs=3", "loss.orderless.order=random"])
 
     class Stop(Exception):
         pass
@@ -142,8 +142,8 @@ def test_too_many_labels_is_one_line_naming_the_row(tiny_overrides, tmp_path, ca
     [
         (["loss.name=asl"], "model.head: rnn and loss.name: orderless go together"),
         (["cpsd.mode=cpsd"], "model.head: rnn needs cpsd.mode: baseline"),
-        (["loss.teacher_forcing=true"], "loss.teacher_forcing needs a fixed loss.order"),
-        (["loss.order=best"], "loss.order: 'best' is not one of"),
+        (["loss.orderless.teacher_forcing=true"], "loss.orderless.teacher_forcing needs a fixed"),
+        (["loss.orderless.order=best"], "loss.orderless.order: 'best' is not one of"),
         (["model.rnn.max_steps=0"], "model.rnn.max_steps must be >= 1"),
         (["train.swa.every_steps=0"], "train.swa.every_steps must be >= 1"),
     ],

@@ -62,6 +62,6 @@ def test_commands_that_do_not_run_the_stage_graph_refuse_pretrain(tiny_config):
     cfg = configlib.replace(tiny_config, UPSTREAM)
     with pytest.raises(ConfigError, match=r"pretrain\.enabled runs in cpsd pipeline"):
         train_one(cfg)
-    sweep = configlib.replace(cfg, ["tune.space={loss.clip: {choice: [0.0]}}"])
+    sweep = configlib.replace(cfg, ["tune.space={loss.asl.clip: {choice: [0.0]}}"])
     with pytest.raises(ConfigError, match=r"pretrain\.enabled needs tune\.target: student"):
         validate_space(sweep)

@@ -13,10 +13,10 @@ from workflows.config import config_path, load_config
     "overrides",
     [
         ["loss.name=bce"],
-        ["loss.name=focal", "loss.gamma=2"],
+        ["loss.name=focal", "loss.focal.gamma=2"],
         ["loss.name=asl"],
-        ["loss.name=asl", "loss.adaptive.enabled=true", "loss.adaptive.log_every=1"],
-        ["loss.name=asl", "loss.adaptive.enabled=true", "loss.adaptive.adapt=margin"],
+        ["loss.name=asl", "loss.asl.adaptive.enabled=true", "loss.asl.adaptive.log_every=1"],
+        ["loss.name=asl", "loss.asl.adaptive.enabled=true", "loss.asl.adaptive.adapt=margin"],
         ["loss.name=db"],
         ["loss.name=db", "loss.db.focal=false", "data.class_aware_sampling=true"],
         ["model.head=ml_decoder", "model.ml_decoder.embed_dim=64", "model.ml_decoder.ff_dim=128"],
@@ -41,8 +41,9 @@ def test_loss_and_head_train_without_nan(overrides, tiny_overrides, tmp_path):
     )  # fmt: skip
     metrics = result.history[-1]
     assert math.isfinite(metrics["train_loss"]) and 0.0 <= metrics["val_mAP"] <= 1.0
-    if cfg.loss.adaptive.enabled:
+    if cfg.loss.name == "asl" and cfg.loss.settings.adaptive.enabled:
+        asl = cfg.loss.settings
         assert steps and {"gamma_neg", "clip", "p_pos", "p_neg", "delta_p"} <= set(steps[-1])
-        moved = "gamma_neg" if cfg.loss.adaptive.adapt == "gamma_neg" else "clip"
-        start = cfg.loss.gamma_neg if moved == "gamma_neg" else cfg.loss.clip
+        moved = "gamma_neg" if asl.adaptive.adapt == "gamma_neg" else "clip"
+        start = asl.gamma_neg if moved == "gamma_neg" else asl.clip
         assert steps[-1][moved] != start  # the controller acted

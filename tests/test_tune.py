@@ -36,12 +36,12 @@ def _runs(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("tune.space={loss.clip: {normal: [0, 1]}}", "unknown distribution 'normal'"),
-        ("tune.space={loss.clip: {choice: []}}", "choice needs a non-empty list"),
-        ("tune.space={loss.clip: {uniform: [0.3, 0.1]}}", "low < high, got [0.3, 0.1]"),
-        ("tune.space={loss.clip: {loguniform: [0, 0.1]}}", "loguniform needs low > 0"),
-        ("tune.space={loss.clipp: {choice: [0.1]}}", "unknown config key 'loss.clipp'"),
-        ("tune.space={loss.clip: {choice: [2.0]}}", "loss.clip must be in [0, 1)"),
+        ("tune.space={loss.asl.clip: {normal: [0, 1]}}", "unknown distribution 'normal'"),
+        ("tune.space={loss.asl.clip: {choice: []}}", "choice needs a non-empty list"),
+        ("tune.space={loss.asl.clip: {uniform: [0.3, 0.1]}}", "low < high, got [0.3, 0.1]"),
+        ("tune.space={loss.asl.clip: {loguniform: [0, 0.1]}}", "loguniform needs low > 0"),
+        ("tune.space={loss.asl.clipp: {choice: [0.1]}}", "unknown config key 'loss.asl.clipp'"),
+        ("tune.space={loss.asl.clip: {choice: [2.0]}}", "loss.asl.clip must be in [0, 1)"),
         ("tune.space={}", "tune.space is empty"),
     ],
 )
@@ -69,8 +69,8 @@ def test_tiny_asl_sweep_records_every_trial_and_feeds_the_pipeline(tiny_override
     assert len(trials) == 4 and parent.info.status == "FINISHED"
     for run in trials:
         assert run.info.status == "FINISHED"
-        assert {"sweep.loss.adaptive.target_gap", "sweep.loss.clip"} <= set(run.data.params)
-        assert 0.0 <= float(run.data.params["sweep.loss.adaptive.target_gap"]) <= 0.3
+        assert {"sweep.loss.asl.adaptive.target_gap", "sweep.loss.asl.clip"} <= set(run.data.params)
+        assert 0.0 <= float(run.data.params["sweep.loss.asl.adaptive.target_gap"]) <= 0.3
         assert "val_mAP" in run.data.metrics and "gamma_neg" in run.data.metrics
         assert run.data.tags["tune.status"] == "TERMINATED"
         assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == [
@@ -88,8 +88,8 @@ def test_tiny_asl_sweep_records_every_trial_and_feeds_the_pipeline(tiny_override
         "name: p\nloss: !include out/best_loss.yaml\ntrain: {epochs: 1}\n"
     )
     piped = load_config(tmp_path / "pipeline.yaml")
-    assert piped.loss.adaptive.target_gap == pytest.approx(
-        outcome.best_params["loss.adaptive.target_gap"]
+    assert piped.loss.settings.adaptive.target_gap == pytest.approx(
+        outcome.best_params["loss.asl.adaptive.target_gap"]
     )
     assert piped.loss.source == best["source"]
 
@@ -104,7 +104,7 @@ def test_asha_stops_a_clearly_worse_trial(tiny_overrides, tmp_path):
             tmp_path,
             "name=asha",
             "train.epochs=4",
-            "loss.adaptive.enabled=false",
+            "loss.asl.adaptive.enabled=false",
             "mlflow.enabled=false",
             "tune.max_concurrent_trials=1",
             "tune.search=grid",
@@ -199,24 +199,27 @@ def test_trials_train_on_two_worker_groups(tiny_overrides, tmp_path):
 
 def test_sweep_over_label_orders_with_the_orderless_rnn(tiny_overrides, tmp_path):
     for name in ("tune_pla", "tune_pla_tiny"):
-        assert set(validate_space(load_config(config_path(name)))) >= {"loss.order"}
+        assert set(validate_space(load_config(config_path(name)))) >= {"loss.orderless.order"}
     # Three of the six orders keep the test short: a fixed order and both alignments.
     orders = ["frequent", "mla", "pla"]
-    space = f"tune.space={{loss.order: {{grid: [{', '.join(orders)}]}}}}"
+    space = f"tune.space={{loss.orderless.order: {{grid: [{', '.join(orders)}]}}}}"
     cfg = load_config(
         config_path("tune_pla_tiny"), _sets(tiny_overrides, tmp_path, "train.epochs=1", space)
     )
     outcome = run_sweep(cfg, out_dir=tmp_path / "out")
-    assert sorted(row["loss.order"] for row in outcome.table) == sorted(orders)
+    assert sorted(row["loss.orderless.order"] for row in outcome.table) == sorted(orders)
     assert all(row["error"] is None and row["epochs"] == 1 for row in outcome.table)
     _, runs = _runs(tmp_path)
     trials = [r for r in runs if r.info.run_name != "tune_pla_tiny"]
     assert len(trials) == 3 and all(r.info.status == "FINISHED" for r in trials)
-    assert sorted(r.data.params["sweep.loss.order"] for r in trials) == sorted(orders)
+    assert sorted(r.data.params["sweep.loss.orderless.order"] for r in trials) == sorted(orders)
     for run in trials:
         assert {"val_OF1", "val_duplicate_ratio", "val_mla_loss"} <= set(run.data.metrics)
     best = yaml.safe_load(outcome.best_loss_file.read_text())
-    assert best["name"] == "orderless" and best["order"] == outcome.best_params["loss.order"]
+    assert (
+        best["name"] == "orderless"
+        and best["orderless"]["order"] == outcome.best_params["loss.orderless.order"]
+    )
 
 
 def test_student_sweep_refuses_keys_that_would_change_its_teachers(tmp_path, capsys):

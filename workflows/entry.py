@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from mlcore.configlib import ConfigWarning
 from workflows.config import USER_ERRORS, Config, config_path, load_config
 
 # What a command does with its parsed arguments; None means exit 0.
@@ -147,10 +149,25 @@ def user_message(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def show_config_warnings_as_lines(label: str) -> None:
+    """Print a config warning (a deprecated layout, an unused section) as one line,
+    ``<label>: warning: ...``, once per message; other warnings keep Python's format."""
+    python_format = warnings.formatwarning
+
+    def one_line(message, category, filename, lineno, line=None) -> str:
+        if issubclass(category, ConfigWarning):
+            return f"{label}: warning: {message}\n"
+        return python_format(message, category, filename, lineno, line)
+
+    warnings.formatwarning = one_line
+    warnings.filterwarnings("once", category=ConfigWarning)
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Run ``args.func``; user errors and Ctrl-C become one line on stderr, prefixed with
     ``args.label``, and exit 2 or 130 (``args.interrupted`` says what an interrupt kept)."""
     label = args.label
+    show_config_warnings_as_lines(label)
     try:
         return args.func(args) or 0
     except (*USER_ERRORS, UsageError) as err:

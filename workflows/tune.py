@@ -295,12 +295,18 @@ def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
                 train(
                     work,
                     on_epoch=on_epoch,
-                    on_step=on_step if cfg.loss.adaptive.enabled else None,
+                    on_step=on_step if adaptive_enabled(cfg) else None,
                     placement=task_placement(),
                     log=lambda line: print(line, flush=True),
                 )
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def adaptive_enabled(cfg: Config) -> bool:
+    """Whether the loss is ASL with its adaptive asymmetry on (step metrics to report)."""
+    adaptive = getattr(cfg.loss.settings, "adaptive", None)
+    return adaptive is not None and adaptive.enabled
 
 
 def plot_trajectory(rows: list[dict[str, float]], path: Path, cfg: Config) -> Path:
@@ -312,7 +318,8 @@ def plot_trajectory(rows: list[dict[str, float]], path: Path, cfg: Config) -> Pa
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     steps = [r["step"] for r in rows]
-    knob = "gamma_neg" if cfg.loss.adaptive.adapt == "gamma_neg" else "clip"
+    adaptive = cfg.loss.settings.adaptive
+    knob = "gamma_neg" if adaptive.adapt == "gamma_neg" else "clip"
     ax.plot(
         steps,
         [r[knob] for r in rows],
@@ -323,7 +330,7 @@ def plot_trajectory(rows: list[dict[str, float]], path: Path, cfg: Config) -> Pa
     ax.set_ylabel("γ−" if knob == "gamma_neg" else "margin m", color="#d62728")
     twin = ax.twinx()
     twin.plot(steps, [r["delta_p"] for r in rows], color="#1f77b4", label="Δp")
-    twin.axhline(cfg.loss.adaptive.target_gap, color="#1f77b4", linestyle="--", linewidth=1)
+    twin.axhline(adaptive.target_gap, color="#1f77b4", linestyle="--", linewidth=1)
     twin.set_ylabel("Δp = p_t⁺ − p_t⁻ (dashed: target)", color="#1f77b4")
     ax.set_title("Adaptive asymmetry (ASL Eq. 11)")
     fig.tight_layout()

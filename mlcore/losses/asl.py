@@ -7,15 +7,21 @@ Ridnik et al., "Asymmetric Loss For Multi-Label Classification", ICCV 2021, Eq. 
     L- = p_m^γ- · log(1 - p_m),      p_m = max(p - m, 0)
 
 Focal loss is the special case ``γ+ = γ-, m = 0`` and binary cross-entropy the case
-``γ+ = γ- = 0, m = 0``; no separate code path exists for either.
+``γ+ = γ- = 0, m = 0``; no separate code path exists for either. All three are registered here
+(``loss.name: asl``, ``focal``, ``bce``), each with its own settings.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import nn
+
+from mlcore.configlib import check
+from mlcore.losses.asymmetry import AdaptiveAsymmetrySettings, build_controller
+from mlcore.losses.registry import LossInputs, LossSpec, register_loss
 
 Reduction = Literal["sum", "mean", "none"]
 _REDUCTIONS = ("sum", "mean", "none")
@@ -121,3 +127,69 @@ class AsymmetricLoss(nn.Module):
         if self.reduction == "mean":
             return loss.mean()
         return loss
+
+
+@dataclass(frozen=True, kw_only=True)
+class ASLSettings:
+    """``loss.asl``: the asymmetric loss and its adaptive asymmetry."""
+
+    gamma_neg: float = 4.0
+    """γ−, focusing of negative labels."""
+    gamma_pos: float = 0.0
+    """γ+, focusing of positive labels."""
+    clip: float = 0.05
+    """Probability margin m of negative labels."""
+    adaptive: AdaptiveAsymmetrySettings = field(default_factory=AdaptiveAsymmetrySettings)
+    """Adaptive asymmetry (ASL §2.7, ``mlcore.losses.asymmetry``)."""
+
+    def __post_init__(self) -> None:
+        check(self.gamma_neg >= 0 and self.gamma_pos >= 0, "loss.asl: gammas must be >= 0")
+        check(0.0 <= self.clip < 1.0, "loss.asl.clip must be in [0, 1)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FocalSettings:
+    """``loss.focal``: focal loss, ASL with γ+ = γ− = ``gamma`` and no margin."""
+
+    gamma: float = 2.0
+    """Focal γ."""
+
+    def __post_init__(self) -> None:
+        check(self.gamma >= 0, "loss.focal.gamma must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BCESettings:
+    """``loss.bce``: binary cross-entropy, ASL with γ+ = γ− = 0 and no margin (no settings)."""
+
+
+def _asl(settings: ASLSettings, inputs: LossInputs) -> AsymmetricLoss:
+    return AsymmetricLoss(
+        gamma_neg=settings.gamma_neg, gamma_pos=settings.gamma_pos, clip=settings.clip
+    )
+
+
+def _focal(settings: FocalSettings, inputs: LossInputs) -> AsymmetricLoss:
+    return AsymmetricLoss(gamma_neg=settings.gamma, gamma_pos=settings.gamma, clip=0.0)
+
+
+def _bce(settings: BCESettings, inputs: LossInputs) -> AsymmetricLoss:
+    return AsymmetricLoss(gamma_neg=0.0, gamma_pos=0.0, clip=0.0)
+
+
+def _controller(settings: ASLSettings, loss: AsymmetricLoss, **schedule: int):
+    return build_controller(settings.adaptive, loss, **schedule)
+
+
+register_loss(LossSpec(name="bce", settings=BCESettings, build=_bce, legacy_path=""))
+register_loss(LossSpec(name="focal", settings=FocalSettings, build=_focal, legacy_path=""))
+register_loss(
+    LossSpec(
+        name="asl",
+        settings=ASLSettings,
+        build=_asl,
+        observer=_controller,
+        observe_every=lambda settings: settings.adaptive.log_every,
+        legacy_path="",
+    )
+)

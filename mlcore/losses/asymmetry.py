@@ -25,7 +25,7 @@ The ``"margin"`` variant applies the same rule to the probability margin (``loss
 the paper mentions but does not evaluate ("similar logic to Eq. 11"); a larger margin also
 discards more easy negatives, so the sign is the same.
 
-Schedules and batch size. Training from config (``mlcore.losses.build_asymmetry_controller``)
+Schedules and batch size. Training from config (:func:`build_controller`)
 starts adapting only after the lr warm-up: while OneCycle's lr is still small the network barely
 responds, the gap stays below target, and the controller integrates that error until γ- sits at
 its upper bound (on the toy problem at lr 0.01, batch 32: γ- 4 → 7.6 during warm-up). And it
@@ -45,14 +45,64 @@ step of 0.2 still moves the margin by 0.1.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
 
 import torch
 
-from mlcore.losses.asl import AsymmetricLoss
+from mlcore.configlib import NOT_RESULT, check
 
 Adapt = Literal["gamma_neg", "margin"]
 DEFAULT_STEP = {"gamma_neg": 0.5, "margin": 0.05}
+REFERENCE_BATCH = 256
+"""The batch size the default step sizes were chosen at (the toy problem of the tests)."""
+
+
+class Asymmetric(Protocol):
+    """A loss with the asymmetry attributes the controller moves (``AsymmetricLoss``)."""
+
+    gamma_neg: float
+    clip: float | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdaptiveAsymmetrySettings:
+    """ASL §2.7: adapt γ− (or the margin) after each batch towards a target probability gap
+    (``loss.asl.adaptive``)."""
+
+    enabled: bool = False
+    """Turn the controller on."""
+    target_gap: float = 0.1
+    """Δp_target, the desired p_t⁺ − p_t⁻."""
+    step_size: float | None = None
+    """λ, the controller step per 256 images: a batch of B moves by λ·B/256 (None: 0.5 for
+    ``gamma_neg``, 0.05 for ``margin``)."""
+    adapt: Adapt = "gamma_neg"
+    """Which asymmetry to adapt."""
+    gamma_neg_min: float = 0.0
+    """Lower bound of γ−."""
+    gamma_neg_max: float = 10.0
+    """Upper bound of γ−."""
+    margin_min: float = 0.0
+    """Lower bound of the probability margin."""
+    margin_max: float = 0.5
+    """Upper bound of the probability margin."""
+    warmup_steps: int | None = None
+    """Batches before the controller starts adapting; None: the lr warm-up of the OneCycle
+    schedule (``train.pct_start`` of all steps), during which the gap swings too fast to
+    follow and adapting winds γ− up to a bound."""
+
+    log_every: int = field(default=10, metadata=NOT_RESULT)
+    """Report γ−, p_t⁺, p_t⁻ and Δp every this many steps."""
+
+    def __post_init__(self) -> None:
+        check(-1 < self.target_gap < 1, "loss.asl.adaptive.target_gap in (-1, 1)")
+        check(self.step_size is None or self.step_size > 0, "loss.asl.adaptive.step_size > 0")
+        check(
+            self.warmup_steps is None or self.warmup_steps >= 0,
+            "loss.asl.adaptive.warmup_steps >= 0",
+        )
+        check(self.log_every >= 1, "loss.asl.adaptive.log_every must be >= 1")
 
 
 def mean_confidences(
@@ -110,7 +160,7 @@ class AsymmetryController:
 
     def __init__(
         self,
-        loss: AsymmetricLoss,
+        loss: Asymmetric,
         *,
         target_gap: float = 0.1,
         step_size: float | None = None,
@@ -183,3 +233,31 @@ class AsymmetryController:
         self.steps = int(state["steps"])
         self.loss.gamma_neg = float(state["gamma_neg"])
         self.loss.clip = None if state["clip"] is None else float(state["clip"])
+
+
+def build_controller(
+    settings: AdaptiveAsymmetrySettings,
+    loss: Asymmetric,
+    *,
+    batch_size: int,
+    lr_warmup_steps: int = 0,
+) -> AsymmetryController | None:
+    """The controller of ``loss`` when ``settings.enabled``, else None.
+
+    Its step is ``λ · batch_size / 256`` (``step_size`` is per 256 images), and with
+    ``warmup_steps: null`` it waits ``lr_warmup_steps``, the schedule's warm-up (the module
+    docstring gives the evidence for both).
+    """
+    if not settings.enabled:
+        return None
+    return AsymmetryController(
+        loss,
+        target_gap=settings.target_gap,
+        step_size=(settings.step_size or DEFAULT_STEP[settings.adapt])
+        * batch_size
+        / REFERENCE_BATCH,
+        gamma_neg_bounds=(settings.gamma_neg_min, settings.gamma_neg_max),
+        warmup_steps=lr_warmup_steps if settings.warmup_steps is None else settings.warmup_steps,
+        adapt=settings.adapt,
+        margin_bounds=(settings.margin_min, settings.margin_max),
+    )

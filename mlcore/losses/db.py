@@ -47,13 +47,17 @@ The config keys map as ``map_param=dict(alpha=α, beta=β, gamma=μ)`` and
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mlcore.losses.registry import LossInputs, LossSpec, register_loss
 
 Reduction = Literal["mean", "sum", "none"]
 _REDUCTIONS = ("mean", "sum", "none")
@@ -211,3 +215,44 @@ class DistributionBalancedLoss(nn.Module):
         if self.reduction == "sum":
             return loss.sum()
         return loss
+
+
+@dataclass(frozen=True, kw_only=True)
+class DBSettings:
+    """``loss.db``: the Distribution-Balanced loss (defaults: the authors' COCO-LT setting)."""
+
+    alpha: float = 0.1
+    """α of the re-balancing map r̂ = α + σ(β(r − μ))."""
+    beta: float = 10.0
+    """β of the re-balancing map."""
+    mu: float = 0.2
+    """μ of the re-balancing map (VOC-LT: 0.3)."""
+    neg_scale: float = 2.0
+    """λ, negative-tolerant regularization scale (VOC-LT: 5)."""
+    init_bias: float = 0.05
+    """κ, scale of the class-prior bias ν = κ·b̂."""
+    focal_gamma: float = 2.0
+    """Focal γ."""
+    balance_param: float = 2.0
+    """Balance factor multiplying the focal term."""
+    reweight: bool = True
+    """Re-balanced weighting (ablation switch)."""
+    ntr: bool = True
+    """Negative-tolerant regularization (ablation switch)."""
+    focal: bool = True
+    """Focal term (ablation switch)."""
+
+
+def _db(settings: DBSettings, inputs: LossInputs) -> DistributionBalancedLoss:
+    if inputs.train_size is None:
+        raise ValueError("loss 'db' needs the training set's size")
+    return DistributionBalancedLoss(
+        np.asarray(inputs.class_freq),
+        int(inputs.train_size),
+        **dataclasses.asdict(settings),
+    )
+
+
+register_loss(
+    LossSpec(name="db", settings=DBSettings, build=_db, class_statistics=True, legacy_path="db")
+)

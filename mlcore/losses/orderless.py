@@ -7,7 +7,8 @@ For an image with n labels the decoder's T ≥ n + 1 step logits ``p_t`` (C + 1 
 
 i.e. cross-entropy over the first n + 1 steps of each sequence, averaged over all valid tokens
 of the batch (the authors' ``pack_padded_sequence`` loss, written as a length mask). Steps
-after ``<end>`` are not scored. How ``y_0 .. y_{n−1}`` orders the labels is ``loss.order``:
+after ``<end>`` are not scored. How ``y_0 .. y_{n−1}`` orders the labels is
+``loss.orderless.order``:
 
 * ``frequent`` / ``rare``: by training-split class frequency, descending / ascending;
 * ``dictionary``: by class name;
@@ -22,12 +23,16 @@ Shapes: logits (B, T, C + 1), multi-hot targets (B, C), target sequence (B, T) w
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlcore.configlib import check
+from mlcore.losses.registry import LossInputs, LossSpec, register_loss
 from mlcore.orderless import align_targets
 from mlcore.train import Batch
 
@@ -164,3 +169,52 @@ class TeacherForcing:
         sequence = ranked_sequences(batch.targets, self.loss.rank, model.num_steps)
         tokens = torch.where(sequence == IGNORE, self.loss.num_classes, sequence)
         return model(batch.images, teacher_tokens=tokens)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OrderlessSettings:
+    """``loss.orderless``: the label-sequence loss of ``model.head: rnn``."""
+
+    order: Literal["frequent", "rare", "dictionary", "random", "mla", "pla"] = "pla"
+    """How each image's labels are ordered into the target sequence. ``frequent``/``rare``: by
+    training-split class frequency (ties: lower class index first); ``dictionary``: by class
+    name; ``random``: a new random class ranking for every batch; ``mla``: minimal-loss
+    alignment to the predictions (PLA paper Eq. 4); ``pla``: predicted-label alignment (Eq. 5).
+    See ``mlcore.orderless``."""
+    pla_variant: Literal["paper", "code"] = "paper"
+    """``order: pla``: ``paper`` is Eq. 5 (predictions of the first n steps fix labels);
+    ``code`` is the authors' code, where a label predicted only after step n keeps its slot in
+    the base (class-index) order. See ``mlcore.orderless.align_targets``."""
+    teacher_forcing: bool = False
+    """With a fixed order (frequent, rare, dictionary): feed the target sequence as the
+    decoder's input in training instead of its own argmax. A control: the paper's models are
+    free-running (its Eq. 2); evaluation is always free-running."""
+
+    def __post_init__(self) -> None:
+        check(
+            not self.teacher_forcing or self.order in FIXED_ORDERS,
+            "loss.orderless.teacher_forcing needs a fixed loss.orderless.order (frequent, rare "
+            "or dictionary): the decoder's input must be known before the forward pass",
+        )
+
+
+def _orderless(settings: OrderlessSettings, inputs: LossInputs) -> OrderlessLoss:
+    order = settings.order
+    rank = (
+        class_ranking(order, inputs.class_freq, inputs.class_names)
+        if order in FIXED_ORDERS
+        else None
+    )
+    return OrderlessLoss(len(inputs.class_freq), order, rank=rank, pla_variant=settings.pla_variant)
+
+
+register_loss(
+    LossSpec(
+        name="orderless",
+        settings=OrderlessSettings,
+        build=_orderless,
+        targets="sequences",
+        class_statistics=True,
+        legacy_path="",
+    )
+)

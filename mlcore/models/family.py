@@ -32,10 +32,8 @@ from mlcore.config import ExperimentConfig, ModelConfig
 from mlcore.configlib import ConfigError
 from mlcore.data.embeddings import ClassEmbeddings
 from mlcore.data.manifest import Manifest
+from mlcore.losses.registry import LOSSES
 from mlcore.train import Evaluator, Forward, Objective, evaluate_scores, forward_images
-
-PER_CLASS_LOSSES = ("bce", "focal", "asl", "db")
-"""The losses that score per-class logits (B, C) against multi-hot targets."""
 
 
 class TrainingParts(NamedTuple):
@@ -81,8 +79,9 @@ class ModelFamily:
     export: Callable[[nn.Module], nn.Module] | None = as_is
     """Built model (eval mode) -> a module from images to logits that tracing can follow; None:
     export is refused."""
-    losses: tuple[str, ...] = PER_CLASS_LOSSES
-    """The ``loss.name`` values it trains with."""
+    losses: str | tuple[str, ...] = "classes"
+    """The losses it trains with: those whose spec scores ``"classes"`` (per-class logits) or
+    ``"sequences"`` (``mlcore.losses.registry.LossSpec.targets``), or a tuple of loss names."""
     distills: bool = True
     """Whether CPSD may train it on label subsets and distil it (per-class logits)."""
     class_embeddings: Callable[[ModelConfig], bool] = field(default=never)
@@ -118,6 +117,13 @@ def family_of(head: str) -> ModelFamily:
     return FAMILIES[head]
 
 
+def accepted_losses(family: ModelFamily) -> tuple[str, ...]:
+    """The registered losses ``family`` trains with."""
+    if isinstance(family.losses, tuple):
+        return family.losses
+    return tuple(name for name, spec in LOSSES.items() if spec.targets == family.losses)
+
+
 def check_family(cfg: ExperimentConfig) -> None:
     """The config's head exists and goes with its loss and CPSD mode.
 
@@ -126,9 +132,10 @@ def check_family(cfg: ExperimentConfig) -> None:
             a head CPSD cannot distil.
     """
     family = family_of(cfg.model.head)
-    if cfg.loss.name not in family.losses:
+    accepted = accepted_losses(family)
+    if cfg.loss.name not in accepted:
         raise ConfigError(
-            f"model.head: {family.name} and loss.name: {'/'.join(family.losses)} go together "
+            f"model.head: {family.name} and loss.name: {'/'.join(accepted)} go together "
             f"(loss.name: {cfg.loss.name} does not train this head)"
         )
     if not family.distills and cfg.cpsd.mode != "baseline":

@@ -217,7 +217,7 @@ def training(
     check_label_counts(manifest, [cfg.data.train_split, cfg.data.val_split], model.max_steps)
     if cfg.model.encoder_checkpoint is not None:
         model.load_encoder(cfg.model.encoder_checkpoint)
-    forward = TeacherForcing(loss) if cfg.loss.teacher_forcing else forward_images
+    forward = TeacherForcing(loss) if cfg.loss.settings.teacher_forcing else forward_images
     return TrainingParts(forward, objective)
 
 
@@ -227,7 +227,7 @@ register_family(
         build=build,
         training=training,
         evaluate=evaluate_sequences,
-        losses=("orderless",),
+        losses="sequences",
         distills=False,
     )
 )
