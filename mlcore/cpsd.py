@@ -67,11 +67,7 @@ from mlcore.experiment import train_classifier, training_fingerprint
 from mlcore.fingerprint import split_digest
 from mlcore.metrics import bucket_map, frequency_buckets, multilabel_report
 from mlcore.models import build_model_from_config, family_of, word_query_table
-from mlcore.partition.affinity import affinity
-from mlcore.partition.cooccurrence import cooccurrence_from_manifest
-from mlcore.partition.random_partition import random_partition
-from mlcore.partition.report import label_stats_hash, partition_report, plot_affinity_heatmap
-from mlcore.partition.spectral import normalized_cut, spectral_partition
+from mlcore.partition.kinds import Partition, label_partition, label_statistics
 from mlcore.pretrain import BACKBONE_FILE, export_backbone, pretrain_config, with_pretrained
 from mlcore.train import (
     LOCAL,
@@ -95,20 +91,6 @@ ENSEMBLES: dict[str, tuple[str, ...]] = {
 
 
 @dataclass(frozen=True)
-class Partition:
-    """One label partition: subset id per class, plus its JSON report."""
-
-    kind: str
-    assignment: tuple[int, ...]
-    report: dict
-
-    @property
-    def subsets(self) -> tuple[tuple[int, ...], ...]:
-        k = max(self.assignment) + 1
-        return tuple(tuple(c for c, t in enumerate(self.assignment) if t == s) for s in range(k))
-
-
-@dataclass(frozen=True)
 class TeacherSpec:
     """What one teacher learns: ensemble ``kind``, index in it, and its class subset."""
 
@@ -125,83 +107,29 @@ class TeacherSpec:
 # Stage 1-2: statistics and partitions
 
 
-def make_partition(
-    kind: str,
-    pair_counts,
-    class_counts: np.ndarray,
-    class_names: Sequence[str],
-    *,
-    k: int,
-    tau: float,
-    seed: int,
-    json_path: str | os.PathLike | None = None,
-    png_path: str | os.PathLike | None = None,
-) -> Partition:
-    """One partition of the label statistics: ``cgp``, ``dgp``, ``random`` or ``full`` (k = 1).
-
-    Writes its JSON report to ``json_path`` and the affinity heatmap to ``png_path`` when given.
-    """
-    m = len(class_names)
-    graph = affinity(pair_counts, class_counts, tau=tau, kind="dgp" if kind == "dgp" else "cgp")
-    if kind == "full":
-        assignment, k = np.zeros(m, dtype=np.int64), 1
-    elif kind == "random":
-        assignment = random_partition(m, k, seed=seed)
-    else:
-        assignment = spectral_partition(graph, k, seed=seed)
-    ncut = normalized_cut(graph, assignment)
-    report = partition_report(
-        assignment,
-        class_names,
-        k=k,
-        tau=tau,
-        kind=kind,
-        seed=seed,
-        ncut=ncut,
-        stats_hash=label_stats_hash(pair_counts, class_counts),
-    )
-    if json_path is not None:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(report, indent=1))
-    if png_path is not None:
-        plot_affinity_heatmap(
-            graph,
-            assignment,
-            class_names,
-            png_path,
-            title=f"{kind.upper()} affinity, k={k}, τ={tau:g}, Ncut={ncut:.4f}",
-        )
-    return Partition(kind, tuple(int(a) for a in assignment), report)
-
-
 def compute_partitions(
     cfg: ExperimentConfig, dataset: OpenDataset, out_dir: str | os.PathLike | None = None
 ) -> dict[str, Partition]:
     """The partitions the mode needs, keyed by kind; JSON + heatmap PNG written to out_dir.
 
     Raises:
-        ValueError: ``cpsd.k`` exceeds the number of classes.
+        ConfigError: ``cpsd.k`` exceeds the number of classes.
     """
     kinds = ENSEMBLES[cfg.cpsd.mode]
     if not kinds:
         return {}
-    names = dataset.class_names
     c = cfg.cpsd
-    if any(kind != "full" for kind in kinds) and c.k > len(names):
-        raise ValueError(f"cpsd.k = {c.k} is larger than the number of classes ({len(names)})")
-    pair_counts, class_counts = cooccurrence_from_manifest(dataset.root, cfg.data.train_split)
+    stats = label_statistics(dataset.root, cfg.data.train_split)
     out = Path(out_dir) if out_dir is not None else None
     return {
-        kind: make_partition(
+        kind: label_partition(
             kind,
-            pair_counts,
-            class_counts,
-            names,
+            stats,
             k=c.k,
             tau=c.tau,
             seed=c.partition_seed,
             json_path=None if out is None else out / f"partition_{kind}.json",
-            png_path=None if out is None or kind == "full" else out / f"partition_{kind}.png",
+            png_path=None if out is None else out / f"partition_{kind}.png",
         )
         for kind in kinds
     }

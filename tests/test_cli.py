@@ -33,6 +33,14 @@ def test_synth_check_partition_train(tmp_path, capsys, tiny_overrides):
     report = json.loads(out_json.read_text())
     assert report["k"] == 2 and report["kind"] == "cgp"
     assert out_json.with_suffix(".png").stat().st_size > 1000
+    capsys.readouterr()
+    # One check of k for every caller, naming the caller's setting; kinds from the registry.
+    bad = ["partition", "--data", str(data), "--out", str(tmp_path / "bad.json")]
+    assert run([*bad, "--k", "7"]) == 2
+    assert "--k = 7 is larger than the number of classes (6)" in capsys.readouterr().err
+    assert run([*bad, "--kind", "cgpp"]) == 2
+    assert "partition kind 'cgpp' is not one of cgp, dgp, random, full" in capsys.readouterr().err
+    assert not (tmp_path / "bad.json").exists()
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sets = [f"data.root={data}", "data.synth=null", "train.epochs=1", f"mlflow.tracking_uri={uri}"]

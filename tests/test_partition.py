@@ -440,3 +440,32 @@ def test_real_statistics_partition(dataset: str, kind: str) -> None:
         np.testing.assert_array_equal(np.unique(labels), np.arange(k))
         plain = spectral_partition(p, k, refine=False)
         assert normalized_cut(p, labels) <= normalized_cut(p, plain) + 1e-12
+
+
+def test_a_registered_partition_kind_is_used_by_name_and_k_is_checked_once():
+    from mlcore.configlib import ConfigError
+    from mlcore.partition.kinds import (
+        PARTITION_KINDS,
+        LabelStatistics,
+        PartitionKind,
+        label_partition,
+        register_partition_kind,
+    )
+
+    counts = np.array([5, 4, 3, 2])
+    pairs = np.outer(counts, counts) // 5
+    stats = LabelStatistics(pairs, counts, ["a", "b", "c", "d"])
+
+    def alternate(graph, k, seed):
+        return np.arange(graph.shape[0]) % k
+
+    register_partition_kind(PartitionKind(name="alternate", graph="cgp", assign=alternate))
+    try:
+        part = label_partition("alternate", stats, k=2, tau=3.0, seed=0)
+        assert part.subsets == ((0, 2), (1, 3)) and part.report["kind"] == "alternate"
+        with pytest.raises(ConfigError, match=r"cpsd.k = 5 is larger than the number of classes"):
+            label_partition("alternate", stats, k=5, tau=3.0, seed=0)
+        # ``full`` is one subset whatever k says.
+        assert label_partition("full", stats, k=9, tau=3.0, seed=0).subsets == ((0, 1, 2, 3),)
+    finally:
+        del PARTITION_KINDS["alternate"]

@@ -171,26 +171,19 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def cmd_partition(args: argparse.Namespace) -> None:
-    from mlcore.cpsd import make_partition
-    from mlcore.data.manifest import read_info
-    from mlcore.partition.cooccurrence import cooccurrence_from_manifest
+    from mlcore.partition.kinds import label_partition, label_statistics
 
-    names = read_info(args.data).class_names
-    if not 1 <= args.k <= len(names):
-        raise UsageError(f"--k must be in [1, {len(names)}] for {len(names)} classes")
-    pair_counts, class_counts = cooccurrence_from_manifest(args.data, args.split)
     out = Path(args.out)
     png = out.with_suffix(".png")
-    partition = make_partition(
+    partition = label_partition(
         args.kind,
-        pair_counts,
-        class_counts,
-        names,
+        label_statistics(args.data, args.split),
         k=args.k,
         tau=args.tau,
         seed=args.seed,
         json_path=out,
         png_path=png,
+        k_key="--k",
     )
     for t, subset in enumerate(partition.report["subsets"]):
         print(f"subset {t} ({len(subset)}): " + ", ".join(c["name"] for c in subset))
@@ -541,7 +534,11 @@ def _add_training_commands(sub) -> None:
     part.add_argument("--data", required=True, help="dataset directory")
     part.add_argument("--k", type=int, default=5, help="number of subsets")
     part.add_argument("--tau", type=float, default=3.0, help="τ-th root smoothing (paper: 3)")
-    part.add_argument("--kind", choices=["cgp", "dgp", "random"], default="cgp")
+    part.add_argument(
+        "--kind",
+        default="cgp",
+        help="a registered kind (mlcore/partition/kinds.py): cgp, dgp, random",
+    )
     part.add_argument("--seed", type=int, default=0)
     part.add_argument("--split", default="train", help="split the statistics come from")
     part.add_argument("--out", default="partition.json", help="JSON path (heatmap: same stem .png)")

@@ -19,6 +19,7 @@ import numpy as np
 from mlcore.configlib import ConfigError
 from mlcore.cpsd import ENSEMBLES
 from mlcore.data.manifest import check_label_range, read_info
+from mlcore.partition.kinds import check_k
 from workflows.config import Config
 from workflows.storage import Storage
 
@@ -31,10 +32,8 @@ def preflight(cfg: Config, *, uses_stages: bool = True) -> int:
     """
     num_classes = _num_classes(cfg)
     uses_partition = any(kind != "full" for kind in ENSEMBLES[cfg.cpsd.mode])
-    if uses_stages and uses_partition and cfg.cpsd.k > num_classes:
-        raise ConfigError(
-            f"cpsd.k = {cfg.cpsd.k} is larger than the number of classes ({num_classes})"
-        )
+    if uses_stages and uses_partition:
+        check_k(cfg.cpsd.k, num_classes)
     check_model_builds(cfg, num_classes)
     check_writable(cfg.storage_path)
     return num_classes

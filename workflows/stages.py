@@ -31,14 +31,12 @@ from typing import Any
 from mlcore.bundle import BUNDLE_FILE
 from mlcore.cpsd import (
     Combination,
-    Partition,
     TeacherSpec,
     cache_teacher_logits,
     control_config,
     evaluate_combination,
     evaluate_model,
     held_out_splits,
-    make_partition,
     student_config,
     teacher_config,
     train_student,
@@ -48,7 +46,7 @@ from mlcore.data.loading import OpenDataset, open_dataset
 from mlcore.distill import LOGIT_STORE
 from mlcore.experiment import train_classifier
 from mlcore.fingerprint import split_digest, stable_hash
-from mlcore.partition.cooccurrence import cooccurrence_from_manifest
+from mlcore.partition.kinds import Partition, label_partition, label_statistics
 from mlcore.pretrain import BACKBONE_FILE, export_backbone, pretrain_config
 from mlcore.train import BEST, LAST, SCORES, TrainResult, load_checkpoint
 from workflows.config import Config
@@ -159,24 +157,14 @@ def partition_stage(ctx: JobContext, kind: str, key: str) -> dict[str, Any]:
         work = WorkDir(storage, rel)
         try:
             dataset = open_dataset(cfg.data, with_bytes=False)
-            names = dataset.class_names
-            if kind != "full" and cfg.cpsd.k > len(names):
-                raise ValueError(
-                    f"cpsd.k = {cfg.cpsd.k} is larger than the number of classes ({len(names)})"
-                )
-            pair_counts, class_counts = cooccurrence_from_manifest(
-                dataset.root, cfg.data.train_split
-            )
-            partition = make_partition(
+            partition = label_partition(
                 kind,
-                pair_counts,
-                class_counts,
-                names,
+                label_statistics(dataset.root, cfg.data.train_split),
                 k=cfg.cpsd.k,
                 tau=cfg.cpsd.tau,
                 seed=cfg.cpsd.partition_seed,
                 json_path=work.path / f"partition_{kind}.json",
-                png_path=None if kind == "full" else work.path / f"partition_{kind}.png",
+                png_path=work.path / f"partition_{kind}.png",
             )
             files = sorted(p.name for p in work.path.iterdir() if p.suffix in (".json", ".png"))
             work.sync()
