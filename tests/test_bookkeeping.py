@@ -313,3 +313,23 @@ def test_concurrent_first_use_of_a_new_sqlite_store(tmp_path):
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("cpsd")
     assert len(client.search_runs([exp.experiment_id])) == 2
+
+
+def test_a_record_that_fails_names_its_error_in_the_warnings(tmp_path, monkeypatch):
+    """A failure that is no outage (an s3:// dataset root once broke the model record) must not
+    pass for an unreachable server: the warnings carry the record's kind and error."""
+    monkeypatch.setattr(tracking, "FLUSH_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(tracking, "RETRY_INTERVAL_S", 0.05)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.prepare_store(uri)
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    warnings: list[str] = []
+    logger = tracking.RunLogger(client, run_id, tmp_path / "stage", warn=warnings.append)
+    logger.model(
+        role="train", stage="train", description="d", bundle=str(tmp_path / "missing.pt"),
+        final={}, best_epoch=1, log_models=True,
+    )  # fmt: skip
+    logger.finish("FINISHED")
+    assert len(warnings) == 2 and all("(model: " in w for w in warnings), warnings
+    assert "missing.pt" in warnings[0] and (tmp_path / "stage" / UNSENT_FILE).is_file()

@@ -217,10 +217,17 @@ def test_pipeline_with_s3_storage_and_data_then_a_rerun_skips_every_stage(
         .read()
     )
     assert summary == first.rows
-    # Known defect (found 2026-12-03, not fixed): on object storage the first pipeline's
-    # teacher and student MLflow runs end KILLED, not FINISHED (its ensembles end FINISHED);
-    # on local storage they end FINISHED (tests/test_bookkeeping.py). Assert FINISHED here
-    # once it is fixed.
+    # Every stage run ends FINISHED with its dataset inputs (an s3:// dataset root once made
+    # the model record fail, so teacher and student runs were left RUNNING, then KILLED).
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("cpsd").experiment_id])
+    assert runs and all(r.info.status == "FINISHED" for r in runs), [
+        (r.info.run_name, r.info.status) for r in runs
+    ]
+    teacher = next(r for r in runs if r.info.run_name.startswith("teacher-cgp-0"))
+    (source,) = {json.loads(i.dataset.source)["uri"] for i in teacher.inputs.dataset_inputs}
+    assert source == f"s3://{BUCKET}/datasets/tiny"
+    assert not any(k.endswith("unsent-mlflow.json") for k in keys)
 
     shutil.rmtree(tmp_path / "cache")  # the rerun reads the dataset from S3 again
     again = run_pipeline(cfg, log=lambda _: None)

@@ -381,6 +381,7 @@ class RunLogger:
         self._warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
         self._pending: list[tuple[str, dict[str, Any]]] = []
         self._last_attempt = -math.inf
+        self._last_error = ""
         self._create = create
         if run_id is None:
             self._submit("create", {})
@@ -409,7 +410,11 @@ class RunLogger:
             kind, payload = self._pending[0]
             try:
                 self._send(kind, payload)
-            except Exception:  # any failure to reach the store means "send later"
+            except Exception as err:  # any failure to reach the store means "send later"
+                # Named in the warnings: a record that fails for another reason than an
+                # outage (a bug) must not pass for one.
+                text = str(err).strip().splitlines()
+                self._last_error = f"{kind}: {type(err).__name__}: {text[0] if text else ''}"
                 return False
             self._pending.pop(0)
         return True
@@ -424,8 +429,8 @@ class RunLogger:
                 self._warn(f"MLflow run {self.run_id}: server reachable again, backlog sent")
         elif not backlog:
             self._warn(
-                f"MLflow run {self.run_id}: tracking server unreachable; buffering and retrying "
-                f"every {RETRY_INTERVAL_S:.0f}s (training continues)"
+                f"MLflow run {self.run_id}: tracking server unreachable ({self._last_error}); "
+                f"buffering and retrying every {RETRY_INTERVAL_S:.0f}s (training continues)"
             )
 
     def send_backlog(self) -> bool:
@@ -463,13 +468,14 @@ class RunLogger:
         self._pending.append(("terminate", {"status": status}))
         self.flush()
 
-    def flush(self, timeout: float = FLUSH_TIMEOUT_S) -> bool:
-        """Send the backlog, retrying for ``timeout`` s; then spill what is left to a file.
+    def flush(self, timeout: float | None = None) -> bool:
+        """Send the backlog, retrying for ``timeout`` s (None: ``FLUSH_TIMEOUT_S``); then spill
+        what is left to a file.
 
         Returns:
             True when everything reached the server.
         """
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (FLUSH_TIMEOUT_S if timeout is None else timeout)
         while not self._drain():
             if time.monotonic() >= deadline:
                 self._spill()
@@ -489,8 +495,8 @@ class RunLogger:
             )
             where = str(target)
         self._warn(
-            f"MLflow run {self.run_id}: server still unreachable after {FLUSH_TIMEOUT_S:.0f}s; "
-            f"{len(records)} unsent records written to {where}"
+            f"MLflow run {self.run_id}: server still unreachable after {FLUSH_TIMEOUT_S:.0f}s "
+            f"({self._last_error}); {len(records)} unsent records written to {where}"
         )
 
 
@@ -824,16 +830,20 @@ def log_dataset_input(
     """
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    from mlcore.data.manifest import Manifest, manifest_digest
+    from mlcore.data.manifest import Manifest, is_uri, manifest_digest
 
     manifest = Manifest.load(dataset_root, with_bytes=False)
     size = int(manifest.split_rows(split).size)
-    root = Path(dataset_root).resolve()
+    if is_uri(dataset_root):  # an object store: s3://bucket/prefix, gs://...
+        uri = str(dataset_root).rstrip("/")
+        source_type = uri.split("://", 1)[0]
+    else:
+        uri, source_type = Path(dataset_root).resolve().as_uri(), "local"
     dataset = Dataset(
         name=f"{manifest.info.name}:{split}",
-        digest=manifest_digest(root),
-        source_type="local",
-        source=json.dumps({"uri": root.as_uri()}),
+        digest=manifest_digest(dataset_root),
+        source_type=source_type,
+        source=json.dumps({"uri": uri}),
         profile=json.dumps({"split": split, "num_rows": size, "num_classes": manifest.num_classes}),
     )
     tags = [InputTag("mlflow.data.context", context), InputTag("cpsd.split", split)]
