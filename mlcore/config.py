@@ -331,7 +331,7 @@ class LossConfig:
         check(source is None or isinstance(source, str), f"{key}.source: expected a string")
         try:
             spec = loss_spec(name)
-        except ConfigError as err:
+        except ConfigError as err:  # named by where the section sits (a study's variant)
             raise ConfigError(f"{key}.{str(err).removeprefix('loss.')}") from None
         flat = {
             f.name: other.name

@@ -39,7 +39,8 @@ def test_synth_check_partition_train(tmp_path, capsys, tiny_overrides):
     assert run([*bad, "--k", "7"]) == 2
     assert "--k = 7 is larger than the number of classes (6)" in capsys.readouterr().err
     assert run([*bad, "--kind", "cgpp"]) == 2
-    assert "partition kind 'cgpp' is not one of cgp, dgp, random, full" in capsys.readouterr().err
+    kinds = "the registered partition kinds: cgp, dgp, random, full"
+    assert f"partition kind: 'cgpp' is not one of {kinds}" in capsys.readouterr().err
     assert not (tmp_path / "bad.json").exists()
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

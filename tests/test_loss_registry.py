@@ -101,7 +101,10 @@ def test_every_loss_round_trips_through_plain_data(name):
 @pytest.mark.parametrize(
     ("section", "message"),
     [
-        ({"name": "asll"}, "loss.name: 'asll' is not one of bce, focal, asl, db, orderless"),
+        (
+            {"name": "asll"},
+            "loss.name: 'asll' is not one of the registered losses: bce, focal, asl, db, orderless",
+        ),
         ({"name": "asl", "asl": {"gama_neg": 1}}, "unknown config key 'loss.asl.gama_neg'"),
         ({"name": "asl", "asl": {"clip": 1.5}}, "loss.asl.clip must be in [0, 1)"),
         ({"name": "asl", "clipp": 0.1}, "unknown config key 'loss.clipp' (did you mean 'clip'?)"),

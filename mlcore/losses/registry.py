@@ -19,7 +19,7 @@ from typing import Any, Literal, NamedTuple, Protocol
 
 import numpy as np
 
-from mlcore.configlib import ConfigError
+from mlcore.registry import Registry
 
 
 class LossInputs(NamedTuple):
@@ -69,7 +69,7 @@ class LossSpec:
     since."""
 
 
-LOSSES: dict[str, LossSpec] = {}
+LOSSES: Registry[LossSpec] = Registry("loss", "loss.name", plural="losses")
 """Loss name -> its spec; filled by the loss modules ``mlcore.losses`` imports."""
 
 
@@ -79,23 +79,14 @@ def register_loss(spec: LossSpec) -> LossSpec:
     Raises:
         ValueError: Another loss holds the name, or its settings are not a dataclass.
     """
-    if spec.name in LOSSES and LOSSES[spec.name] is not spec:
-        raise ValueError(f"loss {spec.name!r} is registered already")
     if not dataclasses.is_dataclass(spec.settings):
         raise ValueError(f"loss {spec.name!r}: settings must be a dataclass")
-    LOSSES[spec.name] = spec
-    return spec
+    return LOSSES.register(spec)
 
 
 def loss_spec(name: str) -> LossSpec:
-    """The loss registered as ``name``.
-
-    Raises:
-        ConfigError: No such loss (the message names the registered ones).
-    """
-    if name not in LOSSES:
-        raise ConfigError(f"loss.name: {name!r} is not one of {', '.join(LOSSES)}")
-    return LOSSES[name]
+    """The loss registered as ``name`` (ConfigError naming the registered ones if none)."""
+    return LOSSES.lookup(name)
 
 
 def build_loss(cfg: SelectedLoss, inputs: LossInputs | None = None) -> Any:

@@ -33,6 +33,7 @@ from mlcore.configlib import ConfigError
 from mlcore.data.embeddings import ClassEmbeddings
 from mlcore.data.manifest import Manifest
 from mlcore.losses.registry import LOSSES
+from mlcore.registry import Registry
 from mlcore.train import Evaluator, Forward, Objective, evaluate_scores, forward_images
 
 
@@ -88,33 +89,18 @@ class ModelFamily:
     """Whether a model of this config needs the class embeddings (word queries)."""
 
 
-FAMILIES: dict[str, ModelFamily] = {}
+FAMILIES: Registry[ModelFamily] = Registry("head", "model.head")
 """Head name -> its family; filled by the head modules ``mlcore.models`` imports."""
 
 
 def register_family(family: ModelFamily) -> ModelFamily:
-    """Make ``family`` selectable as ``model.head: <family.name>``.
-
-    Raises:
-        ValueError: Another family holds the name.
-    """
-    if family.name in FAMILIES and FAMILIES[family.name] is not family:
-        raise ValueError(f"model head {family.name!r} is registered already")
-    FAMILIES[family.name] = family
-    return family
+    """Make ``family`` selectable as ``model.head: <family.name>`` (ValueError: name taken)."""
+    return FAMILIES.register(family)
 
 
 def family_of(head: str) -> ModelFamily:
-    """The family registered as ``head``.
-
-    Raises:
-        ConfigError: No such head (the message names the registered ones).
-    """
-    if head not in FAMILIES:
-        raise ConfigError(
-            f"model.head: {head!r} is not one of the registered heads: {', '.join(FAMILIES)}"
-        )
-    return FAMILIES[head]
+    """The family registered as ``head`` (ConfigError naming the registered ones if none)."""
+    return FAMILIES.lookup(head)
 
 
 def accepted_losses(family: ModelFamily) -> tuple[str, ...]:

@@ -33,6 +33,7 @@ from mlcore.partition.cooccurrence import cooccurrence_from_manifest
 from mlcore.partition.random_partition import random_partition
 from mlcore.partition.report import label_stats_hash, partition_report, plot_affinity_heatmap
 from mlcore.partition.spectral import normalized_cut, spectral_partition
+from mlcore.registry import Registry
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,31 +50,18 @@ class PartitionKind:
     """False for ``full``: one subset whatever k says (k = 1, no heatmap)."""
 
 
-PARTITION_KINDS: dict[str, PartitionKind] = {}
+PARTITION_KINDS: Registry[PartitionKind] = Registry("partition kind", "partition kind")
 """Kind name -> spec."""
 
 
 def register_partition_kind(kind: PartitionKind) -> PartitionKind:
-    """Make ``kind`` available by name.
-
-    Raises:
-        ValueError: Another kind holds the name.
-    """
-    if kind.name in PARTITION_KINDS and PARTITION_KINDS[kind.name] is not kind:
-        raise ValueError(f"partition kind {kind.name!r} is registered already")
-    PARTITION_KINDS[kind.name] = kind
-    return kind
+    """Make ``kind`` available by name (ValueError: name taken)."""
+    return PARTITION_KINDS.register(kind)
 
 
 def partition_kind(name: str) -> PartitionKind:
-    """The kind registered as ``name``.
-
-    Raises:
-        ConfigError: No such kind (the message names the registered ones).
-    """
-    if name not in PARTITION_KINDS:
-        raise ConfigError(f"partition kind {name!r} is not one of {', '.join(PARTITION_KINDS)}")
-    return PARTITION_KINDS[name]
+    """The kind registered as ``name`` (ConfigError naming the registered ones if none)."""
+    return PARTITION_KINDS.lookup(name)
 
 
 def check_k(k: int, num_classes: int, *, key: str = "cpsd.k") -> None:
