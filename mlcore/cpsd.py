@@ -119,7 +119,7 @@ def compute_partitions(
     if not kinds:
         return {}
     c = cfg.cpsd
-    stats = label_statistics(dataset.root, cfg.data.train_split)
+    stats = label_statistics(dataset.root, cfg.data.train_split, dataset.class_names)
     out = Path(out_dir) if out_dir is not None else None
     return {
         kind: label_partition(

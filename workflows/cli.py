@@ -171,13 +171,15 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def cmd_partition(args: argparse.Namespace) -> None:
+    from mlcore.data.manifest import read_info
     from mlcore.partition.kinds import label_partition, label_statistics
 
+    names = read_info(args.data).class_names
     out = Path(args.out)
     png = out.with_suffix(".png")
     partition = label_partition(
         args.kind,
-        label_statistics(args.data, args.split),
+        label_statistics(args.data, args.split, names),
         k=args.k,
         tau=args.tau,
         seed=args.seed,

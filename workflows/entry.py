@@ -149,15 +149,17 @@ def user_message(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+_PYTHON_FORMAT = warnings.formatwarning  # taken once: each command installs its own label
+
+
 def show_config_warnings_as_lines(label: str) -> None:
     """Print a config warning (a deprecated layout, an unused section) as one line,
     ``<label>: warning: ...``, once per message; other warnings keep Python's format."""
-    python_format = warnings.formatwarning
 
     def one_line(message, category, filename, lineno, line=None) -> str:
         if issubclass(category, ConfigWarning):
             return f"{label}: warning: {message}\n"
-        return python_format(message, category, filename, lineno, line)
+        return _PYTHON_FORMAT(message, category, filename, lineno, line)
 
     warnings.formatwarning = one_line
     warnings.filterwarnings("once", category=ConfigWarning)

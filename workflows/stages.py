@@ -159,7 +159,7 @@ def partition_stage(ctx: JobContext, kind: str, key: str) -> dict[str, Any]:
             dataset = open_dataset(cfg.data, with_bytes=False)
             partition = label_partition(
                 kind,
-                label_statistics(dataset.root, cfg.data.train_split),
+                label_statistics(dataset.root, cfg.data.train_split, dataset.class_names),
                 k=cfg.cpsd.k,
                 tau=cfg.cpsd.tau,
                 seed=cfg.cpsd.partition_seed,

@@ -27,7 +27,6 @@ from typing import Any, Literal
 import numpy as np
 
 from mlcore.configlib import ConfigError
-from mlcore.data.manifest import read_info
 from mlcore.partition.affinity import affinity
 from mlcore.partition.cooccurrence import cooccurrence_from_manifest
 from mlcore.partition.random_partition import random_partition
@@ -120,10 +119,13 @@ class LabelStatistics:
     """The m class names."""
 
 
-def label_statistics(root: str | os.PathLike, split: str) -> LabelStatistics:
-    """Class and pair counts of ``split`` of the dataset at ``root`` (one pass over it)."""
+def label_statistics(
+    root: str | os.PathLike, split: str, class_names: Sequence[str]
+) -> LabelStatistics:
+    """Class and pair counts of ``split`` of the dataset at ``root`` (one pass over it); the
+    caller has the class names already (an open dataset's, or ``read_info``)."""
     pair_counts, class_counts = cooccurrence_from_manifest(root, split)
-    return LabelStatistics(pair_counts, class_counts, read_info(root).class_names)
+    return LabelStatistics(pair_counts, class_counts, class_names)
 
 
 def label_partition(
