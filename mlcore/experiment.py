@@ -89,9 +89,9 @@ def build_criterion(loss_cfg: LossConfig, manifest: Manifest, data: DataConfig, 
     inputs = LossInputs()
     if loss_spec(loss_cfg.name).class_statistics:
         class_freq = manifest.positives_per_class(data.train_split)
-        classes = list(class_subset) if class_subset is not None else range(len(class_freq))
+        classes = list(class_subset) if class_subset is not None else list(range(len(class_freq)))
         inputs = LossInputs(
-            class_freq=class_freq[list(classes)],
+            class_freq=class_freq[classes],
             train_size=int(manifest.split_rows(data.train_split).size),
             class_names=[manifest.class_names[c] for c in classes],
         )
